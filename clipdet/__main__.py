@@ -1,0 +1,5 @@
+"""python -m clipdet"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""Backbone registry: spec strings → embedders that turn preprocessed image batches into embeddings.
+
+A spec is `ARCH:WEIGHTS` as in open_clip: `ViT-L-14:openai` (a pretrained tag),
+`ViT-B-32:/path/to/weights.safetensors` (a local checkpoint) or `ViT-B-32:random` (seeded random init;
+scores mean nothing — for tests and speed benchmarks). Providers register under a name; the default
+provider (`openclip`) accepts every architecture open_clip knows plus clipdet's built-in test configs.
+"""
+
+from __future__ import annotations
+
+from ..registry import Registry
+from .base import Backbone, BackboneInfo, parse_spec
+
+#: Provider name → class with `describe(spec) -> BackboneInfo` and `load(spec, device) -> Backbone`.
+PROVIDERS: Registry = Registry("backbone provider")
+
+DEFAULT_BACKBONE = "ViT-L-14:openai"
+
+
+def _provider_for(spec: str):
+    from . import openclip  # noqa: F401  (registers itself)
+
+    prefix, sep, rest = spec.partition("::")
+    if sep and prefix in PROVIDERS:
+        return PROVIDERS.get(prefix), rest
+    return PROVIDERS.get("openclip"), spec
+
+
+def describe_backbone(spec: str) -> BackboneInfo:
+    """Identity of a backbone (cache key, weights id) without building the model."""
+    provider, rest = _provider_for(spec)
+    return provider.describe(rest)
+
+
+def create_backbone(spec: str, device: str = "auto", **kwargs) -> Backbone:
+    """Build the backbone named by `spec` on `device` ('auto', 'cpu', 'cuda', 'cuda:1', ...)."""
+    provider, rest = _provider_for(spec)
+    return provider.load(rest, device=device, **kwargs)
+
+
+def list_backbones() -> list[tuple[str, list[str]]]:
+    """(architecture, [pretrained tags]) for every architecture the providers know."""
+    from . import openclip  # noqa: F401
+
+    out = []
+    for name in PROVIDERS.names():
+        out.extend(PROVIDERS.get(name).list())
+    return out
+
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "PROVIDERS",
+    "Backbone",
+    "BackboneInfo",
+    "create_backbone",
+    "describe_backbone",
+    "list_backbones",
+    "parse_spec",
+]

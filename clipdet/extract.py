@@ -1,0 +1,317 @@
+"""One-pass extraction: reader (hash, skip cached, decode, views, preprocess) → embedder → cache writer.
+
+The stages are separate functions so each can be tested and tuned alone:
+
+- `prepare(ref, ...)` reads one file, hashes it, and — only if some requested view is not cached —
+  decodes it once and preprocesses every missing view. Runs in loader threads.
+- `Backbone.embed(batch)` runs the model on a batch of preprocessed tensors (main thread).
+- `FeatureCache.write_shard(...)` makes each finished batch durable (one atomic shard per batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._version import __version__
+from .cache import AUTO_COMPACT_SHARDS, FeatureCache, FeatureRows, ImageMeta
+from .errors import ClipdetError, ImageError
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageRef,
+    apply_view,
+    decode_image,
+    parse_views,
+    read_file,
+    sha256_bytes,
+)
+
+
+@dataclass
+class Prepared:
+    """Output of the reader stage for one input file."""
+
+    ref: ImageRef
+    sha256: str = ""
+    meta: ImageMeta | None = None
+    tensors: dict = field(default_factory=dict)  # view -> preprocessed tensor (missing views only)
+    error: str = ""
+
+
+@dataclass
+class ExtractSummary:
+    """What one extraction run did."""
+
+    total: int = 0
+    cached: int = 0
+    new: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    backbone_key: str = ""
+    views: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    embedded: int = 0  # forward passes (images x views)
+
+    @property
+    def ok(self) -> bool:
+        """True when every input was either cached or extracted."""
+        return not self.errors
+
+    def line(self) -> str:
+        """One-line summary, e.g. '120 images: 100 cached, 18 new, 2 skipped (errors) in 3.1 s'."""
+        rate = f", {self.embedded / self.seconds:.1f} img/s" if self.embedded and self.seconds > 0 else ""
+        return (
+            f"{self.total} images: {self.cached} cached, {self.new} new, {len(self.errors)} skipped"
+            f" [{self.backbone_key}; views {','.join(self.views)}] in {self.seconds:.1f} s{rate}"
+        )
+
+
+def prepare(
+    ref: ImageRef,
+    views: Sequence[str],
+    cached: dict[str, set[str]],
+    preprocess: Callable,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | Callable[[], int | None] | None = None,
+) -> Prepared:
+    """Reader stage for one file: read, hash, skip if cached, else decode once and make every missing view.
+
+    Per-file problems become `Prepared.error`; a `ClipdetError` that is not about the file (say the
+    model cannot be loaded) propagates and stops the run.
+    """
+    out = Prepared(ref)
+    try:
+        data = read_file(ref.path)
+        out.sha256 = sha256_bytes(data)
+        out.meta = ImageMeta(out.sha256, ref.label or "", ref.generator or "", paths=[os.path.abspath(ref.path)])
+        missing = [v for v in views if out.sha256 not in cached.get(v, ())]
+        if not missing:
+            return out
+        # Perturbed views are made from the full-resolution decode; only a clean-only file may use draft.
+        ds = draft_size() if callable(draft_size) else draft_size
+        dec = decode_image(data, ref.path, max_pixels=max_pixels, draft_size=ds if missing == ["clean"] else None)
+        out.meta.width, out.meta.height, out.meta.format = dec.width, dec.height, dec.format
+        for v in missing:
+            out.tensors[v] = preprocess(apply_view(dec.image, v))
+    except ImageError as e:
+        out.error = e.reason
+    except ClipdetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one file never stops a run
+        out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+class LazyBackbone:
+    """Loads the backbone on first use (from any thread), so an all-cached run never loads a model."""
+
+    def __init__(self, spec: str, device: str = "auto", loaded=None, layers: Sequence[int] = (),
+                 on_load: Callable | None = None):
+        self.spec, self.device, self.layers = spec, device, tuple(layers)
+        self._model = loaded
+        self._lock = threading.Lock()
+        self._on_load = on_load
+        self._checked = False
+        self.absolute_layers: tuple[int, ...] = ()
+
+    def get(self):
+        """The loaded backbone (loads and checks it against the cache once)."""
+        with self._lock:
+            if self._model is None:
+                from .backbones import create_backbone
+
+                self._model = create_backbone(self.spec, device=self.device)
+            if not self._checked:
+                m = self._model
+                self.absolute_layers = m.resolve_layers(self.layers) if hasattr(m, "resolve_layers") else self.layers
+                if self._on_load is not None:
+                    self._on_load(m, self.absolute_layers)
+                self._checked = True
+            return self._model
+
+    def preprocess(self, image):
+        """Preprocess with the backbone's transform (loading it if needed)."""
+        return self.get().preprocess(image)
+
+    def image_size(self) -> int:
+        """The backbone's input size in pixels."""
+        return int(self.get().image_size)
+
+
+def iter_prepared(
+    refs: Sequence[ImageRef], workers: int, fn: Callable[[ImageRef], Prepared], prefetch: int
+) -> Iterator[Prepared]:
+    """Run `fn` over `refs` on `workers` threads with at most `prefetch` in flight; yields in input order."""
+    if workers <= 0:
+        for r in refs:
+            yield fn(r)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipdet-reader") as pool:
+        pending: deque = deque()
+        it = iter(refs)
+        for r in it:
+            pending.append(pool.submit(fn, r))
+            if len(pending) >= prefetch:
+                break
+        while pending:
+            fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield fut.result()
+
+
+def default_batch_size(device: str) -> int:
+    """Batch size for `device` when the user gives none."""
+    return 128 if device.startswith("cuda") else 32
+
+
+def default_workers(device: str) -> int:
+    """Loader threads for `device` when the user gives none."""
+    n = os.cpu_count() or 1
+    return max(2, min(n - 1, 12)) if device.startswith("cuda") else max(1, min(n, 4))
+
+
+class _Progress:
+    """A progress bar on a terminal (tqdm), silent otherwise or with quiet=True."""
+
+    def __init__(self, total: int, quiet: bool, desc: str):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def extract(
+    refs: Iterable[ImageRef],
+    backbone: str,
+    cache: FeatureCache | str | None = None,
+    views: Iterable[str] | str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+    layers: Sequence[int] = (),
+    quiet: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = False,
+    compact: bool = True,
+    loaded_backbone=None,
+) -> ExtractSummary:
+    """Embed `refs` with `backbone` into the feature cache; returns an `ExtractSummary`.
+
+    Files whose content is already cached (for every requested view) are hashed but not decoded, and
+    the model is not loaded when nothing is new. Bad files are recorded (summary and the cache's error
+    record) and skipped. Each batch is written as its own shard, so a crash loses at most the batch
+    in flight; the run ends by compacting the shards into the main file.
+    """
+    from .backbones import describe_backbone
+
+    t0 = time.perf_counter()
+    refs = list(refs)
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    views = parse_views(views)
+    info = loaded_backbone.info if loaded_backbone is not None else describe_backbone(backbone)
+    summary = ExtractSummary(total=len(refs), backbone_key=info.key, views=list(views))
+    cached = {v: cache.cached_shas(info.key, v) for v in views}
+
+    def check(model, abs_layers) -> None:
+        for v in views:
+            cache.check_compatible(model.info, v, abs_layers)
+
+    lazy = LazyBackbone(backbone, device, loaded_backbone, layers, on_load=check)
+    workers = default_workers(device if device != "auto" else "cpu") if workers is None else workers
+    prefetch = max(2 * (batch_size or 32), 4 * workers)
+
+    def fn(r: ImageRef) -> Prepared:
+        return prepare(r, views, cached, lazy.preprocess, max_pixels=max_pixels,
+                       draft_size=lazy.image_size if draft else None)
+
+    progress = _Progress(len(refs), quiet, "extract")
+    writer = _BatchWriter(cache, lazy, views, batch_size)
+    seen: set[str] = set()
+    try:
+        for p in iter_prepared(refs, workers, fn, prefetch):
+            progress.update()
+            if p.error:
+                summary.errors.append((p.ref.path, p.error))
+                writer.errors.append({"sha256": p.sha256, "path": os.path.abspath(p.ref.path), "reason": p.error})
+                continue
+            writer.metas.append(p.meta)
+            if not p.tensors or p.sha256 in seen:
+                summary.cached += 1
+                continue
+            seen.add(p.sha256)
+            summary.new += 1
+            writer.add(p.sha256, p.tensors)
+        writer.close()
+    finally:
+        progress.close()
+    summary.embedded = writer.embedded
+    if compact and cache.shard_count() > 0:
+        cache.compact()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class _BatchWriter:
+    """Collects preprocessed tensors per view, embeds full batches and writes each as one shard."""
+
+    def __init__(self, cache: FeatureCache, lazy: LazyBackbone, views: Sequence[str], batch_size: int | None):
+        self.cache, self.lazy, self.views = cache, lazy, list(views)
+        self.batch_size = batch_size
+        self.pending: dict[str, list[tuple[str, object]]] = {v: [] for v in views}
+        self.metas: list[ImageMeta] = []
+        self.errors: list[dict] = []
+        self.embedded = 0
+
+    def add(self, sha: str, tensors: dict) -> None:
+        """Queue one image's tensors; embeds and writes every view whose batch is full."""
+        if self.batch_size is None:
+            self.batch_size = default_batch_size(getattr(self.lazy.get(), "device", "cpu"))
+        for v, t in tensors.items():
+            self.pending[v].append((sha, t))
+        for v in self.views:
+            if len(self.pending[v]) >= self.batch_size:
+                self._flush(v)
+
+    def _flush(self, view: str) -> None:
+        import torch
+
+        items, self.pending[view] = self.pending[view], []
+        model = self.lazy.get()
+        out = model.embed(torch.stack([t for _, t in items]), layers=self.lazy.absolute_layers)
+        emb = out["embedding"]
+        attrs = {"backbone": json.loads(model.info.to_json()), "layers": list(self.lazy.absolute_layers),
+                 "dim": int(emb.shape[1]), "clipdet_version": __version__}
+        rows = FeatureRows([s for s, _ in items], emb.astype(np.float16), out.get("layers"))
+        self.cache.write_shard({(model.info.key, view): (rows, attrs)}, images=self.metas, errors=self.errors)
+        self.metas, self.errors = [], []
+        self.embedded += len(items)
+        if self.cache.shard_count() > AUTO_COMPACT_SHARDS:
+            self.cache.compact()
+
+    def close(self) -> None:
+        """Flush partial batches and any remaining metadata/errors."""
+        for v in self.views:
+            if self.pending[v]:
+                self._flush(v)
+        if self.metas or self.errors:
+            self.cache.write_shard(images=self.metas, errors=self.errors)
+            self.metas, self.errors = [], []

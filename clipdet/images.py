@@ -1,0 +1,334 @@
+"""Image discovery (labels from layout or manifest), safe decoding, and perturbation views."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ImageError, UsageError
+
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
+}
+#: Images with more pixels than this are refused before decoding (decompression-bomb guard).
+DEFAULT_MAX_PIXELS = 64_000_000
+#: Files larger than this are refused before reading.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+REAL, FAKE = "real", "fake"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: its path and, when known, its label ("real"/"fake") and generator."""
+
+    path: str
+    label: str | None = None
+    generator: str | None = None
+
+
+def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """Label and generator read from the layout `real/**` or `fake/<generator>/**`.
+
+    The innermost `real` or `fake` folder in the path wins, at any depth. A file directly inside
+    `fake/` is fake with an unknown generator (None).
+    """
+    parts = Path(path).parts[:-1]
+    for i in range(len(parts) - 1, -1, -1):
+        name = parts[i].lower()
+        if name == REAL:
+            return REAL, None
+        if name == FAKE:
+            gen = parts[i + 1] if i + 1 < len(parts) else None
+            return FAKE, gen
+    return None, None
+
+
+def _normalise_label(value: str | None, where: str) -> str | None:
+    if value is None or not value.strip():
+        return None
+    v = value.strip().lower()
+    aliases = {"0": REAL, "1": FAKE, "real": REAL, "fake": FAKE, "generated": FAKE, "synthetic": FAKE}
+    if v not in aliases:
+        raise UsageError(f"{where}: label {value!r} is not one of real/fake/0/1")
+    return aliases[v]
+
+
+def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
+    """Rows of a CSV manifest with columns `path` (required), `label`, `generator`.
+
+    Relative paths are resolved against the manifest's folder. An empty label falls back to the layout.
+    """
+    mpath = Path(manifest)
+    if not mpath.is_file():
+        raise UsageError(f"{mpath}: manifest not found")
+    base = mpath.parent
+    refs: list[ImageRef] = []
+    with open(mpath, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise UsageError(f"{mpath}: manifest needs a 'path' column (got {reader.fieldnames})")
+        for lineno, row in enumerate(reader, start=2):
+            p = (row.get("path") or "").strip()
+            if not p:
+                continue
+            full = p if os.path.isabs(p) else str(base / p)
+            label = _normalise_label(row.get("label"), f"{mpath}:{lineno}")
+            gen = (row.get("generator") or "").strip() or None
+            if label is None:
+                label, lgen = label_from_layout(full)
+                gen = gen or lgen
+            if label == REAL:
+                gen = None
+            refs.append(ImageRef(full, label, gen))
+    return refs
+
+
+def _walk(folder: Path) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(root, name)
+
+
+def discover(
+    inputs: Iterable[str], manifest: str | None = None, stdin: Iterable[str] | None = None
+) -> list[ImageRef]:
+    """Expand folders (recursively, image extensions only), files and `-` (paths on stdin) into refs.
+
+    Order is stable: inputs in the order given, each folder walked in sorted order; a path seen twice
+    is kept once. Files named explicitly are kept whatever their extension (so a bad file is
+    reported, not silently ignored). A path that does not exist raises `UsageError`.
+    """
+    refs: list[ImageRef] = []
+    if manifest:
+        refs.extend(read_manifest(manifest))
+    for item in inputs:
+        if item == "-":
+            lines = stdin if stdin is not None else sys.stdin
+            for line in lines:
+                line = line.strip()
+                if line:
+                    refs.append(ImageRef(line, *label_from_layout(line)))
+            continue
+        p = Path(item)
+        if p.is_dir():
+            refs.extend(ImageRef(f, *label_from_layout(f)) for f in _walk(p))
+        elif p.exists() or p.is_symlink():
+            refs.append(ImageRef(str(p), *label_from_layout(p)))
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    seen: set[str] = set()
+    unique = []
+    for r in refs:
+        if r.path not in seen:
+            seen.add(r.path)
+            unique.append(r)
+    return unique
+
+
+def read_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of `path`, or `ImageError` (missing, unreadable, empty, too large)."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        if size > max_bytes:
+            raise ImageError(path, f"file too large ({size} bytes > {max_bytes})")
+        with open(path, "rb") as f:
+            return f.read()
+    except ImageError:
+        raise
+    except OSError as e:
+        raise ImageError(path, f"unreadable: {e.strerror or e}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of `data` (the cache key of an image)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Decoded:
+    """A decoded image as 8-bit RGB plus what the file said about itself."""
+
+    image: object  # PIL.Image.Image (kept untyped to avoid importing PIL at module import)
+    width: int
+    height: int
+    format: str
+
+
+def _to_rgb(im):
+    """Any PIL mode → 8-bit RGB: 16-bit and float scaled, alpha composited on white, CMYK converted."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif arr.size and (arr.max() > 255 or arr.min() < 0):
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(
+    data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Decoded:
+    """Decode `data` into 8-bit RGB safely, or raise `ImageError` naming `path` and the reason.
+
+    Handles EXIF orientation, CMYK, 16-bit, palette, alpha (composited on white), grayscale and
+    animated images (first frame). Truncated files are errors, never silently padded. Images over
+    `max_pixels` are refused from their header, before any pixel is decoded.
+
+    `draft_size`: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the
+    shorter side stays >= `draft_size` (see `extract` for the speed/accuracy trade-off).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        fmt = im.format or "unknown"
+        if w <= 0 or h <= 0:
+            raise ImageError(path, f"invalid image size {w}x{h}")
+        if w * h > max_pixels:
+            raise ImageError(path, f"too many pixels ({w}x{h} > {max_pixels} limit; decompression bomb?)")
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        if draft_size and fmt == "JPEG":
+            # EXIF rotation by 90° swaps sides, but draft only looks at the shorter one: order-free.
+            scale = min(w, h) / float(draft_size)
+            if scale >= 2:
+                im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+        im.load()
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
+        rgb = _to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"decompression bomb refused ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower() or isinstance(e, EOFError):
+            msg = f"truncated image ({msg})"
+        raise ImageError(path, f"cannot decode: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - a plugin bug must not stop a run of 100,000 files
+        raise ImageError(path, f"cannot decode: {type(e).__name__}: {e}") from None
+    return Decoded(rgb, w, h, fmt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Views (perturbations). Real and fake images get exactly the same operation.
+
+VIEW_KINDS = {
+    "clean": "the image as decoded",
+    "jpeg": "re-encode as JPEG at quality Q (jpeg:75)",
+    "resize": "rescale both sides by factor F with bicubic filtering (resize:0.5)",
+    "blur": "Gaussian blur with sigma S pixels (blur:1.0)",
+    "crop": "centre crop to N x N pixels, or the whole image if smaller (crop:224)",
+}
+
+
+def parse_views(spec: str | Iterable[str] | None) -> list[str]:
+    """Canonical view names from 'jpeg:75,resize:0.5'; `clean` is always first and always present."""
+    if spec is None:
+        items: list[str] = []
+    elif isinstance(spec, str):
+        items = [s for s in (x.strip() for x in spec.split(",")) if s]
+    else:
+        items = [s.strip() for s in spec if s.strip()]
+    out = ["clean"]
+    for item in items:
+        name = canonical_view(item)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def canonical_view(item: str) -> str:
+    """Validate one view spec and return its canonical spelling (e.g. 'jpeg:075' → 'jpeg:75')."""
+    kind, _, arg = item.strip().lower().partition(":")
+    if kind == "clean" and not arg:
+        return "clean"
+    if kind not in VIEW_KINDS or kind == "clean":
+        raise UsageError(f"unknown view {item!r}; views are: " + "; ".join(f"{k}: {v}" for k, v in VIEW_KINDS.items()))
+    try:
+        if kind == "jpeg":
+            q = int(arg)
+            if not 1 <= q <= 100:
+                raise ValueError
+            return f"jpeg:{q}"
+        if kind == "crop":
+            n = int(arg)
+            if n < 8:
+                raise ValueError
+            return f"crop:{n}"
+        x = float(arg)
+        if kind == "resize" and not 0.01 <= x <= 8:
+            raise ValueError
+        if kind == "blur" and not 0 < x <= 50:
+            raise ValueError
+        return f"{kind}:{x:g}"
+    except ValueError:
+        raise UsageError(f"view {item!r}: bad argument {arg!r} ({VIEW_KINDS[kind]})") from None
+
+
+def apply_view(image, view: str):
+    """Return `image` (PIL RGB) perturbed by `view`; `clean` returns it unchanged."""
+    from PIL import Image, ImageFilter
+
+    if view == "clean":
+        return image
+    kind, _, arg = view.partition(":")
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=int(arg))
+        buf.seek(0)
+        out = Image.open(buf)
+        out.load()
+        return out.convert("RGB")
+    if kind == "resize":
+        f = float(arg)
+        w, h = image.size
+        return image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BICUBIC)
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(radius=float(arg)))
+    if kind == "crop":
+        n = int(arg)
+        w, h = image.size
+        cw, ch = min(n, w), min(n, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return image.crop((left, top, left + cw, top + ch))
+    raise UsageError(f"unknown view {view!r}")
