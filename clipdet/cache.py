@@ -241,7 +241,8 @@ class FeatureCache:
                 if g is None:
                     continue
                 s = g["sha256"][()]
-                take = [i for i, h in enumerate(s.tolist()) if h not in rows and (wanted_set is None or h in wanted_set)]
+                take = [i for i, h in enumerate(s.tolist())
+                        if h not in rows and (wanted_set is None or h in wanted_set)]
                 if not take:
                     continue
                 idx = np.asarray(take)
@@ -306,7 +307,8 @@ class FeatureCache:
                 if not b.get("preprocess"):
                     have["backbone"]["preprocess"] = want["backbone"]["preprocess"]
                 if have != want:
-                    diff = [k for k in ("arch", "weights_id", "preprocess") if have["backbone"].get(k) != want["backbone"].get(k)]
+                    diff = [k for k in ("arch", "weights_id", "preprocess")
+                            if have["backbone"].get(k) != want["backbone"].get(k)]
                     if have["layers"] != want["layers"]:
                         diff.append(f"layers {have['layers']} vs {want['layers']}")
                     raise CacheMismatchError(
@@ -533,7 +535,8 @@ def _merge_files(files: list, out_path: str) -> None:
                     groups.setdefault((key, view), []).append(feats[key][view])
         for (key, view), srcs in groups.items():
             first = srcs[0]
-            ref = (json.loads(first.attrs["backbone"]).get("weights_id"), first.attrs["layers"], int(first.attrs["dim"]))
+            ref = (json.loads(first.attrs["backbone"]).get("weights_id"), first.attrs["layers"],
+                   int(first.attrs["dim"]))
             g = fg.require_group(key).create_group(view)
             for name in first.attrs:
                 g.attrs[name] = first.attrs[name]

@@ -138,6 +138,180 @@ def backbones(
     _run(go)
 
 
+@app.command()
+def heads(json_out: bool = typer.Option(False, "--json", help="Print one JSON object")) -> None:
+    """List detector heads with their parameters and defaults (set them with fit --param key=value)."""
+
+    def go():
+        from .detectors import describe_heads
+
+        items = describe_heads()
+        if json_out:
+            typer.echo(json.dumps({n: {"description": d, "params": p} for n, d, p in items}, indent=1))
+            return
+        for name, desc, params in items:
+            typer.echo(f"{name:9s} {desc}")
+            typer.echo("          " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+
+    _run(go)
+
+
+@app.command()
+def fit(
+    paths: List[str] = typer.Argument(None, help="Reference images (folders/files/-); default: every labelled "
+                                      "image in the cache for the backbone"),
+    head: str = typer.Option("svm", "--head", help="Head name (see clipdet heads)"),
+    shots: str = typer.Option("10", "--shots", "-k", help="References per class (or per generator), or 'all'"),
+    seed: int = typer.Option(0, "--seed", help="Seed for drawing the shots and for the head"),
+    out: str = typer.Option("detector.clipdet", "--out", "-o", help="Detector file to write"),
+    backbone: Optional[str] = BackboneOpt,
+    cache: Optional[str] = CacheOpt,
+    manifest: Optional[str] = ManifestOpt,
+    view: str = typer.Option("clean", "--view", help="Cached view to fit on"),
+    augment_views: bool = typer.Option(False, "--augment-views", help="Add the cached perturbed views of the "
+                                       "same shots as extra training rows"),
+    per_generator: bool = typer.Option(False, "--per-generator", help="Draw K fakes per generator "
+                                       "(and K x generators reals)"),
+    exclude_generator: List[str] = typer.Option(None, "--exclude-generator", help="Hold this generator out "
+                                                "(repeatable)"),
+    param: List[str] = typer.Option(None, "--param", "-p", help="Head parameter key=value (repeatable)"),
+    calibrate: List[str] = typer.Option(None, "--calibrate", help="Held-out labelled images for threshold and "
+                                        "probabilities (default: cross-validation on the references)"),
+    target_fpr: float = typer.Option(0.05, "--target-fpr", help="False-positive rate on real images the "
+                                     "threshold aims at"),
+    attribute: bool = typer.Option(True, "--attribute/--no-attribute", help="Also fit generator attribution "
+                                   "when references name >= 2 generators"),
+    device: str = typer.Option("auto", "--device", help="For extracting images not yet cached"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Fit a few-shot detector from cached features (images not yet cached are extracted first)."""
+    _quiet_warnings(quiet)
+
+    def go():
+        from .fewshot import fit as run_fit
+        from .fewshot import parse_params
+
+        det = run_fit(paths or None, head=head, shots=shots, seed=seed, backbone=backbone, cache=cache,
+                      manifest=manifest, view=view, augment_views=augment_views, per_generator=per_generator,
+                      exclude_generators=exclude_generator or (), params=parse_params(param or []),
+                      calibrate=calibrate or None, target_fpr=target_fpr, attribute=attribute, device=device,
+                      quiet=quiet)
+        det.save(out)
+        for note in det.meta.get("notes", []):
+            err(f"note: {note}")
+        typer.echo(f"wrote {out}: {det.summary()}")
+
+    _run(go)
+
+
+@app.command()
+def score(
+    paths: List[str] = typer.Argument(None, help="Folders (recursive), image files, or - for paths on stdin"),
+    detector: str = typer.Option(..., "--detector", "-d", help="Detector file from clipdet fit"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="FILE.csv, FILE.jsonl, or - for CSV on stdout"),
+    cache: Optional[str] = CacheOpt,
+    manifest: Optional[str] = ManifestOpt,
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold on the score "
+                                              "[default: the detector's calibrated one]"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
+                                           "spec (e.g. weights moved); must be the same weights"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
+    _quiet_warnings(quiet)
+    state = {"errors": 0}
+
+    def go():
+        from .detector import Detector
+        from .scoring import RowWriter, score_refs, summarise, verdict
+
+        det = Detector.load(detector)
+        refs = _refs(paths or [], manifest)
+        t = det.threshold if threshold is None else threshold
+        writer = RowWriter(out)
+        counts: dict[str, int] = {}
+        single = len(refs) == 1
+        n = 0
+        try:
+            for row in score_refs(refs, det, cache=cache, device=device, threshold=threshold, backbone=backbone,
+                                  batch_size=batch_size, workers=workers, quiet=quiet):
+                writer.write(row)
+                n += 1
+                counts[row["label"]] = counts.get(row["label"], 0) + 1
+                if row["error"]:
+                    state["errors"] += 1
+                    if not single:
+                        err(f"skipped {row['path']}: {row['error']}")
+                if single and out != "-":
+                    typer.echo(verdict(row, t))
+                if n % 256 == 0:
+                    writer.flush()
+        finally:
+            writer.close()
+        if not single and out != "-":
+            typer.echo(summarise(counts, state["errors"], n) + (f"; rows in {out}" if out else ""))
+
+    _run(go)
+    raise typer.Exit(EXIT_PARTIAL if state["errors"] else EXIT_OK)
+
+
+@app.command("eval")
+def eval_cmd(
+    paths: List[str] = typer.Argument(None, help="Labelled images (layout real/**, fake/<generator>/**) or -"),
+    detector: str = typer.Option(..., "--detector", "-d", help="Detector file from clipdet fit"),
+    cache: Optional[str] = CacheOpt,
+    manifest: Optional[str] = ManifestOpt,
+    report: Optional[str] = typer.Option(None, "--report", help="Write a Markdown report with PNG plots here"),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object"),
+    views: Optional[str] = typer.Option(None, "--views", help="Also measure AUC on these perturbed views "
+                                        "(e.g. jpeg:95,jpeg:75,jpeg:50,resize:0.5,blur:1.0,crop:224)"),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Keep evaluation images that are "
+                                       "detector references (metrics become optimistic)"),
+    exclude_references: bool = typer.Option(False, "--exclude-references", help="Drop evaluation images that "
+                                            "are detector references"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
+    _quiet_warnings(quiet)
+
+    def go():
+        from .detector import Detector
+        from .evaluate import evaluate, public, write_report
+        from .images import parse_views
+
+        det = Detector.load(detector)
+        refs = _refs(paths or [], manifest)
+        extra = parse_views(views)[1:] if views else []
+        res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
+                       exclude_references=exclude_references, device=device, quiet=quiet)
+        if json_out:
+            typer.echo(json.dumps(public(res), indent=1, default=float))
+        else:
+            m = res["metrics"]
+            typer.echo(f"{m['n']} images ({m['n_real']} real, {m['n_fake']} fake): AUC {m['auc']:.3f}, "
+                       f"AP {m['ap']:.3f}, acc {m['accuracy']:.3f}, bal.acc {m['balanced_accuracy']:.3f}, "
+                       f"TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}, EER {m['eer']:.3f}, ECE {m['ece']:.3f}, "
+                       f"Brier {m['brier']:.3f}")
+            for g, a in res["per_generator_auc"].items():
+                typer.echo(f"  {g:24s} AUC {a:.3f}")
+            for v, r in res.get("robustness", {}).items():
+                typer.echo(f"  view {v:19s} AUC {r['auc']:.3f}")
+            for n in res["notes"]:
+                typer.echo(f"note: {n}")
+        if report:
+            path = write_report(res, report)
+            if not json_out:
+                typer.echo(f"report: {path}")
+        return res
+
+    res = _run(go)
+    raise typer.Exit(EXIT_PARTIAL if res["n_errors"] else EXIT_OK)
+
+
 @cache_app.command("info")
 def cache_info(
     cache: Optional[str] = CacheOpt,

@@ -24,7 +24,7 @@ import numpy as np
 
 from ._version import __version__
 from .cache import AUTO_COMPACT_SHARDS, FeatureCache, FeatureRows, ImageMeta
-from .errors import ClipdetError, ImageError
+from .errors import ClipdetError, ImageError, UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageRef,
@@ -59,6 +59,7 @@ class ExtractSummary:
     views: list[str] = field(default_factory=list)
     seconds: float = 0.0
     embedded: int = 0  # forward passes (images x views)
+    records: list[tuple[str, str, str]] = field(default_factory=list)  # (path, sha256, error) in input order
 
     @property
     def ok(self) -> bool:
@@ -111,30 +112,64 @@ def prepare(
 
 
 class LazyBackbone:
-    """Loads the backbone on first use (from any thread), so an all-cached run never loads a model."""
+    """A backbone loaded on first use (from any thread), so an all-cached run never loads a model.
 
-    def __init__(self, spec: str, device: str = "auto", loaded=None, layers: Sequence[int] = (),
-                 on_load: Callable | None = None):
+    `key` is the backbone's cache key; given explicitly (e.g. from a detector file) it lets a run
+    that needs no model skip even describing the spec, and a loaded model must then match it.
+    Checks registered with `on_load` run once, when the model is loaded (or at once if it is).
+    """
+
+    def __init__(self, spec: str, device: str = "auto", layers: Sequence[int] = (), key: str | None = None,
+                 loaded=None):
         self.spec, self.device, self.layers = spec, device, tuple(layers)
-        self._model = loaded
-        self._lock = threading.Lock()
-        self._on_load = on_load
-        self._checked = False
+        self._key = key if key is not None else (loaded.info.key if loaded is not None else None)
+        self._model = None
+        self._lock = threading.RLock()
+        self._checks: list[Callable] = []
         self.absolute_layers: tuple[int, ...] = ()
+        if loaded is not None:
+            self._install(loaded)
+
+    @property
+    def key(self) -> str:
+        """Cache key of the backbone (describes the spec if needed; hashes a local weights file once)."""
+        if self._key is None:
+            from .backbones import describe_backbone
+
+            self._key = describe_backbone(self.spec).key
+        return self._key
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model has been built."""
+        return self._model is not None
+
+    def _install(self, model) -> None:
+        if self._key is not None and model.info.key != self._key:
+            raise UsageError(
+                f"backbone {self.spec} has key {model.info.key}, but {self._key} is required "
+                "(different weights from the ones the features/detector were made with)"
+            )
+        self._key = model.info.key
+        self.absolute_layers = model.resolve_layers(self.layers) if hasattr(model, "resolve_layers") else self.layers
+        self._model = model
+        for check in self._checks:
+            check(model, self.absolute_layers)
+
+    def on_load(self, check: Callable) -> None:
+        """Run `check(model, absolute_layers)` when the model is loaded (now, if it already is)."""
+        with self._lock:
+            self._checks.append(check)
+            if self._model is not None:
+                check(self._model, self.absolute_layers)
 
     def get(self):
-        """The loaded backbone (loads and checks it against the cache once)."""
+        """The loaded backbone (built on first call)."""
         with self._lock:
             if self._model is None:
                 from .backbones import create_backbone
 
-                self._model = create_backbone(self.spec, device=self.device)
-            if not self._checked:
-                m = self._model
-                self.absolute_layers = m.resolve_layers(self.layers) if hasattr(m, "resolve_layers") else self.layers
-                if self._on_load is not None:
-                    self._on_load(m, self.absolute_layers)
-                self._checked = True
+                self._install(create_backbone(self.spec, device=self.device))
             return self._model
 
     def preprocess(self, image):
@@ -212,30 +247,29 @@ def extract(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = False,
     compact: bool = True,
-    loaded_backbone=None,
+    lazy: LazyBackbone | None = None,
 ) -> ExtractSummary:
     """Embed `refs` with `backbone` into the feature cache; returns an `ExtractSummary`.
 
     Files whose content is already cached (for every requested view) are hashed but not decoded, and
     the model is not loaded when nothing is new. Bad files are recorded (summary and the cache's error
     record) and skipped. Each batch is written as its own shard, so a crash loses at most the batch
-    in flight; the run ends by compacting the shards into the main file.
+    in flight; the run ends by compacting the shards into the main file (unless `compact=False`).
+    Pass a `LazyBackbone` as `lazy` to share one loaded model across calls (`backbone` is then ignored).
     """
-    from .backbones import describe_backbone
-
     t0 = time.perf_counter()
     refs = list(refs)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
-    info = loaded_backbone.info if loaded_backbone is not None else describe_backbone(backbone)
-    summary = ExtractSummary(total=len(refs), backbone_key=info.key, views=list(views))
-    cached = {v: cache.cached_shas(info.key, v) for v in views}
+    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers)
+    summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
+    cached = {v: cache.cached_shas(lazy.key, v) for v in views}
 
     def check(model, abs_layers) -> None:
         for v in views:
             cache.check_compatible(model.info, v, abs_layers)
 
-    lazy = LazyBackbone(backbone, device, loaded_backbone, layers, on_load=check)
+    lazy.on_load(check)
     workers = default_workers(device if device != "auto" else "cpu") if workers is None else workers
     prefetch = max(2 * (batch_size or 32), 4 * workers)
 
@@ -249,6 +283,7 @@ def extract(
     try:
         for p in iter_prepared(refs, workers, fn, prefetch):
             progress.update()
+            summary.records.append((p.ref.path, p.sha256, p.error))
             if p.error:
                 summary.errors.append((p.ref.path, p.error))
                 writer.errors.append({"sha256": p.sha256, "path": os.path.abspath(p.ref.path), "reason": p.error})

@@ -249,7 +249,9 @@ class OpenClipProvider:
                 torch.manual_seed(RANDOM_SEED)
                 model = oc.create_model(arch, pretrained=pretrained, device="cpu", cache_dir=env_cache_dir(), **kwargs)
         except FileNotFoundError as e:
-            raise WeightsUnavailableError(f"weights for {spec} could not be fetched ({e}): {_weights_hint(arch)}") from None
+            raise WeightsUnavailableError(
+                f"weights for {spec} could not be fetched ({e}): {_weights_hint(arch)}"
+            ) from None
         except (RuntimeError, KeyError, ValueError, OSError) as e:
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             if info.weights == "file":

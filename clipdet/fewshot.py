@@ -1,0 +1,366 @@
+"""Few-shot fitting: pick K references per class (or per generator) with a seed, fit a head, calibrate.
+
+Calibration never sees evaluation data: the threshold (at `target_fpr` on real images) and the
+Platt parameters behind `p_fake` come from out-of-fold decision values on the references
+(cross-validation, leave-one-out for tiny sets), or from a separate `calibrate` set when given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ._version import __version__
+from .errors import UsageError
+
+DEFAULT_TARGET_FPR = 0.05
+
+
+@dataclass
+class Pool:
+    """Labelled candidate references: hashes, labels ('real'/'fake'), generators, first paths, features."""
+
+    sha256: list[str]
+    label: list[str]
+    generator: list[str]
+    path: list[str]
+    X: np.ndarray
+
+    def take(self, idx: Sequence[int]) -> Pool:
+        """The sub-pool at `idx`."""
+        idx = list(idx)
+        return Pool([self.sha256[i] for i in idx], [self.label[i] for i in idx], [self.generator[i] for i in idx],
+                    [self.path[i] for i in idx], self.X[idx])
+
+    def __len__(self) -> int:
+        return len(self.sha256)
+
+    @property
+    def y(self) -> np.ndarray:
+        """1 for fake, 0 for real."""
+        return np.array([1 if lab == "fake" else 0 for lab in self.label], dtype=np.int64)
+
+
+def parse_shots(shots: str | int | None) -> int | None:
+    """'10' → 10, 'all' or None → None (every reference)."""
+    if shots is None or (isinstance(shots, str) and shots.strip().lower() == "all"):
+        return None
+    try:
+        k = int(shots)
+    except (TypeError, ValueError):
+        raise UsageError(f"--shots {shots!r}: expected a positive integer or 'all'") from None
+    if k < 1:
+        raise UsageError(f"--shots {shots!r}: expected a positive integer or 'all'")
+    return k
+
+
+def sample_shots(
+    labels: Sequence[str], generators: Sequence[str], shots: int | None, seed: int,
+    per_generator: bool = False, keys: Sequence[str] | None = None,
+) -> list[int]:
+    """Indices of the chosen references: `shots` per class (or per generator for fakes), seeded.
+
+    The draw depends only on (`keys` order-free content, seed): candidates are sorted by `keys`
+    (content hashes) before the seeded permutation, so the same files in any order give the same
+    shots. With `per_generator`, each named generator gets `shots` fakes and reals get
+    `shots` x (number of generators) (capped at what exists). A class with fewer candidates than
+    asked contributes all it has.
+    """
+    n = len(labels)
+    keys = list(keys) if keys is not None else [str(i) for i in range(n)]
+    order = sorted(range(n), key=lambda i: keys[i])
+    rng = np.random.default_rng(seed)
+
+    def draw(members: list[int], k: int | None) -> list[int]:
+        if k is None or k >= len(members):
+            return members
+        perm = rng.permutation(len(members))[:k]
+        return [members[i] for i in sorted(perm)]
+
+    reals = [i for i in order if labels[i] == "real"]
+    fakes = [i for i in order if labels[i] == "fake"]
+    if not per_generator:
+        return sorted(draw(reals, shots) + draw(fakes, shots))
+    gens = sorted({generators[i] or "unknown" for i in fakes})
+    chosen: list[int] = []
+    for g in gens:
+        chosen += draw([i for i in fakes if (generators[i] or "unknown") == g], shots)
+    k_real = None if shots is None else shots * max(1, len(gens))
+    return sorted(draw(reals, k_real) + chosen)
+
+
+def _need_both_classes(pool: Pool, what: str) -> None:
+    y = pool.y
+    if len(pool) == 0 or y.min() == y.max():
+        have = {lab: pool.label.count(lab) for lab in ("real", "fake")}
+        raise UsageError(
+            f"{what} needs labelled real and fake images; found real {have['real']}, fake {have['fake']} "
+            "(label by layout real/** and fake/<generator>/**, or --manifest)"
+        )
+
+
+def fit_from_pool(
+    pool: Pool,
+    head: str = "svm",
+    params: dict | None = None,
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    seed: int = 0,
+    calibration: Pool | None = None,
+    attribute: bool = True,
+    extra: Pool | None = None,
+    meta: dict | None = None,
+):
+    """Fit a `Detector` on the references in `pool` (already sampled); returns it.
+
+    `extra`: additional training rows (e.g. perturbed views of the same references) used for the
+    head only. `calibration`: held-out labelled images for threshold and Platt; without it, both come
+    from out-of-fold decision values on `pool`.
+    """
+    from sklearn.base import clone
+
+    from .attribution import OpenSetRule
+    from .calibration import cross_val_decision, fit_platt, threshold_at_fpr
+    from .detector import Detector
+    from .detectors import create_head
+
+    _need_both_classes(pool, "fit")
+    if not 0 <= target_fpr < 1:
+        raise UsageError(f"--target-fpr {target_fpr}: expected a number in [0, 1)")
+    params = dict(params or {})
+    base = create_head(head, **params)
+    if "random_state" in base.get_params() and "random_state" not in params:
+        base.set_params(random_state=seed)
+    if "calibration_cv" in base.get_params():
+        base.set_params(calibration_cv=0)  # the detector calibrates once, below
+    X, y = pool.X, pool.y
+    Xfit, yfit = (X, y) if extra is None or len(extra) == 0 else (np.vstack([X, extra.X]), np.concatenate([y, extra.y]))
+    model = clone(base).fit(Xfit, yfit)
+
+    if calibration is not None:
+        _need_both_classes(calibration, "--calibrate")
+        cal_scores = np.asarray(model.decision_function(calibration.X), dtype=np.float64)
+        cal_y = calibration.y
+        cal_method = "held-out"
+    else:
+        counts = np.bincount(y, minlength=2)
+        if counts.min() < 2:
+            raise UsageError("calibration needs at least 2 references per class (raise --shots or pass --calibrate)")
+        cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
+        cal_y = y
+        cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
+    threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
+    platt = fit_platt(cal_scores, cal_y)
+    if platt[0] < 0:  # anti-informative calibration scores: keep p_fake monotone, fall back to the base rate
+        prior = float(np.clip(cal_y.mean(), 1e-3, 1 - 1e-3))
+        platt = (0.0, float(np.log(prior / (1 - prior))))
+
+    # Attribution: multi-class over real + named generators, with an open-set "unknown" rule.
+    attribution = open_set = None
+    named = sorted({g for g, lab in zip(pool.generator, pool.label) if lab == "fake" and g})
+    notes = []
+    if attribute and len(named) >= 2:
+        keep = [i for i in range(len(pool)) if pool.label[i] == "real" or pool.generator[i]]
+        classes = np.array(["real" if pool.label[i] == "real" else pool.generator[i] for i in keep], dtype=object)
+        counts = {c: int((classes == c).sum()) for c in set(classes)}
+        attr_head = create_head(head, **params)
+        if "random_state" in attr_head.get_params() and "random_state" not in params:
+            attr_head.set_params(random_state=seed)
+        if min(counts.values()) < 5 and "calibration_cv" in attr_head.get_params():
+            attr_head.set_params(calibration_cv=0)
+        attribution = attr_head.fit(X[keep], classes.astype(str))
+        fake_rows = [i for i in keep if pool.label[i] == "fake"]
+        try:
+            open_set = OpenSetRule().fit(X[fake_rows], [pool.generator[i] for i in fake_rows])
+        except UsageError as e:
+            notes.append(f"open-set rule not fitted: {e}")
+    elif attribute and named:
+        notes.append("attribution needs references from at least 2 named generators")
+
+    m = dict(meta or {})
+    m.update({
+        "head": head, "params": model.get_params(), "seed": seed, "target_fpr": target_fpr,
+        "calibration": {"method": cal_method, "n": int(len(cal_y)), "platt": [float(platt[0]), float(platt[1])]},
+        "counts": {"real": int((y == 0).sum()), "fake": int((y == 1).sum()),
+                   "extra_rows": 0 if extra is None else int(len(extra))},
+        "generators": named, "reference_sha256": sorted(set(pool.sha256)),
+        "calibration_sha256": sorted(set(calibration.sha256)) if calibration is not None else [],
+        "clipdet_version": __version__, "notes": notes,
+    })
+    refs = {"sha256": list(pool.sha256), "path": list(pool.path), "label": list(pool.label),
+            "generator": list(pool.generator)}
+    if extra is not None and len(extra):
+        refs = {k: refs[k] + list(getattr(extra, k)) for k in refs}
+    return Detector(head=model, threshold=float(threshold), platt=(float(platt[0]), float(platt[1])), meta=m,
+                    attribution=attribution, open_set=open_set, references=refs)
+
+
+def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tuple[str, dict]:
+    """The cache group key and backbone record for `backbone` (or the cache's only backbone)."""
+    groups = [g for g in cache.groups() if g.view == view]
+    if backbone:
+        from .backbones import describe_backbone
+
+        key = describe_backbone(backbone).key
+        for g in groups:
+            if g.key == key:
+                return key, g.backbone
+        have = sorted({g.backbone.get("spec", g.key) for g in groups})
+        raise UsageError(
+            f"{cache.path}: no '{view}' features for backbone {backbone}"
+            + (f" (cache has: {', '.join(have)})" if have else " (cache is empty)")
+            + "; pass PATHs to extract them or run clipdet extract"
+        )
+    keys = sorted({g.key for g in groups})
+    if len(keys) == 1:
+        g = next(g for g in groups if g.key == keys[0])
+        return g.key, g.backbone
+    if not keys:
+        raise UsageError(f"{cache.path}: no '{view}' features cached; run clipdet extract first (or pass PATHs)")
+    raise UsageError(f"{cache.path} holds several backbones ({', '.join(keys)}); choose one with --backbone")
+
+
+def load_pool(cache, key: str, view: str, shas: Iterable[str] | None = None,
+              labels: dict[str, tuple[str, str]] | None = None, paths: dict[str, str] | None = None) -> Pool:
+    """Labelled cached features of (key, view); labels/paths from the arguments, else cache metadata."""
+    images = cache.images()
+    rows = cache.load(key, view, shas=shas)
+    out_s, out_l, out_g, out_p, keep = [], [], [], [], []
+    for i, s in enumerate(rows.sha256):
+        if labels is not None and s in labels:
+            lab, gen = labels[s]
+        else:
+            m = images.get(s)
+            lab, gen = (m.label, m.generator) if m else ("", "")
+        if lab not in ("real", "fake"):
+            continue
+        m = images.get(s)
+        p = (paths or {}).get(s) or (m.paths[0] if m and m.paths else "")
+        out_s.append(s)
+        out_l.append(lab)
+        out_g.append(gen or "" if lab == "fake" else "")
+        out_p.append(p)
+        keep.append(i)
+    X = rows.embedding[keep] if keep else np.zeros((0, rows.embedding.shape[1] if rows.embedding.ndim == 2 else 0),
+                                                   np.float32)
+    return Pool(out_s, out_l, out_g, out_p, X)
+
+
+def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequence[str], device: str,
+                   quiet: bool = True):
+    """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs)."""
+    from .extract import extract
+    from .images import read_file, sha256_bytes
+
+    summary = extract(refs, backbone, cache=cache, views=list(views_to_extract), device=device, quiet=quiet)
+    labels, paths = {}, {}
+    for r in refs:
+        if r.label not in ("real", "fake"):
+            continue
+        try:
+            s = sha256_bytes(read_file(r.path))
+        except Exception:  # noqa: BLE001 - already reported by extract
+            continue
+        labels[s] = (r.label, r.generator or "")
+        paths.setdefault(s, r.path)
+    key, rec = resolve_backbone_key(cache, backbone, view)
+    return load_pool(cache, key, view, shas=sorted(labels), labels=labels, paths=paths), key, rec, summary
+
+
+def fit(
+    paths: Sequence[str] | None = None,
+    *,
+    head: str = "svm",
+    shots: int | str | None = 10,
+    seed: int = 0,
+    backbone: str | None = None,
+    cache=None,
+    manifest: str | None = None,
+    view: str = "clean",
+    augment_views: bool = False,
+    per_generator: bool = False,
+    exclude_generators: Sequence[str] = (),
+    params: dict | None = None,
+    calibrate: Sequence[str] | None = None,
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    attribute: bool = True,
+    device: str = "auto",
+    quiet: bool = True,
+):
+    """Fit a few-shot detector; the library form of `clipdet fit`. Returns a `Detector`.
+
+    Without `paths`/`manifest`, every labelled image in the cache for the backbone is a candidate.
+    With them, only those images are candidates (extracted first if not cached).
+    """
+    from .cache import FeatureCache
+    from .images import canonical_view, discover
+
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    view = canonical_view(view)
+    k = parse_shots(shots)
+    if paths or manifest:
+        if not backbone:
+            from .backbones import DEFAULT_BACKBONE
+
+            groups = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
+            backbone = groups.pop() if len(groups) == 1 else DEFAULT_BACKBONE
+        refs = discover(list(paths or []), manifest=manifest)
+        pool, key, rec, _ = pool_from_refs(refs, cache, backbone, view, [view], device, quiet)
+    else:
+        if not cache.exists():
+            raise UsageError(f"{cache.path}: no feature cache; run clipdet extract first or pass PATHs")
+        key, rec = resolve_backbone_key(cache, backbone, view)
+        pool = load_pool(cache, key, view)
+    excluded = set(exclude_generators)
+    if excluded:
+        unknown = excluded - set(pool.generator)
+        if unknown:
+            raise UsageError(f"--exclude-generator {', '.join(sorted(unknown))}: no such generator among the "
+                             f"references (have: {', '.join(sorted(set(pool.generator) - {''}))})")
+        pool = pool.take([i for i in range(len(pool)) if pool.generator[i] not in excluded])
+    _need_both_classes(pool, "fit")
+    chosen = pool.take(sample_shots(pool.label, pool.generator, k, seed, per_generator, keys=pool.sha256))
+
+    extra = None
+    if augment_views:
+        other = sorted({g.view for g in cache.groups() if g.key == key} - {view})
+        parts = []
+        for v in other:
+            labels = {s: (lab, g) for s, lab, g in zip(chosen.sha256, chosen.label, chosen.generator)}
+            pths = dict(zip(chosen.sha256, chosen.path))
+            parts.append(load_pool(cache, key, v, shas=chosen.sha256, labels=labels, paths=pths))
+        parts = [p for p in parts if len(p)]
+        if parts:
+            extra = Pool(sum((p.sha256 for p in parts), []), sum((p.label for p in parts), []),
+                         sum((p.generator for p in parts), []), sum((p.path for p in parts), []),
+                         np.vstack([p.X for p in parts]))
+    cal_pool = None
+    if calibrate:
+        cal_refs = discover(list(calibrate))
+        cal_pool, _, _, _ = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view], device, quiet)
+        overlap = set(cal_pool.sha256) & set(chosen.sha256)
+        if overlap:
+            raise UsageError(f"--calibrate images overlap the fit references ({len(overlap)} shared by content)")
+    meta = {
+        "backbone": rec, "backbone_key": key, "view": view, "shots": "all" if k is None else k,
+        "per_generator": per_generator, "exclude_generators": sorted(excluded), "augment_views": augment_views,
+        "candidates": {"real": pool.label.count("real"), "fake": pool.label.count("fake")},
+    }
+    return fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
+                         attribute=attribute, extra=extra, meta=meta)
+
+
+def parse_params(items: Sequence[str]) -> dict:
+    """`--param key=value` pairs → dict; values parsed as JSON when possible (numbers, true, null)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {item!r}: expected key=value")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

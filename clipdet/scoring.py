@@ -1,0 +1,158 @@
+"""Streaming scoring: inputs in chunks → (extract what the cache lacks) → detector → rows, in input order.
+
+Memory stays flat: only one chunk of paths, features and rows is held at a time, and rows are
+written (and flushed) as each chunk finishes, so an interrupted run keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from typing import IO, Iterable, Iterator, Sequence
+
+from .images import ImageRef
+
+COLUMNS = ["path", "sha256", "score", "p_fake", "label", "generator", "generator_p",
+           "nearest_path", "nearest_label", "nearest_similarity", "error"]
+DEFAULT_CHUNK = 1024
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def score_refs(
+    refs: Iterable[ImageRef],
+    detector,
+    cache=None,
+    device: str = "auto",
+    threshold: float | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    backbone: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    quiet: bool = True,
+    view: str | None = None,
+) -> Iterator[dict]:
+    """Yield one row dict (see `COLUMNS`) per input, in input order.
+
+    Images already in the cache for the detector's backbone and view are not run through the model;
+    new ones are extracted and added. `backbone` overrides the spec stored in the detector (e.g. the
+    weights file moved); it must have the same weights. `view` scores a perturbed view instead.
+    """
+    from .cache import FeatureCache
+    from .extract import LazyBackbone, extract
+
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    view = view or detector.view
+    lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key)
+    for part in _chunks(refs, chunk):
+        summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
+                          device=device, quiet=quiet, compact=False, lazy=lazy)
+        shas = [s for _, s, e in summary.records if not e]
+        feats = cache.load(detector.backbone_key, view, shas=shas)
+        pos = {s: i for i, s in enumerate(feats.sha256)}
+        scored = detector.score_features(feats.embedding, threshold=threshold) if len(feats.sha256) else []
+        for path, sha, error in summary.records:
+            row = {"path": path, "sha256": sha, "error": error}
+            if not error:
+                i = pos.get(sha)
+                if i is None:
+                    row["error"] = "no features after extraction"
+                else:
+                    row.update(scored[i])
+            if row["error"]:
+                row["label"] = "unknown"
+            yield row
+    if cache.shard_count():
+        cache.compact()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+class RowWriter:
+    """Writes rows as CSV (default, also for '-') or JSONL (by .jsonl suffix), flushing each chunk."""
+
+    def __init__(self, out: str | None, columns: Sequence[str] = COLUMNS):
+        self.columns = list(columns)
+        self.path = out
+        self.jsonl = bool(out) and out.lower().endswith((".jsonl", ".ndjson"))
+        self._own = False
+        if not out:
+            self.fh: IO[str] | None = None
+        elif out == "-":
+            self.fh = sys.stdout
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            self.fh = open(out, "w", newline="", encoding="utf-8")
+            self._own = True
+        self._csv = None
+        if self.fh is not None and not self.jsonl:
+            self._csv = csv.writer(self.fh)
+            self._csv.writerow(self.columns)
+
+    def write(self, row: dict) -> None:
+        """Write one row."""
+        if self.fh is None:
+            return
+        if self.jsonl:
+            clean = {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
+                     for k in self.columns if k in row}
+            self.fh.write(json.dumps(clean) + "\n")
+        else:
+            self._csv.writerow([_fmt(row.get(c)) for c in self.columns])
+
+    def flush(self) -> None:
+        """Flush to the OS (rows survive an interrupted run)."""
+        if self.fh is not None:
+            self.fh.flush()
+
+    def close(self) -> None:
+        """Flush and close the file (not stdout)."""
+        if self.fh is not None:
+            self.fh.flush()
+            if self._own:
+                self.fh.close()
+        self.fh = None
+
+
+def verdict(row: dict, threshold: float) -> str:
+    """A readable one-image verdict."""
+    if row.get("error"):
+        return f"{row['path']}: could not score ({row['error']})"
+    lab = row["label"].upper()
+    cmp = ">=" if row["label"] == "fake" else "<"
+    text = (f"{row['path']}: {lab} (p_fake {row['p_fake']:.3f}; score {row['score']:.4g} {cmp} "
+            f"threshold {threshold:.4g})")
+    if row.get("generator"):
+        gp = row.get("generator_p")
+        text += f"; generator {row['generator']}" + (f" (p {gp:.2f})" if gp is not None and not math.isnan(gp) else "")
+    if row.get("nearest_path"):
+        text += (f"; nearest reference {row['nearest_path']} ({row['nearest_label']}, "
+                 f"similarity {row['nearest_similarity']:.3f})")
+    return text
+
+
+def summarise(rows_label_counts: dict, errors: int, total: int) -> str:
+    """'N images: fake A, real B, unknown C; E errors'."""
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(rows_label_counts.items()))
+    return f"{total} images: {parts or 'none scored'}; {errors} could not be read"
+
+
+__all__ = ["COLUMNS", "score_refs", "RowWriter", "verdict", "summarise"]
