@@ -1,0 +1,67 @@
+"""Few-shot detector heads: a registry of scikit-learn classifiers over frozen embeddings.
+
+``create_head("svm", C=0.5)``, ``list_heads()``, ``head_params("mlp")``, ``describe_heads()``;
+``head_from_state(meta, arrays)`` rebuilds any saved head. torch and faiss are imported only when
+a head that needs them is fitted or used, so importing this package stays fast.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from .base import HEADS, BaseHead
+
+# Importing the head modules registers them in HEADS.
+from . import centroid, knn, linear, mlp  # noqa: F401  isort: skip
+
+__all__ = [
+    "HEADS",
+    "BaseHead",
+    "create_head",
+    "describe_heads",
+    "head_description",
+    "head_from_state",
+    "head_params",
+    "list_heads",
+]
+
+
+def list_heads() -> list[str]:
+    """Names of the registered heads, sorted."""
+    return HEADS.names()
+
+
+def head_params(name: str) -> dict:
+    """Parameters of head ``name`` with their defaults (``get_params`` of a default instance)."""
+    return HEADS.get(name)().get_params(deep=False)
+
+
+def head_description(name: str) -> str:
+    """One-line description of head ``name`` (first line of its class docstring)."""
+    return HEADS.get(name).describe()
+
+
+def describe_heads() -> list[tuple[str, str, dict]]:
+    """``(name, description, default params)`` of every head, for a ``clipdet heads`` listing."""
+    return [(n, head_description(n), head_params(n)) for n in list_heads()]
+
+
+def create_head(name: str, **params) -> BaseHead:
+    """A new, unfitted head ``name`` with ``params``; unknown names or parameters raise `UsageError`."""
+    cls = HEADS.get(name)
+    valid = cls().get_params(deep=False)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise UsageError(
+            f"unknown parameter(s) for head {name!r}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+        )
+    return cls(**params)
+
+
+def head_from_state(meta: dict, arrays: dict) -> BaseHead:
+    """Rebuild a fitted head from ``get_state()`` output, dispatching on ``meta["head"]``."""
+    from ..errors import DetectorFileError
+
+    name = meta.get("head") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or name not in HEADS:
+        raise DetectorFileError(f"head state names an unknown head {name!r}; known: {', '.join(list_heads())}")
+    return HEADS.get(name).from_state(meta, arrays)

@@ -1,0 +1,220 @@
+"""Small MLP head with an imbalance-aware loss and sharpness-aware minimisation (Santosh et al. 2024).
+
+Architecture: ``Linear(d, hidden) -> ReLU -> Dropout -> Linear(hidden, n_classes)``, trained with
+AdamW on a class-weighted cross-entropy (weights by inverse class frequency with
+``class_weight="balanced"``), optionally focal (``focal_gamma > 0`` multiplies each term by
+``(1 - p_true) ** gamma``). With ``sam_rho > 0`` every step is a SAM step (Foret et al. 2021):
+the gradient at ``w + rho * g / ||g||`` updates ``w``.
+
+Training is deterministic for a given ``random_state``: weight init, dropout masks, mini-batch
+order and the validation split all come from one local ``torch.Generator`` (the global torch RNG
+is never touched), and torch's CPU kernels are deterministic for a fixed thread count. The
+fitted weights are stored as float32 numpy arrays and inference runs in numpy (float64), so
+scoring needs no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import HEADS, BaseHead
+
+__all__ = ["MLPHead"]
+
+_MIN_IMPROVEMENT = 1e-4  # a validation loss must drop by this much to reset the patience counter
+
+
+@HEADS.register("mlp")
+class MLPHead(BaseHead):
+    """One-hidden-layer MLP with class-weighted (or focal) loss and optional SAM (Santosh et al. 2024).
+
+    Parameters: ``hidden_size``; ``dropout``; ``lr`` and ``weight_decay`` (AdamW); ``max_epochs``;
+    ``patience`` (epochs without a 1e-4 drop of the validation loss before stopping); ``batch_size`` (0 = full batch);
+    ``sam_rho`` (SAM radius, 0 disables SAM); ``class_weight`` ("balanced", None or a dict by
+    label); ``focal_gamma`` (0 = plain weighted cross-entropy); ``validation_fraction``
+    (stratified hold-out for early stopping, used when every class then has >= 2 validation
+    samples, else training runs ``max_epochs`` epochs); ``calibration_cv`` (folds for Platt
+    scaling, 0 = fixed sigmoid on the logit difference); ``random_state``.
+    """
+
+    _head_name = "mlp"
+    _fixed_slope = 1.0  # the decision is a logit difference
+
+    def __init__(self, hidden_size=256, dropout=0.1, lr=1e-3, weight_decay=1e-4, max_epochs=200,
+                 patience=20, batch_size=256, sam_rho=0.05, class_weight="balanced", focal_gamma=0.0,
+                 validation_fraction=0.2, calibration_cv=5, random_state=0):
+        self.hidden_size = hidden_size
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.sam_rho = sam_rho
+        self.class_weight = class_weight
+        self.focal_gamma = focal_gamma
+        self.validation_fraction = validation_fraction
+        self.calibration_cv = calibration_cv
+        self.random_state = random_state
+
+    def _check_params(self):
+        super()._check_params()
+
+        def _int(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+        def _num(name, lo, hi=np.inf, lo_open=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            if not ok or not (lo < v if lo_open else lo <= v) or not v <= hi or not np.isfinite(v):
+                raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+        _int("hidden_size", 1)
+        _int("max_epochs", 1)
+        _int("patience", 1)
+        _int("batch_size", 0)
+        _num("dropout", 0.0, 0.99)
+        _num("lr", 0.0, lo_open=True)
+        _num("weight_decay", 0.0)
+        _num("sam_rho", 0.0)
+        _num("focal_gamma", 0.0)
+        _num("validation_fraction", 0.0, 0.9)
+
+    # ---- training ----------------------------------------------------------------------------
+    def _fit_core(self, X, y_idx):
+        import torch
+        from sklearn.utils.class_weight import compute_class_weight
+
+        k = self.classes_.size
+        n, d = X.shape
+        seed = self._seed()
+        gen = torch.Generator().manual_seed(seed)
+        if self.class_weight is None:
+            cw = np.ones(k)
+        else:
+            cw = compute_class_weight(self.class_weight, classes=self.classes_, y=self.classes_[y_idx])
+
+        counts = np.bincount(y_idx, minlength=k)
+        n_val = np.floor(counts * self.validation_fraction).astype(int)
+        use_val = bool(self.validation_fraction > 0 and n_val.min() >= 2 and (counts - n_val).min() >= 1)
+        if use_val:  # stratified hold-out drawn with the local generator
+            val_mask = np.zeros(n, dtype=bool)
+            for c in range(k):
+                members = np.flatnonzero(y_idx == c)
+                perm = torch.randperm(members.size, generator=gen).numpy()
+                val_mask[members[perm[: n_val[c]]]] = True
+            tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+        else:
+            tr, va = np.arange(n), np.arange(0)
+
+        Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        yt = torch.as_tensor(y_idx.astype(np.int64))
+        wt = torch.as_tensor(np.asarray(cw, dtype=np.float32))
+
+        def uniform(shape, bound):
+            return ((torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound).requires_grad_(True)
+
+        h = self.hidden_size
+        b1, b2 = 1.0 / np.sqrt(d), 1.0 / np.sqrt(h)  # torch.nn.Linear's default init range
+        params = [uniform((d, h), b1), uniform((h,), b1), uniform((h, k), b2), uniform((k,), b2)]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        p_drop, gamma, rho = float(self.dropout), float(self.focal_gamma), float(self.sam_rho)
+
+        def forward(xb, mask=None):
+            hid = torch.relu(xb @ params[0] + params[1])
+            if mask is not None:
+                hid = hid * mask
+            return hid @ params[2] + params[3]
+
+        def loss_fn(logits, yb):
+            logp = torch.log_softmax(logits, dim=1).gather(1, yb[:, None])[:, 0]
+            term = -logp if gamma == 0 else -((1.0 - logp.exp()) ** gamma) * logp
+            w = wt[yb]
+            return (w * term).sum() / w.sum().clamp_min(1e-12)
+
+        bs = len(tr) if self.batch_size == 0 or self.batch_size >= len(tr) else int(self.batch_size)
+        best_loss, best_epoch, stale = np.inf, 0, 0
+        best = [p.detach().clone() for p in params]
+        epochs_run = 0
+        tr_t = torch.as_tensor(tr)
+        for epoch in range(int(self.max_epochs)):
+            epochs_run = epoch + 1
+            order = tr_t[torch.randperm(len(tr), generator=gen)]
+            for start in range(0, len(tr), bs):
+                idx = order[start:start + bs]
+                xb, yb = Xt[idx], yt[idx]
+                mask = None
+                if p_drop > 0:
+                    keep = torch.rand((len(idx), h), generator=gen) >= p_drop
+                    mask = keep.to(torch.float32) / (1.0 - p_drop)
+                opt.zero_grad(set_to_none=False)
+                loss = loss_fn(forward(xb, mask), yb)
+                loss.backward()
+                if rho > 0:  # SAM: ascend to w + e, take the gradient there, come back, step
+                    with torch.no_grad():
+                        gnorm = torch.sqrt(sum((p.grad * p.grad).sum() for p in params))
+                        scale = rho / (gnorm + 1e-12)
+                        eps = [p.grad * scale for p in params]
+                        for p, e in zip(params, eps):
+                            p.add_(e)
+                    opt.zero_grad(set_to_none=False)
+                    loss_fn(forward(xb, mask), yb).backward()
+                    with torch.no_grad():
+                        for p, e in zip(params, eps):
+                            p.sub_(e)
+                opt.step()
+            if use_val:
+                with torch.no_grad():
+                    vl = float(loss_fn(forward(Xt[va]), yt[va]))
+                if vl < best_loss - _MIN_IMPROVEMENT:
+                    best_loss, best_epoch, stale = vl, epochs_run, 0
+                    best = [p.detach().clone() for p in params]
+                else:
+                    stale += 1
+                    if stale >= self.patience:
+                        break
+        if use_val:
+            final = best
+        else:
+            final = [p.detach() for p in params]
+            best_epoch = epochs_run
+        self.coefs_ = [final[0].numpy().astype(np.float32), final[2].numpy().astype(np.float32)]
+        self.intercepts_ = [final[1].numpy().astype(np.float32), final[3].numpy().astype(np.float32)]
+        self.n_iter_ = int(epochs_run)
+        self.best_epoch_ = int(best_epoch)
+        self.early_stopping_ = use_val
+
+    # ---- inference (numpy) ---------------------------------------------------------------------
+    def _logits(self, X) -> np.ndarray:
+        # float64 keeps BLAS rounding far below rtol 1e-7, so scores do not depend on the batch.
+        w1, w2 = (np.asarray(w, dtype=np.float64) for w in self.coefs_)
+        b1, b2 = (np.asarray(b, dtype=np.float64) for b in self.intercepts_)
+        hid = np.maximum(np.asarray(X, dtype=np.float64) @ w1 + b1, 0.0)
+        return hid @ w2 + b2
+
+    def _decision(self, X):
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if self.classes_.size == 2 else z
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def _state_arrays(self):
+        return {"w1": self.coefs_[0], "b1": self.intercepts_[0], "w2": self.coefs_[1], "b2": self.intercepts_[1]}
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {"n_iter": self.n_iter_, "best_epoch": self.best_epoch_, "early_stopping": self.early_stopping_}
+
+    def _load_state(self, meta, arrays):
+        d, k = self.n_features_in_, self.classes_.size
+        w1 = self._require(arrays, "w1", (d, None)).astype(np.float32)
+        h = w1.shape[1]
+        b1 = self._require(arrays, "b1", (h,)).astype(np.float32)
+        w2 = self._require(arrays, "w2", (h, k)).astype(np.float32)
+        b2 = self._require(arrays, "b2", (k,)).astype(np.float32)
+        self.coefs_, self.intercepts_ = [w1, w2], [b1, b2]
+        self.n_iter_ = int(meta.get("n_iter", 0))
+        self.best_epoch_ = int(meta.get("best_epoch", 0))
+        self.early_stopping_ = bool(meta.get("early_stopping", False))
