@@ -1,5 +1,43 @@
-"""clipdet: detect AI-generated images with frozen CLIP embeddings and few-shot heads."""
+"""clipdet: detect AI-generated images with frozen CLIP embeddings and few-shot heads.
+
+Public API (torch, open_clip and faiss are imported only when a model or index is needed):
+
+- `discover(paths)`, `extract(refs, backbone, cache=...)`: embed images into the feature cache.
+- `FeatureCache(path)`: read the HDF5 feature cache.
+- `fit(paths=None, head="svm", shots=10, ...) -> Detector`; `Detector.load(path)`, `.save(path)`,
+  `.decision_function(X)`, `.predict_proba(X)`, `.score_paths(paths)`.
+- `evaluate(refs, detector, ...)`: metrics on labelled images.
+- `create_backbone(spec)`, `list_backbones()`, `create_head(name, **params)`, `list_heads()`.
+"""
+
+from __future__ import annotations
 
 from ._version import __version__
+from .backbones import create_backbone, list_backbones
+from .cache import FeatureCache
+from .detector import Detector
+from .errors import ClipdetError
+from .evaluate import evaluate
+from .extract import extract
+from .fewshot import fit
+from .images import ImageRef, discover
 
-__all__ = ["__version__"]
+
+def create_head(name: str, **params):
+    """A new, unfitted detector head (see `list_heads`)."""
+    from .detectors import create_head as _create
+
+    return _create(name, **params)
+
+
+def list_heads() -> list[str]:
+    """Names of the registered detector heads."""
+    from .detectors import list_heads as _list
+
+    return _list()
+
+
+__all__ = [
+    "__version__", "ClipdetError", "Detector", "FeatureCache", "ImageRef", "create_backbone", "create_head",
+    "discover", "evaluate", "extract", "fit", "list_backbones", "list_heads",
+]

@@ -179,9 +179,10 @@ class FeatureCache:
                     if f.attrs.get("format") not in (FORMAT, FORMAT.encode()):
                         f.close()
                         raise CacheError(f"{src}: not a clipdet feature cache")
-                    if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+                    version = int(f.attrs.get("format_version", 0))
+                    if version > FORMAT_VERSION:
                         f.close()
-                        raise CacheError(f"{src}: cache made by a newer clipdet (format v{f.attrs['format_version']})")
+                        raise CacheError(f"{src}: cache made by a newer clipdet (format v{version})")
                     files.append(f)
                 yield files
             finally:
@@ -293,7 +294,7 @@ class FeatureCache:
 
     def check_compatible(self, info, view: str, layers: Iterable[int]) -> None:
         """Refuse (CacheMismatchError) when (info.key, view) holds features made differently."""
-        want = {"backbone": info.fingerprint(), "layers": sorted(layers)}
+        want = {"backbone": info.fingerprint(), "layers": list(layers)}  # order matters: (n, L, W) rows
         with self._open_all() as files:
             for f in files:
                 g = f.get(f"features/{info.key}/{view}")
@@ -302,7 +303,7 @@ class FeatureCache:
                 b = json.loads(g.attrs["backbone"])
                 have = {
                     "backbone": {k: b.get(k) for k in ("arch", "weights_id", "preprocess")},
-                    "layers": sorted(json.loads(g.attrs["layers"])),
+                    "layers": list(json.loads(g.attrs["layers"])),
                 }
                 if not b.get("preprocess"):
                     have["backbone"]["preprocess"] = want["backbone"]["preprocess"]
@@ -332,11 +333,17 @@ class FeatureCache:
         errors = list(errors)
         if not features and not images and not errors:
             return None
-        os.makedirs(self.pending_dir, exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._counter):06d}.h5"
         final = os.path.join(self.pending_dir, name)
         tmp = os.path.join(self.pending_dir, f".{name}.tmp")
-        _write_file(tmp, images, errors, features)
+        for attempt in range(3):
+            os.makedirs(self.pending_dir, exist_ok=True)
+            try:
+                _write_file(tmp, images, errors, features)
+                break
+            except FileNotFoundError:  # another process's compaction removed the (then empty) folder
+                if attempt == 2:
+                    raise
         os.replace(tmp, final)
         return final
 

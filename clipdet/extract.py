@@ -24,7 +24,7 @@ import numpy as np
 
 from ._version import __version__
 from .cache import AUTO_COMPACT_SHARDS, FeatureCache, FeatureRows, ImageMeta
-from .errors import ClipdetError, ImageError, UsageError
+from .errors import BackboneError, ClipdetError, ImageError, UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageRef,
@@ -126,6 +126,7 @@ class LazyBackbone:
         self._model = None
         self._lock = threading.RLock()
         self._checks: list[Callable] = []
+        self._failed: ClipdetError | None = None
         self.absolute_layers: tuple[int, ...] = ()
         if loaded is not None:
             self._install(loaded)
@@ -164,12 +165,26 @@ class LazyBackbone:
                 check(self._model, self.absolute_layers)
 
     def get(self):
-        """The loaded backbone (built on first call)."""
+        """The loaded backbone (built on first call).
+
+        A failed load (or failed check) is remembered and re-raised: the loader threads waiting on it
+        must not each retry it (N model builds, N network probes), nor report it as a per-file error.
+        """
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             if self._model is None:
                 from .backbones import create_backbone
 
-                self._install(create_backbone(self.spec, device=self.device))
+                try:
+                    self._install(create_backbone(self.spec, device=self.device))
+                except ClipdetError as e:
+                    self._model, self._failed = None, e
+                    raise
+                except Exception as e:  # noqa: BLE001 - a model bug is a backbone error, not a bad image
+                    self._model = None
+                    self._failed = BackboneError(f"{self.spec}: cannot load the backbone ({type(e).__name__}: {e})")
+                    raise self._failed from None
             return self._model
 
     def preprocess(self, image):
@@ -270,6 +285,10 @@ def extract(
             cache.check_compatible(model.info, v, abs_layers)
 
     lazy.on_load(check)
+    if lazy.layers and any(cached.values()):
+        # --layers resolve against the model: check them even when nothing is new, or a re-run with
+        # other layers would report "all cached" while the cache holds none of the requested tokens
+        lazy.get()
     workers = default_workers(device if device != "auto" else "cpu") if workers is None else workers
     prefetch = max(2 * (batch_size or 32), 4 * workers)
 

@@ -112,12 +112,14 @@ def fit_from_pool(
     attribute: bool = True,
     extra: Pool | None = None,
     meta: dict | None = None,
+    calibrate: bool = True,
 ):
     """Fit a `Detector` on the references in `pool` (already sampled); returns it.
 
     `extra`: additional training rows (e.g. perturbed views of the same references) used for the
     head only. `calibration`: held-out labelled images for threshold and Platt; without it, both come
-    from out-of-fold decision values on `pool`.
+    from out-of-fold decision values on `pool`. `calibrate=False` skips calibration (threshold 0.0,
+    Platt (1.0, 0.0), method "none"), so even 1-shot fits work for ranking metrics such as AUC.
     """
     from sklearn.base import clone
 
@@ -139,7 +141,9 @@ def fit_from_pool(
     Xfit, yfit = (X, y) if extra is None or len(extra) == 0 else (np.vstack([X, extra.X]), np.concatenate([y, extra.y]))
     model = clone(base).fit(Xfit, yfit)
 
-    if calibration is not None:
+    if not calibrate:
+        cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none"
+    elif calibration is not None:
         _need_both_classes(calibration, "--calibrate")
         cal_scores = np.asarray(model.decision_function(calibration.X), dtype=np.float64)
         cal_y = calibration.y
@@ -151,8 +155,11 @@ def fit_from_pool(
         cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
         cal_y = y
         cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
-    threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
-    platt = fit_platt(cal_scores, cal_y)
+    if not calibrate:
+        threshold, platt = 0.0, (1.0, 0.0)
+    else:
+        threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
+        platt = fit_platt(cal_scores, cal_y)
     if platt[0] < 0:  # anti-informative calibration scores: keep p_fake monotone, fall back to the base rate
         prior = float(np.clip(cal_y.mean(), 1e-3, 1 - 1e-3))
         platt = (0.0, float(np.log(prior / (1 - prior))))

@@ -87,6 +87,18 @@ class MLPHead(BaseHead):
     # ---- training ----------------------------------------------------------------------------
     def _fit_core(self, X, y_idx):
         import torch
+
+        # A few-shot MLP is thousands of tiny ops: one thread avoids OpenMP hand-off and spin-wait
+        # costs that made 2-thread training 20-80x slower on a 2-core machine (benchmarks/fit_speed.py).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._train(X, y_idx)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, X, y_idx):
+        import torch
         from sklearn.utils.class_weight import compute_class_weight
 
         k = self.classes_.size

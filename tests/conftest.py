@@ -1,0 +1,154 @@
+"""Shared fixtures: a tiny open_clip model saved as a real weights file, generated images, a CLI runner.
+
+Fixtures (names are stable; other test files rely on them):
+
+- `tiny_weights` (session): path of a safetensors file holding a seeded random init of the built-in
+  `clipdet-tiny` open_clip config. Load it as `f"clipdet-tiny:{tiny_weights}"`: the same code path a
+  downloaded checkpoint takes (describe → hash file → open_clip.create_model(pretrained=path)).
+- `tiny_spec` (session): that spec string.
+- `tiny_backbone` (session): the loaded `clipdet-tiny` backbone on CPU (saves ~1 s per test that
+  would otherwise load it); wrap it as `LazyBackbone(tiny_spec, loaded=tiny_backbone)` for `extract`.
+- `make_image` (session): `make_image(path, size=(W, H), seed=0, mode="RGB", fmt=None, fake=False)`
+  writes a structured random image (smooth gradients + noise; `fake=True` adds a strong
+  high-frequency checkerboard and shifted colours) and returns its `Path`.
+- `labelled_tree` (function): a fresh folder `tree/` with `real/a/*`, `fake/genA/*`, `fake/genB/*`,
+  8 images each, PNG and JPEG mixed, sizes 40-300 px, fakes clearly separable from reals.
+- `run_cli` (function): `run_cli(*args, input=None)` runs the typer app in-process and returns the
+  click `Result` (`exit_code`, `stdout`, `stderr`); warning-format changes the CLI makes are undone.
+- `subprocess_env` (session): an environment for `python -m clipdet` subprocesses (offline, 1 thread).
+
+The environment is set so tests never touch the network (HF_HUB_OFFLINE) and torch uses one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("CLIPDET_CACHE", None)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _image_array(size: tuple[int, int], seed: int, fake: bool = False) -> np.ndarray:
+    """H x W x 3 uint8: smooth colour gradients + mild noise (+ checkerboard for fakes)."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.empty((h, w, 3))
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+        img[..., c] = 128 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
+    img += rng.normal(0, 8, img.shape)
+    if fake:
+        checker = ((xx.astype(int) + yy.astype(int)) % 2) * 2 - 1
+        img = 0.6 * img + np.array([60.0, -30.0, 80.0])
+        img += 70 * checker[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_image(path, size=(64, 48), seed=0, mode="RGB", fmt=None, fake=False) -> Path:
+    """Write a structured random image to `path` (format from `fmt` or the suffix); returns the Path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(_image_array(size, seed, fake), "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    fmt = fmt or {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower())
+    kwargs = {"quality": 92} if (fmt or "").upper() == "JPEG" else {}
+    im.save(path, format=fmt, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """`make_image(path, size=(W, H), seed=0, mode="RGB", fmt=None, fake=False) -> Path` (see `write_image`)."""
+    return write_image
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+    """Path of a safetensors file with a seeded random init of the built-in `clipdet-tiny` config."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clipdet.backbones.openclip import _open_clip
+
+    oc = _open_clip()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = oc.create_model("clipdet-tiny")
+    path = tmp_path_factory.mktemp("weights") / "clipdet-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_weights) -> str:
+    """Backbone spec `clipdet-tiny:/path/to/weights.safetensors` for the tiny test model."""
+    return f"clipdet-tiny:{tiny_weights}"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_spec):
+    """The tiny backbone, loaded once on CPU (an `OpenClipBackbone`)."""
+    import torch
+
+    from clipdet.backbones import create_backbone
+
+    torch.set_num_threads(1)
+    return create_backbone(tiny_spec, device="cpu")
+
+
+@pytest.fixture
+def labelled_tree(tmp_path) -> Path:
+    """`tmp_path/tree` with real/a/, fake/genA/, fake/genB/: 8 images each, separable, 40-300 px."""
+    root = tmp_path / "tree"
+    sizes = [(40, 52), (64, 64), (300, 200), (120, 90), (77, 140), (256, 256), (48, 300), (96, 60)]
+    for cls, sub, base in (("real", "a", 0), ("fake", "genA", 100), ("fake", "genB", 200)):
+        for i, size in enumerate(sizes):
+            ext = ".jpg" if i % 2 else ".png"
+            write_image(root / cls / sub / f"{sub}_{i:02d}{ext}", size=size, seed=base + i, fake=cls == "fake")
+    return root
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict:
+    """Environment for `python -m clipdet` subprocesses: offline, one thread, no ambient cache path."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CLIPDET_CACHE", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`run_cli(*args, input=None)` → click Result of the clipdet typer app, run in-process."""
+    from typer.testing import CliRunner
+
+    from clipdet.cli import app
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --quiet sets it; restored at teardown
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return run
+
+
+CLIPDET = [sys.executable, "-m", "clipdet"]
