@@ -32,6 +32,8 @@ BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH
 CacheOpt = typer.Option(None, "--cache", "-c", help="Feature cache file [default: $CLIPDET_CACHE or cache/clipdet.h5]")
 ManifestOpt = typer.Option(None, "--manifest", "-m", help="CSV with columns path,label,generator")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or per-file lines; summary only")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else "
+                            "fp32), fp32, bf16, or fp16 (CUDA)")
 
 
 def err(msg: str) -> None:
@@ -95,8 +97,9 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads (0: decode in the "
                                           "main thread) [default: by device]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
-    draft: bool = typer.Option(True, "--draft/--no-draft", help="Decode large JPEGs at reduced scale when the "
-                               "model needs far fewer pixels (see README)"),
+    draft: bool = typer.Option(False, "--draft/--no-draft", help="Decode large JPEGs at reduced scale when the "
+                               "model needs far fewer pixels: faster, features within cosine ~0.998 (see README)"),
+    precision: str = PrecisionOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Embed images into the feature cache (content-addressed: re-runs only embed what is new)."""
@@ -108,7 +111,8 @@ def extract(
 
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
-                        workers=workers, device=device, layers=_layers(layers), quiet=quiet, draft=draft)
+                        workers=workers, device=device, layers=_layers(layers), quiet=quiet, draft=draft,
+                        precision=precision)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())
@@ -218,6 +222,7 @@ def score(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads"),
+    precision: str = PrecisionOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
@@ -237,7 +242,7 @@ def score(
         n = 0
         try:
             for row in score_refs(refs, det, cache=cache, device=device, threshold=threshold, backbone=backbone,
-                                  batch_size=batch_size, workers=workers, quiet=quiet):
+                                  batch_size=batch_size, workers=workers, quiet=quiet, precision=precision):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1

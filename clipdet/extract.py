@@ -120,8 +120,8 @@ class LazyBackbone:
     """
 
     def __init__(self, spec: str, device: str = "auto", layers: Sequence[int] = (), key: str | None = None,
-                 loaded=None):
-        self.spec, self.device, self.layers = spec, device, tuple(layers)
+                 loaded=None, precision: str = "auto"):
+        self.spec, self.device, self.layers, self.precision = spec, device, tuple(layers), precision
         self._key = key if key is not None else (loaded.info.key if loaded is not None else None)
         self._model = None
         self._lock = threading.RLock()
@@ -177,7 +177,7 @@ class LazyBackbone:
                 from .backbones import create_backbone
 
                 try:
-                    self._install(create_backbone(self.spec, device=self.device))
+                    self._install(create_backbone(self.spec, device=self.device, precision=self.precision))
                 except ClipdetError as e:
                     self._model, self._failed = None, e
                     raise
@@ -219,15 +219,28 @@ def iter_prepared(
             yield fut.result()
 
 
+def likely_cuda(device: str) -> bool:
+    """Whether `device` is (or 'auto' will probably resolve to) CUDA, without importing torch."""
+    if device == "auto":
+        return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+    return device.startswith("cuda")
+
+
 def default_batch_size(device: str) -> int:
-    """Batch size for `device` when the user gives none."""
-    return 128 if device.startswith("cuda") else 32
+    """Batch size for `device` when the user gives none (GPU: large batches keep the GPU busy)."""
+    return 256 if likely_cuda(device) else 32
 
 
 def default_workers(device: str) -> int:
-    """Loader threads for `device` when the user gives none."""
+    """Loader threads for `device` when the user gives none.
+
+    On a GPU machine decoding is the bottleneck: use most cores. On CPU the model itself needs the
+    cores; one loader thread overlaps decoding with inference (benchmarks/extract_speed.py).
+    """
     n = os.cpu_count() or 1
-    return max(2, min(n - 1, 12)) if device.startswith("cuda") else max(1, min(n, 4))
+    if likely_cuda(device):
+        return max(2, min(n - 1, 16))
+    return 1 if n <= 4 else min(n // 4, 4)
 
 
 class _Progress:
@@ -261,6 +274,8 @@ def extract(
     quiet: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = False,
+    precision: str = "auto",
+    record_cached: bool = True,
     compact: bool = True,
     lazy: LazyBackbone | None = None,
 ) -> ExtractSummary:
@@ -271,12 +286,14 @@ def extract(
     record) and skipped. Each batch is written as its own shard, so a crash loses at most the batch
     in flight; the run ends by compacting the shards into the main file (unless `compact=False`).
     Pass a `LazyBackbone` as `lazy` to share one loaded model across calls (`backbone` is then ignored).
+    `record_cached=False` skips recording paths and labels of already-cached files (scoring uses it,
+    so re-scoring a cached folder writes nothing).
     """
     t0 = time.perf_counter()
     refs = list(refs)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
-    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers)
+    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers, precision=precision)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
 
@@ -289,7 +306,7 @@ def extract(
         # --layers resolve against the model: check them even when nothing is new, or a re-run with
         # other layers would report "all cached" while the cache holds none of the requested tokens
         lazy.get()
-    workers = default_workers(device if device != "auto" else "cpu") if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     prefetch = max(2 * (batch_size or 32), 4 * workers)
 
     def fn(r: ImageRef) -> Prepared:
@@ -307,10 +324,12 @@ def extract(
                 summary.errors.append((p.ref.path, p.error))
                 writer.errors.append({"sha256": p.sha256, "path": os.path.abspath(p.ref.path), "reason": p.error})
                 continue
-            writer.metas.append(p.meta)
             if not p.tensors or p.sha256 in seen:
                 summary.cached += 1
+                if record_cached:
+                    writer.metas.append(p.meta)
                 continue
+            writer.metas.append(p.meta)
             seen.add(p.sha256)
             summary.new += 1
             writer.add(p.sha256, p.tensors)
@@ -346,11 +365,9 @@ class _BatchWriter:
                 self._flush(v)
 
     def _flush(self, view: str) -> None:
-        import torch
-
         items, self.pending[view] = self.pending[view], []
         model = self.lazy.get()
-        out = model.embed(torch.stack([t for _, t in items]), layers=self.lazy.absolute_layers)
+        out = model.embed(model.collate([t for _, t in items]), layers=self.lazy.absolute_layers)
         emb = out["embedding"]
         attrs = {"backbone": json.loads(model.info.to_json()), "layers": list(self.lazy.absolute_layers),
                  "dim": int(emb.shape[1]), "clipdet_version": __version__}

@@ -43,6 +43,7 @@ def score_refs(
     workers: int | None = None,
     quiet: bool = True,
     view: str | None = None,
+    precision: str = "auto",
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
 
@@ -55,10 +56,12 @@ def score_refs(
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = view or detector.view
-    lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key)
+    lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
+                        precision=precision)
     for part in _chunks(refs, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
-                          device=device, quiet=quiet, compact=False, lazy=lazy)
+                          device=device, quiet=quiet, compact=False, lazy=lazy,
+                          record_cached=False)
         shas = [s for _, s, e in summary.records if not e]
         feats = cache.load(detector.backbone_key, view, shas=shas)
         pos = {s: i for i, s in enumerate(feats.sha256)}

@@ -17,7 +17,8 @@ Fixtures (names are stable; other test files rely on them):
   click `Result` (`exit_code`, `stdout`, `stderr`); warning-format changes the CLI makes are undone.
 - `subprocess_env` (session): an environment for `python -m clipdet` subprocesses (offline, 1 thread).
 
-The environment is set so tests never touch the network (HF_HUB_OFFLINE) and torch uses one thread.
+The environment is set so tests never touch the network (HF_HUB_OFFLINE), torch uses one thread, and
+inference runs in fp32 (CLIPDET_PRECISION; tests/test_speed_paths.py covers bf16).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("CLIPDET_CACHE", None)
+# Exact-equality tests compare features with fp32 model outputs; the bf16 CPU path has its own test.
+os.environ["CLIPDET_PRECISION"] = "fp32"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

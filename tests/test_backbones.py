@@ -18,7 +18,7 @@ from clipdet.errors import BackboneError, UsageError, WeightsUnavailableError
 def _batch(backbone, n=3, size=(70, 50)):
     rng = np.random.default_rng(0)
     ims = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
-    return torch.stack([backbone.preprocess(im) for im in ims])
+    return backbone.collate([backbone.preprocess(im) for im in ims])
 
 
 # ------------------------------------------------------------------------------------------ specs
@@ -61,7 +61,7 @@ def test_local_weights_file_loads_through_real_path(tiny_weights, tiny_backbone)
 
 def test_embed_shapes_normalised_deterministic(tiny_spec, tiny_backbone):
     x = _batch(tiny_backbone, n=4)
-    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+    assert x.shape == (4, 64, 64, 3) and x.dtype == np.uint8  # uint8 per image; normalised inside embed
     out = tiny_backbone.embed(x)
     e = out["embedding"]
     assert e.shape == (4, 32) and e.dtype == np.float32

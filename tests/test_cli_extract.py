@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clipdet.cache import FeatureCache
@@ -326,7 +325,7 @@ def test_bad_input_corpus(tmp_path, make_image, tiny_spec, tiny_backbone, run_cl
             got = np.asarray(Image.open(root / "real" / name).convert("RGB"))
             np.testing.assert_allclose(got[15, 20], (255, 0, 0), atol=6)
             continue
-        x = torch.stack([tiny_backbone.preprocess(Image.fromarray(np.ascontiguousarray(expected), "RGB"))])
+        x = tiny_backbone.collate([tiny_backbone.preprocess(Image.fromarray(np.ascontiguousarray(expected), "RGB"))])
         want = tiny_backbone.embed(x)["embedding"]
         np.testing.assert_allclose(row, want, atol=3e-3, err_msg=name)
     meta = fc.images()[_sha(root / "real" / "exif6.jpg")]

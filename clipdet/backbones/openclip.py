@@ -82,29 +82,45 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> tuple[bool, s
 class OpenClipBackbone(Backbone):
     """The image tower of an open_clip model (the text tower is dropped after loading)."""
 
-    def __init__(self, visual, preprocess_cfg: dict, info: BackboneInfo, device: str):
-        import torch
+    def __init__(self, visual, preprocess_cfg: dict, info: BackboneInfo, device: str, precision: str = "fp32"):
+        from ..preprocess import FastPreprocess
 
         self.visual = visual.eval()
         self.device = device
         self.info = info
+        self.precision = precision
         self.preprocess_cfg = preprocess_cfg
         size = preprocess_cfg["size"]
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.embed_dim = int(getattr(visual, "output_dim", 0) or 0)
+        self._fast = FastPreprocess(preprocess_cfg)
         self._transform = None
         self._hooks: dict[int, object] = {}
         self._captured: dict[int, object] = {}
-        self.amp_dtype = torch.bfloat16 if device.startswith("cuda") else None
 
     # -- preprocessing ----------------------------------------------------------------------
     def preprocess(self, image):
-        """open_clip's evaluation transform (resize shortest side, centre crop, normalise)."""
+        """Per-image stage of open_clip's eval transform: a uint8 (S, S, 3) array (normalised in `embed`).
+
+        Configurations `FastPreprocess` does not cover fall back to open_clip's own float transform.
+        """
+        if self._fast.supported:
+            return self._fast(image)
         if self._transform is None:
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             self._transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
         return self._transform(image)
+
+    def collate(self, items):
+        """Stack preprocessed images into one batch (uint8 numpy, or float tensor for the fallback)."""
+        import numpy as np
+
+        if isinstance(items[0], np.ndarray):
+            return np.stack(items)
+        import torch
+
+        return torch.stack(items)
 
     # -- intermediate layers ----------------------------------------------------------------
     def _blocks(self):
@@ -146,20 +162,29 @@ class OpenClipBackbone(Backbone):
         """L2-normalised float32 embeddings (and CLS tokens of `layers`) for a batch of tensors."""
         import contextlib
 
+        import numpy as np
         import torch
         import torch.nn.functional as F
+
+        from ..preprocess import normalize_batch
 
         layers = self.resolve_layers(layers)
         if layers:
             self._ensure_hooks(layers)
         self._captured.clear()
+        cuda = self.device.startswith("cuda")
         amp = (
-            torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-            if self.amp_dtype is not None
+            torch.autocast(device_type="cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+            if cuda and self.precision in ("bf16", "fp16")
             else contextlib.nullcontext()
         )
+        in_dtype = torch.bfloat16 if (self.precision == "bf16" and not cuda) else None
         with torch.inference_mode(), amp:
-            x = batch.to(self.device, non_blocking=True)
+            if isinstance(batch, np.ndarray):
+                x = normalize_batch(batch, self._fast.mean, self._fast.std, self.device, in_dtype)
+            else:
+                x = batch.to(self.device, non_blocking=True)
+                x = x if in_dtype is None else x.to(in_dtype)
             feats = self.visual(x)
             if isinstance(feats, tuple):
                 feats = feats[0]
@@ -194,8 +219,14 @@ class OpenClipProvider:
         return BackboneInfo(spec, arch, "tag", weights)
 
     @staticmethod
-    def load(spec: str, device: str = "auto") -> OpenClipBackbone:
-        """Build the model on `device`; raises a one-line clipdet error when that is impossible."""
+    def load(spec: str, device: str = "auto", precision: str = "auto") -> OpenClipBackbone:
+        """Build the model on `device`; raises a one-line clipdet error when that is impossible.
+
+        `precision`: "fp32", "bf16" (CPU: bf16 weights; CUDA: bf16 autocast) or "auto" (bf16 on CUDA,
+        and on CPUs with native bf16 matrix units, where embeddings stay within cosine 0.9999 of fp32
+        and inference runs about 2-3x faster — see tests/test_speed_paths.py and
+        benchmarks/results/extract_speed_cpu.md; CLIPDET_PRECISION overrides "auto").
+        """
         import torch
 
         arch, weights = parse_spec(spec)
@@ -262,12 +293,37 @@ class OpenClipProvider:
         visual = model.visual
         preprocess_cfg = dict(visual.preprocess_cfg)
         del model
+        precision = resolve_precision(precision, device)
         visual = visual.to(device)
         if device.startswith("cuda"):
             visual = visual.to(memory_format=torch.channels_last)
+        elif precision == "bf16":
+            visual = visual.to(torch.bfloat16)
         pp_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()}
         info = BackboneInfo(
             info.spec, info.arch, info.weights, info.weights_id, preprocess=pp_json,
-            extra={"embed_dim": int(getattr(visual, "output_dim", 0) or 0)},
+            extra={"embed_dim": int(getattr(visual, "output_dim", 0) or 0), "precision": precision},
         )
-        return OpenClipBackbone(visual, preprocess_cfg, info, device)
+        return OpenClipBackbone(visual, preprocess_cfg, info, device, precision)
+
+
+def resolve_precision(precision: str | None, device: str) -> str:
+    """'auto' → 'bf16' on CUDA and on CPUs with native bf16 support, else 'fp32'; validates the rest."""
+    import torch
+
+    precision = (precision or "auto").lower()
+    if precision == "auto":
+        precision = os.environ.get("CLIPDET_PRECISION", "auto").lower()
+    if precision == "auto":
+        if device.startswith("cuda"):
+            return "bf16"
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return "bf16" if native else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise UsageError("fp16 inference needs CUDA; use bf16 or fp32 on CPU")
+    return precision
