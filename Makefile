@@ -9,6 +9,7 @@ OUT    ?= demo-out
 SHOTS  ?= 10
 HEAD   ?= svm
 CACHE  ?= $(OUT)/cache.h5
+VIEWS  ?= jpeg:75
 
 .PHONY: venv test demo clean-demo bench lint
 
@@ -27,16 +28,21 @@ lint: venv
 	$(BIN)/ruff check clipdet tests benchmarks
 
 # extract → fit --shots $(SHOTS) → score → eval (with report), on DATA laid out as real/ and fake/<generator>/
+# Exit code 1 from extract/score means "some files skipped" (listed on stderr): the demo goes on.
 demo: venv
 	@mkdir -p $(OUT)
-	$(BIN)/clipdet extract "$(DATA)" --backbone "$(BACKBONE)" --cache "$(CACHE)" --views jpeg:75,resize:0.5 --quiet; \
+	@echo "== 1/4 extract $(DATA) with $(BACKBONE) (views: clean,$(VIEWS))"
+	@$(BIN)/clipdet extract "$(DATA)" --backbone "$(BACKBONE)" --cache "$(CACHE)" --views "$(VIEWS)" --quiet; \
 	  rc=$$?; [ $$rc -le 1 ] || exit $$rc
-	$(BIN)/clipdet fit --backbone "$(BACKBONE)" --cache "$(CACHE)" --head $(HEAD) --shots $(SHOTS) --seed 0 \
-	  --out "$(OUT)/detector.clipdet"
-	$(BIN)/clipdet score "$(DATA)" --detector "$(OUT)/detector.clipdet" --cache "$(CACHE)" --out "$(OUT)/scores.csv" --quiet; \
-	  rc=$$?; [ $$rc -le 1 ] || exit $$rc
-	$(BIN)/clipdet eval "$(DATA)" --detector "$(OUT)/detector.clipdet" --cache "$(CACHE)" --exclude-references \
-	  --views jpeg:75,resize:0.5 --report "$(OUT)/report" --quiet
+	@echo "== 2/4 fit --head $(HEAD) --shots $(SHOTS)"
+	@$(BIN)/clipdet fit --backbone "$(BACKBONE)" --cache "$(CACHE)" --head $(HEAD) --shots $(SHOTS) --seed 0 \
+	  --out "$(OUT)/detector.clipdet" --quiet
+	@echo "== 3/4 score $(DATA)"
+	@$(BIN)/clipdet score "$(DATA)" --detector "$(OUT)/detector.clipdet" --cache "$(CACHE)" \
+	  --out "$(OUT)/scores.csv" --quiet; rc=$$?; [ $$rc -le 1 ] || exit $$rc
+	@echo "== 4/4 eval (references excluded) with report"
+	@$(BIN)/clipdet eval "$(DATA)" --detector "$(OUT)/detector.clipdet" --cache "$(CACHE)" --exclude-references \
+	  --views "$(VIEWS)" --report "$(OUT)/report" --quiet; rc=$$?; [ $$rc -le 1 ] || exit $$rc
 	@echo "demo done: cache $(CACHE), detector $(OUT)/detector.clipdet, scores $(OUT)/scores.csv, report $(OUT)/report/report.md"
 
 clean-demo:

@@ -72,6 +72,9 @@ def evaluate(
     ref_shas = detector.reference_shas
     overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}
     notes = []
+    if detector.backbone.get("weights") == "random":
+        notes.append("the backbone has RANDOM weights: these numbers say nothing about detection quality "
+                     "(use pretrained weights, e.g. ViT-L-14:openai)")
     if overlap and not (allow_overlap or exclude_references):
         raise OverlapError(
             f"{len(overlap)} evaluation image(s) are references of the detector (same content); "
