@@ -195,6 +195,21 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+_BOMB_FILTER_SET = False
+
+
+def _quiet_pil_bomb_warning() -> None:
+    """Silence PIL's DecompressionBombWarning once: clipdet applies its own `max_pixels` limit from the
+    header before decoding. (A global filter, because `warnings.catch_warnings` is not thread-safe and
+    decoding runs in loader threads.)"""
+    global _BOMB_FILTER_SET
+    if not _BOMB_FILTER_SET:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _BOMB_FILTER_SET = True
+
+
 def decode_image(
     data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> Decoded:
@@ -212,9 +227,8 @@ def decode_image(
     if not data:
         raise ImageError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        _quiet_pil_bomb_warning()
+        im = Image.open(io.BytesIO(data))  # raises DecompressionBombError far above our own limit
         w, h = im.size
         fmt = im.format or "unknown"
         if w <= 0 or h <= 0:

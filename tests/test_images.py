@@ -328,9 +328,13 @@ def test_decode_max_pixels_checked_from_header():
         decode_image(png_header_only(9000, 9000), "big.png")
     with pytest.raises(ImageError, match=r"too many pixels \(3000x2000 > 1000000"):
         decode_image(png_header_only(3000, 2000), "big.png", max_pixels=1_000_000)
-    # between Pillow's warning and error limits: its warning becomes a refusal, not a decode attempt
-    with pytest.raises(ImageError, match="decompression bomb|too many pixels"):
+    # a caller who raises max_pixels gets its limit, not Pillow's warning level (decoding is attempted;
+    # this header-only file then fails as truncated) ...
+    with pytest.raises(ImageError, match="truncated"):
         decode_image(png_header_only(12_000, 12_000), "warn.png", max_pixels=10**12)
+    # ... but Pillow's hard limit (2 x MAX_IMAGE_PIXELS) still refuses before any decoding
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(png_header_only(20_000, 20_000), "bomb.png", max_pixels=10**12)
     arr = np.zeros((40, 40, 3), np.uint8)
     with pytest.raises(ImageError, match="too many pixels"):
         decode_image(_png(arr), "ok-but-limited.png", max_pixels=1599)
