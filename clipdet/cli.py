@@ -374,6 +374,11 @@ def cache_errors(cache: Optional[str] = CacheOpt) -> None:
     _run(go)
 
 
+from .cli_bench import register as _register_bench  # noqa: E402  (after every command above)
+
+_register_bench(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -1,0 +1,172 @@
+"""`clipdet bench`: k-shot curves, leave-one-generator-out and robustness from cached features.
+
+Thin on purpose: `load_pools` extracts what the cache lacks and loads labelled pools per view; the
+protocols themselves live in `clipdet.protocols`. `register(app)` adds the command to a Typer app
+(clipdet's own app calls it in cli.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import List, Optional
+
+import typer
+
+
+def load_pools(
+    paths: Sequence[str] | None,
+    manifest: str | None,
+    cache,
+    backbone: str | None,
+    views: Sequence[str],
+    device: str = "auto",
+    quiet: bool = True,
+) -> tuple[dict, dict]:
+    """Labelled pools per view ("clean" first) and info (backbone record/key, formats, extraction summary).
+
+    With `paths`/`manifest` their images are extracted for every view the cache lacks (labels from the
+    layout or manifest); without them, every labelled image already cached for the backbone is used.
+    """
+    from .cache import FeatureCache
+    from .errors import UsageError
+    from .fewshot import load_pool, pool_from_refs, resolve_backbone_key
+    from .images import discover, parse_views
+
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    views = parse_views(views)
+    summary = None
+    if paths or manifest:
+        if not backbone:
+            from .backbones import DEFAULT_BACKBONE
+
+            specs = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
+            backbone = specs.pop() if len(specs) == 1 else DEFAULT_BACKBONE
+        refs = discover(list(paths or []), manifest=manifest)
+        clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet)
+    else:
+        if not cache.exists():
+            raise UsageError(f"{cache.path}: no feature cache; pass PATHs to extract, or run clipdet extract first")
+        key, rec = resolve_backbone_key(cache, backbone, "clean")
+        clean = load_pool(cache, key, "clean")
+    pools = {"clean": clean}
+    labels = {s: (lab, g) for s, lab, g in zip(clean.sha256, clean.label, clean.generator)}
+    paths_by_sha = dict(zip(clean.sha256, clean.path))
+    for v in views[1:]:
+        p = load_pool(cache, key, v, shas=clean.sha256, labels=labels, paths=paths_by_sha)
+        if len(p) == 0:
+            raise UsageError(f"{cache.path}: no '{v}' features for {rec.get('spec', key)}; pass PATHs to extract them "
+                             f"(or clipdet extract --views {v})")
+        pools[v] = p
+    images = cache.images()
+    formats = {s: images[s].format for s in clean.sha256 if s in images}
+    return pools, {"backbone": rec, "backbone_key": key, "formats": formats, "extract": summary}
+
+
+def _summary_lines(res) -> list[str]:
+    """A few lines: AUC at each K, LOGO mean/worst generator, AUC per view, format-shortcut change."""
+    import math
+
+    def f(x: float) -> str:
+        return "n/a" if x != x else f"{x:.3f}"
+
+    s = res.summaries()
+    lines = []
+    heads = res.record["config"]["heads"]
+    for h in heads:
+        ks = [r for r in s["kshot"] if r["head"] == h]
+        if ks:
+            lines.append(f"k-shot {h:8s} AUC " + "  ".join(f"K={r['k']}: {f(r['auc_mean'])}" for r in ks))
+    for h in heads:
+        lg = [r for r in s["logo"] if r["head"] == h and not math.isnan(r["auc_mean"])]
+        if lg:
+            worst = min(lg, key=lambda r: r["auc_mean"])
+            mean = sum(r["auc_mean"] for r in lg) / len(lg)
+            lines.append(f"logo   {h:8s} mean AUC over {len(lg)} held-out generators {f(mean)}; "
+                         f"hardest {worst['generator']} {f(worst['auc_mean'])}")
+    for h in heads:
+        rb = [r for r in s["robustness"] if r["head"] == h and r["fit_view"] == "clean"]
+        if rb:
+            lines.append(f"robust {h:8s} AUC " + "  ".join(f"{r['view']}: {f(r['auc_mean'])}" for r in rb))
+    for r in res.shortcut:
+        lines.append(f"format {r['head']:8s} AUC clean {f(r['auc_clean'])} -> all re-encoded {r['view']} "
+                     f"{f(r['auc_reencoded'])} (change {r['delta']:+.3f}): {r['verdict']}")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` command to `app`."""
+
+    @app.command("bench")
+    def bench(
+        paths: List[str] = typer.Argument(None, help="Labelled images (layout real/**, fake/<generator>/**) or -; "
+                                          "default: every labelled image cached for the backbone"),
+        protocol: str = typer.Option("all", "--protocol", help="kshot, logo, robustness, a comma list, or all"),
+        heads: str = typer.Option("svm,logreg", "--heads", help="Comma-separated head names (see clipdet heads)"),
+        ks: str = typer.Option("1,2,5,10,20,50,100", "--ks", help="Shots per class for the k-shot curve"),
+        seeds: int = typer.Option(5, "--seeds", min=1, help="Number of seeds (0..N-1) per setting"),
+        shots: str = typer.Option("10", "--shots", "-k", help="References per class for logo and robustness, "
+                                  "or 'all'"),
+        views: str = typer.Option("jpeg:95,jpeg:75,jpeg:50,resize:0.5,blur:1.0,crop:224", "--views",
+                                  help="Perturbed views for robustness (jpeg:95 doubles as the format-shortcut "
+                                  "check: every image re-encoded the same way)"),
+        backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/"
+                                               "weights or ARCH:random [default: the cache's only backbone, "
+                                               "else ViT-L-14:openai]"),
+        cache: Optional[str] = typer.Option(None, "--cache", "-c", help="Feature cache file [default: "
+                                            "$CLIPDET_CACHE or cache/clipdet.h5]"),
+        manifest: Optional[str] = typer.Option(None, "--manifest", "-m", help="CSV with columns path,label,"
+                                               "generator"),
+        out: str = typer.Option("bench-out", "--out", "-o", help="Folder for kshot.csv, logo.csv, robustness.csv, "
+                                "run.json and report.md (created; other files in it are left alone)"),
+        target_fpr: float = typer.Option(0.05, "--target-fpr", help="FPR on real images the reference-calibrated "
+                                         "threshold aims at (for accuracy)"),
+        per_generator: bool = typer.Option(False, "--per-generator", help="Draw K fakes per generator "
+                                           "(and K x generators reals)"),
+        device: str = typer.Option("auto", "--device", help="For extracting images not yet cached: auto, cpu, "
+                                   "cuda or cuda:N"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or stage lines; summary only"),
+    ) -> None:
+        """Benchmark heads on labelled images: k-shot curves over seeds, leave-one-generator-out, robustness.
+
+        Missing features are extracted first; each fit uses seeded references, tested on the rest. Writes CSV + report.
+        """
+        from .cli import EXIT_OK, EXIT_PARTIAL, _quiet_warnings, _run, err
+
+        _quiet_warnings(quiet)
+
+        def go():
+            from .fewshot import parse_shots
+            from .images import parse_views
+            from .protocols import parse_heads, parse_ks, parse_protocols, run_bench, write_bench
+
+            protos = parse_protocols(protocol)
+            head_list, k_list, k = parse_heads(heads), parse_ks(ks), parse_shots(shots)
+            view_list = parse_views(views) if "robustness" in protos else ["clean"]
+            pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet)
+            summary = info["extract"]
+            if summary is not None:
+                for path, reason in summary.errors:
+                    err(f"skipped {path}: {reason}")
+                if not quiet:
+                    err(summary.line())
+            config = {"backbone": info["backbone"].get("spec"), "backbone_key": info["backbone_key"],
+                      "backbone_record": info["backbone"], "paths": list(paths or []), "manifest": manifest,
+                      "command": "clipdet " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+            res = run_bench(pools, protos, head_list, k_list, seeds, k, target_fpr, per_generator,
+                            formats=info["formats"], config=config, progress=None if quiet else err)
+            files = write_bench(res, out)
+            c = res.counts
+            typer.echo(f"{c['real']} real, {c['fake']} fake images ({len(c['generators'])} generators), "
+                       f"backbone {config['backbone']}, seeds 0..{seeds - 1}, "
+                       f"manifest {res.record['manifest_hash'][:12]}")
+            for line in _summary_lines(res):
+                typer.echo(line)
+            for note in res.notes:
+                err(f"note: {note}")
+            typer.echo(f"report: {files['report.md']}")
+            return summary
+
+        summary = _run(go)
+        raise typer.Exit(EXIT_PARTIAL if summary is not None and not summary.ok else EXIT_OK)
