@@ -12,6 +12,13 @@ Public API (torch, open_clip and faiss are imported only when a model or index i
 
 from __future__ import annotations
 
+import os as _os
+
+# OpenMP threads that sleep instead of spinning while idle leave the cores to clipdet's loader threads
+# (about +8% extraction throughput on 2 cores, no loss on the model-only path; see
+# benchmarks/results/extract_speed_cpu.md). Set before torch is imported; a user's own value wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from ._version import __version__
 from .backbones import create_backbone, list_backbones
 from .cache import FeatureCache
