@@ -42,8 +42,8 @@ class MLPHead(BaseHead):
     _head_name = "mlp"
     _fixed_slope = 1.0  # the decision is a logit difference
 
-    def __init__(self, hidden_size=256, dropout=0.1, lr=1e-3, weight_decay=1e-4, max_epochs=200,
-                 patience=20, batch_size=256, sam_rho=0.05, class_weight="balanced", focal_gamma=0.0,
+    def __init__(self, hidden_size=256, dropout=0.1, lr=3e-3, weight_decay=1e-4, max_epochs=100,
+                 patience=10, batch_size=256, sam_rho=0.05, class_weight="balanced", focal_gamma=0.0,
                  validation_fraction=0.2, calibration_cv=5, random_state=0):
         self.hidden_size = hidden_size
         self.dropout = dropout
@@ -133,7 +133,7 @@ class MLPHead(BaseHead):
         h = self.hidden_size
         b1, b2 = 1.0 / np.sqrt(d), 1.0 / np.sqrt(h)  # torch.nn.Linear's default init range
         params = [uniform((d, h), b1), uniform((h,), b1), uniform((h, k), b2), uniform((k,), b2)]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = _AdamW(params, lr=float(self.lr), weight_decay=float(self.weight_decay))
         p_drop, gamma, rho = float(self.dropout), float(self.focal_gamma), float(self.sam_rho)
 
         def forward(xb, mask=None):
@@ -163,7 +163,7 @@ class MLPHead(BaseHead):
                 if p_drop > 0:
                     keep = torch.rand((len(idx), h), generator=gen) >= p_drop
                     mask = keep.to(torch.float32) / (1.0 - p_drop)
-                opt.zero_grad(set_to_none=False)
+                opt.zero_grad()
                 loss = loss_fn(forward(xb, mask), yb)
                 loss.backward()
                 if rho > 0:  # SAM: ascend to w + e, take the gradient there, come back, step
@@ -173,7 +173,7 @@ class MLPHead(BaseHead):
                         eps = [p.grad * scale for p in params]
                         for p, e in zip(params, eps):
                             p.add_(e)
-                    opt.zero_grad(set_to_none=False)
+                    opt.zero_grad()
                     loss_fn(forward(xb, mask), yb).backward()
                     with torch.no_grad():
                         for p, e in zip(params, eps):
@@ -230,3 +230,41 @@ class MLPHead(BaseHead):
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.best_epoch_ = int(meta.get("best_epoch", 0))
         self.early_stopping_ = bool(meta.get("early_stopping", False))
+
+
+class _AdamW:
+    """AdamW with PyTorch's update rule (decoupled weight decay, bias-corrected moments).
+
+    Written out because constructing `torch.optim.AdamW` imports torch._dynamo (~1.7 s), which
+    would triple the wall-clock of a few-shot `clipdet fit --head mlp` (benchmarks/fit_speed.py).
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.params, self.lr, self.wd, self.betas, self.eps = list(params), lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        """Zero every parameter's gradient in place."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def step(self) -> None:
+        """One AdamW update of every parameter from its current gradient."""
+        import torch
+
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                g = p.grad
+                p.mul_(1 - self.lr * self.wd)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / (bc2 ** 0.5)).add_(self.eps)
+                p.addcdiv_(m, denom, value=-self.lr / bc1)
