@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,12 +138,22 @@ class FeatureCache:
     # ------------------------------------------------------------------ locking & sources
     @contextlib.contextmanager
     def _lock(self, exclusive: bool) -> Iterator[None]:
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        """flock on the lock file. Writers create it (and the folder); readers of a cache they cannot
+        write (read-only mount, someone else's folder) read without a lock rather than fail."""
+        if exclusive:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if fcntl is None:
             yield
             return
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            if exclusive:
+                raise CacheError(f"{self.lock_path}: cannot create the cache lock file (read-only location?)") from None
+            fd = -1
+        if fd < 0:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -358,14 +369,23 @@ class FeatureCache:
                 return 0
             sources = ([self.path] if os.path.exists(self.path) else []) + shards
             tmp = f"{self.path}.compact-{os.getpid()}.tmp"
-            opened = []
+            opened, merged, bad = [], [], []
             try:
                 for src in sources:
                     try:
-                        opened.append(h5py.File(src, "r"))
+                        f = h5py.File(src, "r")
                     except OSError as e:
                         if src == self.path:
                             raise CacheError(f"{src}: cannot read the feature cache ({e})") from None
+                        bad.append(src)
+                        continue
+                    if src != self.path and not all(k in f for k in ("images", "errors")):
+                        f.close()
+                        bad.append(src)
+                        continue
+                    opened.append(f)
+                    if src != self.path:
+                        merged.append(src)
                 _merge_files(opened, tmp)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -376,12 +396,16 @@ class FeatureCache:
                     f.close()
             os.replace(tmp, self.path)
             _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-            for s in shards:
+            for s in merged:
                 with contextlib.suppress(OSError):
                     os.remove(s)
+            for s in bad:  # never deleted: set aside (readers ignore *.bad) for a person to inspect
+                with contextlib.suppress(OSError):
+                    os.replace(s, s + ".bad")
+                warnings.warn(f"{s}: unreadable cache shard set aside as {os.path.basename(s)}.bad", stacklevel=2)
             with contextlib.suppress(OSError):
                 os.rmdir(self.pending_dir)
-            return len(shards)
+            return len(merged)
 
     def _remove_stale_temps(self) -> None:
         """Remove temp files left by killed processes (their pid no longer runs)."""

@@ -93,7 +93,7 @@ def extract(
     layers: Optional[str] = typer.Option(None, "--layers", help="Also store the CLS token of these transformer "
                                          "blocks, e.g. -1,-4,-8"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass "
-                                             "[default: 32 on CPU, 128 on CUDA]"),
+                                             "[default: 32 on CPU, 256 on CUDA]"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads (0: decode in the "
                                           "main thread) [default: by device]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
@@ -111,7 +111,7 @@ def extract(
 
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
-                        workers=workers, device=device, layers=_layers(layers), quiet=quiet, draft=draft,
+                        workers=workers, device=device, layers=_layers(layers) or None, quiet=quiet, draft=draft,
                         precision=precision)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")

@@ -270,7 +270,7 @@ def extract(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
-    layers: Sequence[int] = (),
+    layers: Sequence[int] | None = None,
     quiet: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = False,
@@ -287,22 +287,31 @@ def extract(
     in flight; the run ends by compacting the shards into the main file (unless `compact=False`).
     Pass a `LazyBackbone` as `lazy` to share one loaded model across calls (`backbone` is then ignored).
     `record_cached=False` skips recording paths and labels of already-cached files (scoring uses it,
-    so re-scoring a cached folder writes nothing).
+    so re-scoring a cached folder writes nothing); otherwise only new paths or labels are recorded.
+    Without `layers`, the layer set the cache already stores for this backbone is kept, so adding
+    images (from extract, fit PATH or score) never changes a group's layout.
     """
     t0 = time.perf_counter()
     refs = list(refs)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
-    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers, precision=precision)
+    explicit_layers = bool(layers) or (lazy is not None and bool(lazy.layers))
+    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
+    groups = cache.groups() if cache.exists() else []
+    if not lazy.layers and not lazy.loaded:
+        stored = [g.layers for g in groups if g.key == lazy.key and g.view in views and g.layers]
+        if stored:
+            lazy.layers = tuple(stored[0])
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
+    known = cache.images() if record_cached and any(cached.values()) else {}
 
     def check(model, abs_layers) -> None:
         for v in views:
             cache.check_compatible(model.info, v, abs_layers)
 
     lazy.on_load(check)
-    if lazy.layers and any(cached.values()):
+    if explicit_layers and any(cached.values()):
         # --layers resolve against the model: check them even when nothing is new, or a re-run with
         # other layers would report "all cached" while the cache holds none of the requested tokens
         lazy.get()
@@ -326,7 +335,7 @@ def extract(
                 continue
             if not p.tensors or p.sha256 in seen:
                 summary.cached += 1
-                if record_cached:
+                if record_cached and _new_information(p.meta, known.get(p.sha256)):
                     writer.metas.append(p.meta)
                 continue
             writer.metas.append(p.meta)
@@ -341,6 +350,14 @@ def extract(
         cache.compact()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _new_information(meta: ImageMeta, known: ImageMeta | None) -> bool:
+    """Whether `meta` adds a path, label or generator the cache does not have yet."""
+    if known is None:
+        return True
+    return (any(p not in known.paths for p in meta.paths) or bool(meta.label and meta.label != known.label)
+            or bool(meta.generator and meta.generator != known.generator))
 
 
 class _BatchWriter:

@@ -186,9 +186,12 @@ def test_layers_option_stores_cls_tokens(labelled_tree, tmp_path, tiny_spec, run
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "were made differently" in lines[0] and "layers" in lines[0]
     make_image(labelled_tree / "real" / "new.png", seed=99)
-    r = run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "-q")  # no --layers, a new image
-    assert r.exit_code == 2 and "layers [1, 0] vs []" in r.stderr
-    assert len(_plain(cache, key)) == 24
+    # no --layers and a new image: the cache's layer set is kept (so fit PATH / score can add images)
+    r = run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "-q")
+    assert r.exit_code == 0 and "1 new" in r.stdout, r.stderr
+    assert len(_plain(cache, key)) == 25
+    with h5py.File(cache, "r") as f:
+        assert f[f"features/{key}/clean"]["layers"].shape == (25, 2, 64)
 
 
 @pytest.mark.parametrize("field", ["weights_id", "preprocess"])
