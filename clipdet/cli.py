@@ -6,6 +6,7 @@ Exit codes: 0 all done; 1 done, but some input files were skipped (unreadable or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +52,19 @@ def _run(fn):
     except KeyboardInterrupt:
         err("clipdet: interrupted (everything written so far is kept)")
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # e.g. `clipdet score ... --out - | head`: the reader has what it wanted
+        with contextlib.suppress(OSError, ValueError):  # the Python docs' recipe: no error at exit flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_OK) from None
+    except OSError as e:  # unwritable --out, disk full, a folder given as a file, ...
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        err(f"clipdet: error: {where}{e.strerror or e}")
+        raise typer.Exit(EXIT_ERROR) from None
+    except Exception as e:  # noqa: BLE001 - a bug or a library failure: one line, not a traceback
+        err(f"clipdet: error: {type(e).__name__}: {e} (set CLIPDET_DEBUG=1 for a traceback)")
+        if os.environ.get("CLIPDET_DEBUG"):
+            raise
+        raise typer.Exit(EXIT_ERROR) from None
 
 
 def _refs(paths: List[str], manifest: Optional[str]):
@@ -201,11 +215,15 @@ def fit(
                       calibrate=calibrate or None, target_fpr=target_fpr, attribute=attribute, device=device,
                       quiet=quiet)
         det.save(out)
+        for path, reason in getattr(det, "skipped", []):
+            err(f"skipped {path}: {reason}")
         for note in det.meta.get("notes", []):
             err(f"note: {note}")
         typer.echo(f"wrote {out}: {det.summary()}")
+        return det
 
-    _run(go)
+    det = _run(go)
+    raise typer.Exit(EXIT_PARTIAL if getattr(det, "skipped", []) else EXIT_OK)
 
 
 @app.command()
@@ -236,9 +254,10 @@ def score(
         det = Detector.load(detector)
         refs = _refs(paths or [], manifest)
         t = det.threshold if threshold is None else threshold
-        writer = RowWriter(out)
-        counts: dict[str, int] = {}
         single = len(refs) == 1
+        dest = out if (out or single) else "-"  # several images and no --out: CSV rows on stdout
+        writer = RowWriter(dest)
+        counts: dict[str, int] = {}
         n = 0
         try:
             for row in score_refs(refs, det, cache=cache, device=device, threshold=threshold, backbone=backbone,
@@ -250,14 +269,18 @@ def score(
                     state["errors"] += 1
                     if not single:
                         err(f"skipped {row['path']}: {row['error']}")
-                if single and out != "-":
+                if single and dest != "-":
                     typer.echo(verdict(row, t))
+                elif single and row["error"]:
+                    err(f"skipped {row['path']}: {row['error']}")
                 if n % 256 == 0:
                     writer.flush()
+            writer.finish()
         finally:
             writer.close()
-        if not single and out != "-":
-            typer.echo(summarise(counts, state["errors"], n) + (f"; rows in {out}" if out else ""))
+        if not single:
+            line = summarise(counts, state["errors"], n) + (f"; rows in {dest}" if dest != "-" else "")
+            (err if dest == "-" else typer.echo)(line)
 
     _run(go)
     raise typer.Exit(EXIT_PARTIAL if state["errors"] else EXIT_OK)
@@ -285,7 +308,7 @@ def eval_cmd(
 
     def go():
         from .detector import Detector
-        from .evaluate import evaluate, public, write_report
+        from .evaluate import evaluate, json_safe, public, write_report
         from .images import parse_views
 
         det = Detector.load(detector)
@@ -294,7 +317,7 @@ def eval_cmd(
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
                        exclude_references=exclude_references, device=device, quiet=quiet)
         if json_out:
-            typer.echo(json.dumps(public(res), indent=1, default=float))
+            typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:
             m = res["metrics"]
             typer.echo(f"{m['n']} images ({m['n_real']} real, {m['n_fake']} fake): AUC {m['auc']:.3f}, "

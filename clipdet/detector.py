@@ -32,6 +32,7 @@ class Detector:
     attribution: Any = None
     open_set: Any = None
     references: dict = field(default_factory=dict)  # sha256/path/label/generator lists, aligned with head rows
+    skipped: list = field(default_factory=list)  # (path, reason) of reference files that could not be read; not saved
 
     # ------------------------------------------------------------------ properties
     @property

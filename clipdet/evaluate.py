@@ -131,6 +131,20 @@ def evaluate(
     return result
 
 
+def json_safe(value):
+    """Copy of `value` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if np.isfinite(f) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def public(result: dict) -> dict:
     """The result without its private arrays (for JSON)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
@@ -175,5 +189,5 @@ def write_report(result: dict, directory: str) -> str:
         sections.append(("Notes", "\n".join(f"- {n}" for n in result["notes"]), []))
     path = write_markdown_report(directory, "clipdet evaluation", sections)
     with open(os.path.join(directory, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(public(result), f, indent=1, default=float)
+        json.dump(json_safe(public(result)), f, indent=1, allow_nan=False)
     return str(path)

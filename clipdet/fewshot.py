@@ -259,19 +259,16 @@ def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequ
                    quiet: bool = True):
     """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs)."""
     from .extract import extract
-    from .images import read_file, sha256_bytes
 
     summary = extract(refs, backbone, cache=cache, views=list(views_to_extract), device=device, quiet=quiet)
+    by_path = {r.path: r for r in refs}
     labels, paths = {}, {}
-    for r in refs:
-        if r.label not in ("real", "fake"):
+    for path, sha, error in summary.records:  # hashes from the extraction pass: no second read
+        r = by_path[path]
+        if error or r.label not in ("real", "fake"):
             continue
-        try:
-            s = sha256_bytes(read_file(r.path))
-        except Exception:  # noqa: BLE001 - already reported by extract
-            continue
-        labels[s] = (r.label, r.generator or "")
-        paths.setdefault(s, r.path)
+        labels[sha] = (r.label, r.generator or "")
+        paths.setdefault(sha, r.path)
     key, rec = resolve_backbone_key(cache, backbone, view)
     return load_pool(cache, key, view, shas=sorted(labels), labels=labels, paths=paths), key, rec, summary
 
@@ -307,14 +304,19 @@ def fit(
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = canonical_view(view)
     k = parse_shots(shots)
+    skipped: list[tuple[str, str]] = []
     if paths or manifest:
         if not backbone:
             from .backbones import DEFAULT_BACKBONE
 
-            groups = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
-            backbone = groups.pop() if len(groups) == 1 else DEFAULT_BACKBONE
+            specs = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
+            if len(specs) > 1:
+                raise UsageError(f"{cache.path} holds several backbones ({', '.join(sorted(specs))}); "
+                                 "choose one with --backbone")
+            backbone = specs.pop() if specs else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
-        pool, key, rec, _ = pool_from_refs(refs, cache, backbone, view, [view], device, quiet)
+        pool, key, rec, summary = pool_from_refs(refs, cache, backbone, view, [view], device, quiet)
+        skipped += summary.errors
     else:
         if not cache.exists():
             raise UsageError(f"{cache.path}: no feature cache; run clipdet extract first or pass PATHs")
@@ -346,7 +348,9 @@ def fit(
     cal_pool = None
     if calibrate:
         cal_refs = discover(list(calibrate))
-        cal_pool, _, _, _ = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view], device, quiet)
+        cal_pool, _, _, cal_summary = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view],
+                                                     device, quiet)
+        skipped += cal_summary.errors
         overlap = set(cal_pool.sha256) & set(chosen.sha256)
         if overlap:
             raise UsageError(f"--calibrate images overlap the fit references ({len(overlap)} shared by content)")
@@ -355,8 +359,10 @@ def fit(
         "per_generator": per_generator, "exclude_generators": sorted(excluded), "augment_views": augment_views,
         "candidates": {"real": pool.label.count("real"), "fake": pool.label.count("fake")},
     }
-    return fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
-                         attribute=attribute, extra=extra, meta=meta)
+    det = fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
+                        attribute=attribute, extra=extra, meta=meta)
+    det.skipped = skipped
+    return det
 
 
 def parse_params(items: Sequence[str]) -> dict:

@@ -71,7 +71,7 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
         raise UsageError(f"{mpath}: manifest not found")
     base = mpath.parent
     refs: list[ImageRef] = []
-    with open(mpath, newline="", encoding="utf-8") as f:
+    with open(mpath, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise UsageError(f"{mpath}: manifest needs a 'path' column (got {reader.fieldnames})")

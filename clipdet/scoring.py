@@ -13,6 +13,7 @@ import os
 import sys
 from typing import IO, Iterable, Iterator, Sequence
 
+from .errors import UsageError
 from .images import ImageRef
 
 COLUMNS = ["path", "sha256", "score", "p_fake", "label", "generator", "generator_p",
@@ -90,30 +91,41 @@ def _fmt(v) -> str:
 
 
 class RowWriter:
-    """Writes rows as CSV (default, also for '-') or JSONL (by .jsonl suffix), flushing each chunk."""
+    """Writes rows as CSV (default, also for '-') or JSONL (by .jsonl suffix), flushing each chunk.
+
+    The output file is opened at the first row (or by `finish` for zero rows): a run that fails
+    before scoring anything — weights unavailable, Ctrl-C while the model loads — leaves an existing
+    file from an earlier run untouched.
+    """
 
     def __init__(self, out: str | None, columns: Sequence[str] = COLUMNS):
         self.columns = list(columns)
         self.path = out
         self.jsonl = bool(out) and out.lower().endswith((".jsonl", ".ndjson"))
         self._own = False
-        if not out:
-            self.fh: IO[str] | None = None
-        elif out == "-":
+        self.fh: IO[str] | None = None
+        self._csv = None
+        if out and out != "-" and os.path.isdir(out):
+            raise UsageError(f"--out {out}: is a folder; give a file name ending in .csv or .jsonl")
+
+    def _open(self) -> None:
+        if self.fh is not None or not self.path:
+            return
+        if self.path == "-":
             self.fh = sys.stdout
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            self.fh = open(out, "w", newline="", encoding="utf-8")
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._own = True
-        self._csv = None
-        if self.fh is not None and not self.jsonl:
+        if not self.jsonl:
             self._csv = csv.writer(self.fh)
             self._csv.writerow(self.columns)
 
     def write(self, row: dict) -> None:
         """Write one row."""
-        if self.fh is None:
+        if not self.path:
             return
+        self._open()
         if self.jsonl:
             clean = {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
                      for k in self.columns if k in row}
@@ -125,6 +137,10 @@ class RowWriter:
         """Flush to the OS (rows survive an interrupted run)."""
         if self.fh is not None:
             self.fh.flush()
+
+    def finish(self) -> None:
+        """The run completed: make sure the output exists (a header-only CSV for zero rows)."""
+        self._open()
 
     def close(self) -> None:
         """Flush and close the file (not stdout)."""
