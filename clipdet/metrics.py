@@ -216,12 +216,18 @@ def eer(y_true, scores) -> float:
 # --------------------------------------------------------------------------- decisions
 
 
-def accuracy(y_true, y_pred) -> float:
-    """Fraction of predictions equal to the true labels (any label type); NaN when empty."""
+def _label_pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    """Both label arrays, checked to be 1-D and of equal length."""
     a = np.asarray(y_true)
     b = np.asarray(y_pred)
     if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
         raise UsageError(f"y_true and y_pred must be 1-D of equal length, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def accuracy(y_true, y_pred) -> float:
+    """Fraction of predictions equal to the true labels (any label type); NaN when empty."""
+    a, b = _label_pair(y_true, y_pred)
     if a.size == 0:
         return NAN
     return float(np.mean(a == b))
@@ -232,10 +238,7 @@ def balanced_accuracy(y_true, y_pred) -> float:
 
     With one class present this is that class's recall (= accuracy); NaN when empty.
     """
-    a = np.asarray(y_true)
-    b = np.asarray(y_pred)
-    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
-        raise UsageError(f"y_true and y_pred must be 1-D of equal length, got {a.shape} and {b.shape}")
+    a, b = _label_pair(y_true, y_pred)
     if a.size == 0:
         return NAN
     recalls = [float(np.mean(b[a == c] == c)) for c in np.unique(a)]
