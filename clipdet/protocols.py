@@ -172,6 +172,17 @@ def split_references(pool: Pool, k: int | None, seed: int, per_generator: bool =
 # --------------------------------------------------------------------------- k-shot curve
 
 
+def _testable_split(pool, shots, seed, per_generator, notes: list, what: str, hint: str = ""):
+    """(train, test) indices from `split_references`, or None (with a note) when the test set would
+    lack a class."""
+    train, test = split_references(pool, shots, seed, per_generator)
+    tr, te = _counts(pool.take(test))
+    if tr == 0 or te == 0:
+        notes.append(f"{what} skipped: the test set would lack {'real' if tr == 0 else 'fake'} images{hint}")
+        return None
+    return train, test
+
+
 def kshot_curve(
     pool: Pool,
     heads: str | Sequence[str],
@@ -199,13 +210,9 @@ def kshot_curve(
                               f"remain for testing (have {n_real} real, {n_fake} fake)")
             continue
         for seed in seeds:
-            train, test = split_references(pool, k, seed, per_generator)
-            tr, te = _counts(pool.take(test))
-            if tr == 0 or te == 0:
-                rows.notes.append(f"k-shot: K={k} seed {seed} skipped: the test set would lack "
-                                  f"{'real' if tr == 0 else 'fake'} images")
-                continue
-            splits[(k, seed)] = (train, test)
+            split = _testable_split(pool, k, seed, per_generator, rows.notes, f"k-shot: K={k} seed {seed}")
+            if split is not None:
+                splits[(k, seed)] = split
     for head in heads:
         for (k, seed), (train, test) in splits.items():
             tr_pool, te_pool = pool.take(train), pool.take(test)
@@ -417,13 +424,10 @@ def robustness(
         shortcut = None
     plans = []
     for seed in seeds:
-        train, test = split_references(clean, shots, seed, per_generator)
-        tr, te = _counts(clean.take(test))
-        if tr == 0 or te == 0:
-            rows.notes.append(f"robustness: seed {seed} skipped: the test set would lack "
-                              f"{'real' if tr == 0 else 'fake'} images (lower --shots)")
-            continue
-        plans.append((seed, train, test))
+        split = _testable_split(clean, shots, seed, per_generator, rows.notes, f"robustness: seed {seed}",
+                                hint=" (lower --shots)")
+        if split is not None:
+            plans.append((seed, *split))
     for head in heads:
         for seed, train, test in plans:
             p = (params or {}).get(head)
