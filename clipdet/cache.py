@@ -207,6 +207,10 @@ class FeatureCache:
     # ------------------------------------------------------------------ reading
     def groups(self) -> list[GroupInfo]:
         """Every (backbone key, view) feature group with its recorded backbone and image count."""
+        return [gi for gi, _ in self._scan_groups()]
+
+    def _scan_groups(self) -> list[tuple[GroupInfo, set[bytes]]]:
+        """One pass over all files: each group's info and the set of its hashes."""
         found: dict[tuple[str, str], GroupInfo] = {}
         shas: dict[tuple[str, str], set] = {}
         with self._open_all() as files:
@@ -227,7 +231,7 @@ class FeatureCache:
                         shas[k].update(g["sha256"][()].tolist())
         for k, gi in found.items():
             gi.count = len(shas[k])
-        return sorted(found.values(), key=lambda g: (g.key, g.view))
+        return sorted(((gi, shas[k]) for k, gi in found.items()), key=lambda t: (t[0].key, t[0].view))
 
     def cached_shas(self, key: str, view: str) -> set[str]:
         """SHA-256 hex digests that have features for (key, view)."""
@@ -434,11 +438,11 @@ class FeatureCache:
     def info(self) -> dict:
         """Backbones, views, counts per label and generator, and size on disk, as a JSON-able dict."""
         imgs = self.images() if self.exists() else {}
-        groups = self.groups() if self.exists() else []
+        scanned = self._scan_groups() if self.exists() else []
         size = sum(os.path.getsize(s) for s in self._sources())
         feats = []
-        for g in groups:
-            shas = self.cached_shas(g.key, g.view)
+        for g, raw in scanned:
+            shas = {h.decode() for h in raw}
             by_label: dict[str, int] = {}
             by_gen: dict[str, int] = {}
             for s in shas:

@@ -126,6 +126,7 @@ class LazyBackbone:
         self._model = None
         self._lock = threading.RLock()
         self._checks: list[Callable] = []
+        self._check_keys: set = set()
         self._failed: ClipdetError | None = None
         self.absolute_layers: tuple[int, ...] = ()
         if loaded is not None:
@@ -157,9 +158,17 @@ class LazyBackbone:
         for check in self._checks:
             check(model, self.absolute_layers)
 
-    def on_load(self, check: Callable) -> None:
-        """Run `check(model, absolute_layers)` when the model is loaded (now, if it already is)."""
+    def on_load(self, check: Callable, key=None) -> None:
+        """Run `check(model, absolute_layers)` when the model is loaded (now, if it already is).
+
+        A check registered again under the same `key` (e.g. each chunk of a scoring run against the
+        same cache and views) is not added or run twice.
+        """
         with self._lock:
+            if key is not None:
+                if key in self._check_keys:
+                    return
+                self._check_keys.add(key)
             self._checks.append(check)
             if self._model is not None:
                 check(self._model, self.absolute_layers)
@@ -298,9 +307,8 @@ def extract(
     explicit_layers = bool(layers) or (lazy is not None and bool(lazy.layers))
     lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
-    groups = cache.groups() if cache.exists() else []
-    if not lazy.layers and not lazy.loaded:
-        stored = [g.layers for g in groups if g.key == lazy.key and g.view in views and g.layers]
+    if not lazy.layers and not lazy.loaded and cache.exists():
+        stored = [g.layers for g in cache.groups() if g.key == lazy.key and g.view in views and g.layers]
         if stored:
             lazy.layers = tuple(stored[0])
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
@@ -310,7 +318,7 @@ def extract(
         for v in views:
             cache.check_compatible(model.info, v, abs_layers)
 
-    lazy.on_load(check)
+    lazy.on_load(check, key=(cache.path, tuple(views)))
     if explicit_layers and any(cached.values()):
         # --layers resolve against the model: check them even when nothing is new, or a re-run with
         # other layers would report "all cached" while the cache holds none of the requested tokens

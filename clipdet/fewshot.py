@@ -336,9 +336,9 @@ def fit(
     if augment_views:
         other = sorted({g.view for g in cache.groups() if g.key == key} - {view})
         parts = []
+        labels = {s: (lab, g) for s, lab, g in zip(chosen.sha256, chosen.label, chosen.generator)}
+        pths = dict(zip(chosen.sha256, chosen.path))
         for v in other:
-            labels = {s: (lab, g) for s, lab, g in zip(chosen.sha256, chosen.label, chosen.generator)}
-            pths = dict(zip(chosen.sha256, chosen.path))
             parts.append(load_pool(cache, key, v, shas=chosen.sha256, labels=labels, paths=pths))
         parts = [p for p in parts if len(p)]
         if parts:
