@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._version import __version__
-from .cache import AUTO_COMPACT_SHARDS, FeatureCache, FeatureRows, ImageMeta
+from .cache import FeatureCache, FeatureRows, ImageMeta
 from .errors import BackboneError, ClipdetError, ImageError, UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -312,7 +312,6 @@ def extract(
         if stored:
             lazy.layers = tuple(stored[0])
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
-    known = cache.images() if record_cached and any(cached.values()) else {}
 
     def check(model, abs_layers) -> None:
         for v in views:
@@ -333,6 +332,7 @@ def extract(
     progress = _Progress(len(refs), quiet, "extract")
     writer = _BatchWriter(cache, lazy, views, batch_size)
     seen: set[str] = set()
+    already: list[ImageMeta] = []  # cached images whose metadata may be new: checked in batches
     try:
         for p in iter_prepared(refs, workers, fn, prefetch):
             progress.update()
@@ -343,21 +343,36 @@ def extract(
                 continue
             if not p.tensors or p.sha256 in seen:
                 summary.cached += 1
-                if record_cached and _new_information(p.meta, known.get(p.sha256)):
-                    writer.metas.append(p.meta)
+                if record_cached:
+                    already.append(p.meta)
+                    if len(already) >= KNOWN_BATCH:
+                        writer.metas += _new_metas(cache, already, seen)
+                        already = []
                 continue
             writer.metas.append(p.meta)
             seen.add(p.sha256)
             summary.new += 1
             writer.add(p.sha256, p.tensors)
+        writer.metas += _new_metas(cache, already, seen)
         writer.close()
     finally:
         progress.close()
     summary.embedded = writer.embedded
-    if compact and cache.shard_count() > 0:
-        cache.compact()
+    if compact and writer.segments:
+        cache.compact(wait=False)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+KNOWN_BATCH = 4096
+
+
+def _new_metas(cache: FeatureCache, metas: list[ImageMeta], seen: set[str]) -> list[ImageMeta]:
+    """Of cached images' observations, those adding a path, label or generator (one index lookup)."""
+    if not metas:
+        return []
+    known = cache.image_metas([m.sha256 for m in metas if m.sha256 not in seen])
+    return [m for m in metas if m.sha256 in seen or _new_information(m, known.get(m.sha256))]
 
 
 def _new_information(meta: ImageMeta, known: ImageMeta | None) -> bool:
@@ -378,6 +393,7 @@ class _BatchWriter:
         self.metas: list[ImageMeta] = []
         self.errors: list[dict] = []
         self.embedded = 0
+        self.segments = 0
 
     def add(self, sha: str, tensors: dict) -> None:
         """Queue one image's tensors; embeds and writes every view whose batch is full."""
@@ -400,8 +416,7 @@ class _BatchWriter:
         self.cache.write_shard({(model.info.key, view): (rows, attrs)}, images=self.metas, errors=self.errors)
         self.metas, self.errors = [], []
         self.embedded += len(items)
-        if self.cache.shard_count() > AUTO_COMPACT_SHARDS:
-            self.cache.compact()
+        self.segments += 1
 
     def close(self) -> None:
         """Flush partial batches and any remaining metadata/errors."""
@@ -411,3 +426,4 @@ class _BatchWriter:
         if self.metas or self.errors:
             self.cache.write_shard(images=self.metas, errors=self.errors)
             self.metas, self.errors = [], []
+            self.segments += 1

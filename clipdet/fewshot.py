@@ -71,23 +71,34 @@ def sample_shots(
     """
     n = len(labels)
     keys = list(keys) if keys is not None else [str(i) for i in range(n)]
-    order = sorted(range(n), key=lambda i: keys[i])
+    order = np.argsort(np.array(keys, dtype=str), kind="stable") if n else np.zeros(0, np.int64)
+    return draw_shots(order, np.array([lab == "real" for lab in labels], bool),
+                      np.array([lab == "fake" for lab in labels], bool),
+                      np.array([g or "unknown" for g in generators], dtype=object), shots, seed, per_generator)
+
+
+def draw_shots(order: np.ndarray, is_real: np.ndarray, is_fake: np.ndarray, gen_names: np.ndarray,
+               shots: int | None, seed: int, per_generator: bool = False) -> list[int]:
+    """The seeded draw behind `sample_shots`, on arrays: `order` sorts candidates by content hash,
+    `gen_names` names each fake's generator ('unknown' when unnamed). Works on millions of candidates."""
     rng = np.random.default_rng(seed)
 
-    def draw(members: list[int], k: int | None) -> list[int]:
+    def draw(members: np.ndarray, k: int | None) -> list[int]:
         if k is None or k >= len(members):
-            return members
+            return members.tolist()
         perm = rng.permutation(len(members))[:k]
-        return [members[i] for i in sorted(perm)]
+        return members[np.sort(perm)].tolist()
 
-    reals = [i for i in order if labels[i] == "real"]
-    fakes = [i for i in order if labels[i] == "fake"]
+    order = np.asarray(order, dtype=np.int64)
+    reals = order[is_real[order]]
+    fakes = order[is_fake[order]]
     if not per_generator:
         return sorted(draw(reals, shots) + draw(fakes, shots))
-    gens = sorted({generators[i] or "unknown" for i in fakes})
+    names = gen_names[fakes]
+    gens = sorted(set(names.tolist()))
     chosen: list[int] = []
     for g in gens:
-        chosen += draw([i for i in fakes if (generators[i] or "unknown") == g], shots)
+        chosen += draw(fakes[names == g], shots)
     k_real = None if shots is None else shots * max(1, len(gens))
     return sorted(draw(reals, k_real) + chosen)
 
@@ -231,9 +242,13 @@ def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tu
 
 def load_pool(cache, key: str, view: str, shas: Iterable[str] | None = None,
               labels: dict[str, tuple[str, str]] | None = None, paths: dict[str, str] | None = None) -> Pool:
-    """Labelled cached features of (key, view); labels/paths from the arguments, else cache metadata."""
-    images = cache.images()
+    """Labelled cached features of (key, view); labels/paths from the arguments, else cache metadata.
+
+    Without `shas`, every image of the group is read: for whole-cache tools on small caches. `fit`
+    samples from the index instead (`sample_from_cache`) and reads only the chosen rows."""
     rows = cache.load(key, view, shas=shas)
+    need = [s for s in rows.sha256 if labels is None or s not in labels or not (paths or {}).get(s)]
+    images = cache.image_metas(need) if need else {}
     out_s, out_l, out_g, out_p, keep = [], [], [], [], []
     for i, s in enumerate(rows.sha256):
         if labels is not None and s in labels:
@@ -255,6 +270,72 @@ def load_pool(cache, key: str, view: str, shas: Iterable[str] | None = None,
     return Pool(out_s, out_l, out_g, out_p, X)
 
 
+def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_generator: bool = False,
+                      excluded: set[str] = frozenset()) -> tuple[Pool, dict]:
+    """Draw the shots from the cache's index (no per-image objects) and read only their rows.
+
+    Candidates are the group's images labelled real or fake, without conflicting labels (warned) or
+    an excluded generator. The draw equals `sample_shots` over the same candidates. Returns the
+    chosen pool (cache order) and the candidate counts per class."""
+    import warnings
+
+    from .cache.index import hex_order, raw_to_hex
+
+    cand = cache.labelled(key, view)
+    lab, conflict = cand["label"], cand["conflict"]
+    names = np.array([v or "unknown" for v in cand["vocab"]], dtype=object)[cand["gen"]]
+    known = np.array(cand["vocab"], dtype=object)[cand["gen"]]
+    mask = (lab == 1) | (lab == 2)
+    n_conf = int((mask & conflict).sum())
+    if n_conf:
+        warnings.warn(f"{cache.path}: {n_conf} image(s) with conflicting labels left out of the references "
+                      "(clipdet cache conflicts lists them)", stacklevel=2)
+        mask &= ~conflict
+    if excluded:
+        have = set(known[mask & (lab == 2)].tolist()) - {""}
+        unknown = set(excluded) - have
+        if unknown:
+            raise UsageError(f"--exclude-generator {', '.join(sorted(unknown))}: no such generator among the "
+                             f"references (have: {', '.join(sorted(have))})")
+        mask &= ~((lab == 2) & np.isin(known, list(excluded)))
+    idx = np.flatnonzero(mask)
+    is_real, is_fake = lab[idx] == 1, lab[idx] == 2
+    counts = {"real": int(is_real.sum()), "fake": int(is_fake.sum())}
+    if not counts["real"] or not counts["fake"]:
+        _need_both_classes(Pool([], ["real"] * counts["real"] + ["fake"] * counts["fake"], [], [],
+                                np.zeros((0, 0))), "fit")
+    order = hex_order(cand["raw"][idx])
+    pick = idx[draw_shots(order, is_real, is_fake, names[idx], k, seed, per_generator)]
+    shas = raw_to_hex(cand["raw"][pick])
+    labels = {s: ("real" if lab[i] == 1 else "fake", known[i] if lab[i] == 2 else "") for s, i in zip(shas, pick)}
+    chosen = load_pool(cache, key, view, shas=shas, labels=labels)
+    return chosen, counts
+
+
+def drop_conflicts(labels: dict, seen_as: dict[str, list], cache=None) -> set[str]:
+    """Remove from `labels` the images whose labels disagree, among these inputs (`seen_as`: sha →
+    [(label, generator, path)]) or in the cache's record; warns naming the files. Returns them."""
+    import warnings
+
+    from .cache.conflicts import conflicted
+
+    bad = {s for s, obs in seen_as.items() if conflicted([(lab, g) for lab, g, _ in obs])}
+    for s in sorted(bad):
+        desc = "; ".join(f"{p} as {lab}{'/' + g if g else ''}" for lab, g, p in seen_as[s])
+        warnings.warn(f"conflicting labels for the same image ({desc}): left out", stacklevel=3)
+    if cache is not None and labels:
+        recorded = cache.conflicted(list(labels)) - bad
+        if recorded:
+            first = sorted(recorded)[0]
+            warnings.warn(f"{len(recorded)} image(s) relabelled against the cache's record, e.g. "
+                          f"{seen_as.get(first, [('', '', first)])[0][2]}: left out (clipdet cache conflicts "
+                          "lists them)", stacklevel=3)
+        bad |= recorded
+    for s in bad:
+        labels.pop(s, None)
+    return bad
+
+
 def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequence[str], device: str,
                    quiet: bool = True):
     """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs)."""
@@ -263,12 +344,15 @@ def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequ
     summary = extract(refs, backbone, cache=cache, views=list(views_to_extract), device=device, quiet=quiet)
     by_path = {r.path: r for r in refs}
     labels, paths = {}, {}
+    seen_as: dict[str, list] = {}
     for path, sha, error in summary.records:  # hashes from the extraction pass: no second read
         r = by_path[path]
         if error or r.label not in ("real", "fake"):
             continue
         labels[sha] = (r.label, r.generator or "")
         paths.setdefault(sha, r.path)
+        seen_as.setdefault(sha, []).append((r.label, r.generator or "", r.path))
+    drop_conflicts(labels, seen_as, cache)
     key, rec = resolve_backbone_key(cache, backbone, view)
     return load_pool(cache, key, view, shas=sorted(labels), labels=labels, paths=paths), key, rec, summary
 
@@ -321,16 +405,20 @@ def fit(
         if not cache.exists():
             raise UsageError(f"{cache.path}: no feature cache; run clipdet extract first or pass PATHs")
         key, rec = resolve_backbone_key(cache, backbone, view)
-        pool = load_pool(cache, key, view)
+        pool = None
     excluded = set(exclude_generators)
-    if excluded:
-        unknown = excluded - set(pool.generator)
-        if unknown:
-            raise UsageError(f"--exclude-generator {', '.join(sorted(unknown))}: no such generator among the "
-                             f"references (have: {', '.join(sorted(set(pool.generator) - {''}))})")
-        pool = pool.take([i for i in range(len(pool)) if pool.generator[i] not in excluded])
-    _need_both_classes(pool, "fit")
-    chosen = pool.take(sample_shots(pool.label, pool.generator, k, seed, per_generator, keys=pool.sha256))
+    if pool is None:  # the whole cache: sample from the index, read only the chosen rows
+        chosen, counts = sample_from_cache(cache, key, view, k, seed, per_generator, excluded)
+    else:
+        if excluded:
+            unknown = excluded - set(pool.generator)
+            if unknown:
+                raise UsageError(f"--exclude-generator {', '.join(sorted(unknown))}: no such generator among "
+                                 f"the references (have: {', '.join(sorted(set(pool.generator) - {''}))})")
+            pool = pool.take([i for i in range(len(pool)) if pool.generator[i] not in excluded])
+        _need_both_classes(pool, "fit")
+        chosen = pool.take(sample_shots(pool.label, pool.generator, k, seed, per_generator, keys=pool.sha256))
+        counts = {"real": pool.label.count("real"), "fake": pool.label.count("fake")}
 
     extra = None
     if augment_views:
@@ -357,7 +445,7 @@ def fit(
     meta = {
         "backbone": rec, "backbone_key": key, "view": view, "shots": "all" if k is None else k,
         "per_generator": per_generator, "exclude_generators": sorted(excluded), "augment_views": augment_views,
-        "candidates": {"real": pool.label.count("real"), "fake": pool.label.count("fake")},
+        "candidates": counts,
     }
     det = fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
                         attribute=attribute, extra=extra, meta=meta)

@@ -78,8 +78,7 @@ def score_refs(
             if row["error"]:
                 row["label"] = "unknown"
             yield row
-    if cache.shard_count():
-        cache.compact()
+    cache.compact(wait=False)
 
 
 def _fmt(v) -> str:

@@ -155,3 +155,16 @@ def run_cli(monkeypatch):
 
 
 CLIPDET = [sys.executable, "-m", "clipdet"]
+
+
+def single_segment(cache_path, mode: str = "r"):
+    """Merge a cache into one segment (full compaction) and open that segment file with plain h5py."""
+    import h5py
+
+    from clipdet.cache import FeatureCache
+
+    fc = FeatureCache(str(cache_path))
+    fc.compact(full=True)
+    segs = fc.segments()
+    assert len(segs) == 1, segs
+    return h5py.File(segs[0], mode)

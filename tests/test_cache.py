@@ -52,21 +52,28 @@ def fc(tmp_path) -> FeatureCache:
 
 
 def plain_read_all(path: str, key: str, view: str = "clean") -> dict[str, np.ndarray]:
-    """Read main file + every complete shard with nothing but h5py, as the module docstring says."""
-    srcs = [path] if os.path.exists(path) else []
-    pend = path + ".pending"
-    if os.path.isdir(pend):
-        srcs += sorted(os.path.join(pend, n) for n in os.listdir(pend) if n.endswith(".h5"))
+    """Read every live segment with nothing but h5py, as the README says: the catalogue names them."""
     out: dict[str, np.ndarray] = {}
-    for s in srcs:
-        with h5py.File(s, "r") as f:
-            assert f.attrs["format"] == "clipdet-cache"
+    if not os.path.exists(path):
+        return out
+    with h5py.File(path, "r") as cat:
+        assert cat.attrs["kind"] == "catalogue"
+        names = [n.decode() for n in cat["segment_names"][()]]
+    for n in names:
+        with h5py.File(os.path.join(path + ".d", n), "r") as f:
+            assert f.attrs["format"] == "clipdet-cache" and f.attrs["kind"] == "segment"
             g = f.get(f"features/{key}/{view}")
             if g is None:
                 continue
             for h, e in zip(g["sha256"][()], g["embedding"][()]):
                 out.setdefault(h.decode(), e)
     return out
+
+
+def only_segment(fc) -> str:
+    segs = fc.segments()
+    assert len(segs) == 1
+    return segs[0]
 
 
 # ------------------------------------------------------------------------------------------ basics
@@ -82,13 +89,14 @@ def test_empty_cache(fc):
 def test_shards_visible_before_compaction_and_after(fc):
     p1 = shard(fc, [1, 2, 3])
     p2 = shard(fc, [3, 4], label="fake", gen="genA")
-    assert os.path.dirname(p1) == fc.pending_dir and p1.endswith(".h5") and p1 != p2
-    assert not os.path.exists(fc.path) and fc.shard_count() == 2
+    assert os.path.dirname(p1) == fc.seg_dir and p1.endswith(".h5") and p1 != p2
+    assert os.path.isfile(fc.path) and fc.segments() == [p1, p2]
     assert fc.cached_shas(KEY, "clean") == {sha(i) for i in (1, 2, 3, 4)}
     before = fc.load(KEY, "clean")
     assert sorted(before.sha256) == [sha(i) for i in (1, 2, 3, 4)]
-    assert fc.compact() == 2
-    assert os.path.isfile(fc.path) and not os.path.exists(fc.pending_dir) and fc.shard_count() == 0
+    assert fc.compact() == 0  # two small segments: below the merge fan-out, nothing rewritten
+    assert fc.compact(full=True) == 2
+    assert os.path.isfile(fc.path) and not os.path.exists(p1) and len(fc.segments()) == 1
     after = fc.load(KEY, "clean")
     assert after.sha256 == before.sha256
     np.testing.assert_array_equal(after.embedding, before.embedding)
@@ -97,12 +105,17 @@ def test_shards_visible_before_compaction_and_after(fc):
     assert set(imgs) == {sha(i) for i in (1, 2, 3, 4)}
     assert (imgs[sha(3)].label, imgs[sha(3)].generator) == ("fake", "genA")
     assert (imgs[sha(1)].label, imgs[sha(1)].width, imgs[sha(1)].height) == ("real", 11, 21)
+    # ... but the disagreement is on record, not silently resolved
+    conf = fc.conflicts()
+    assert [c["sha256"] for c in conf] == [sha(3)]
+    assert {o[:2] for o in conf[0]["observations"]} == {("real", ""), ("fake", "genA")}
+    assert fc.info()["conflicts"] == 1
 
 
 def test_load_order_subset_float32_and_fp16_storage(fc):
     shard(fc, [1, 2, 3])
     shard(fc, [4, 5])
-    fc.compact()
+    fc.compact(full=True)
     shard(fc, [6])
     r = fc.load(KEY, "clean", shas=[sha(5), sha(99), sha(1), sha(6)])
     assert r.sha256 == [sha(5), sha(1), sha(6)]
@@ -111,8 +124,9 @@ def test_load_order_subset_float32_and_fp16_storage(fc):
     np.testing.assert_allclose(np.linalg.norm(r.embedding, axis=1), 1, atol=2e-3)
     assert fc.load(KEY, "clean", shas=[]).embedding.shape[0] == 0
     assert fc.load(KEY, "jpeg:75").sha256 == []
-    with h5py.File(fc.path, "r") as f:
+    with h5py.File(fc.segments()[0], "r") as f:
         assert f[f"features/{KEY}/clean/embedding"].dtype == np.float16
+        assert f[f"features/{KEY}/clean/embedding"].fletcher32  # checksummed chunks
 
 
 def test_plain_h5py_layout_matches_load(fc):
@@ -120,10 +134,17 @@ def test_plain_h5py_layout_matches_load(fc):
     shard(fc, [3], label="fake", gen="genB", paths="/img/3.png")
     shard(fc, [3], label="fake", gen="genB", paths="/moved/3.png")
     shard(fc, [1, 2], view="jpeg:75")
-    fc.compact()
-    shard(fc, [7, 1], label="fake", gen="genC")  # a pending shard after compaction
-    with h5py.File(fc.path, "r") as f:
-        assert f.attrs["format"] == "clipdet-cache" and int(f.attrs["format_version"]) == 1
+    fc.compact(full=True)
+    merged = only_segment(fc)
+    shard(fc, [7, 1], label="fake", gen="genC")  # a newer segment after the merge
+    with h5py.File(fc.path, "r") as cat:
+        assert cat.attrs["format"] == "clipdet-cache" and int(cat.attrs["format_version"]) == 2
+        assert cat.attrs["kind"] == "catalogue" and len(cat["segment_names"]) == 2
+        # external links let plain h5py browse every segment from the catalogue
+        link = cat[f"segments/{os.path.basename(merged)}/features/{KEY}/clean/sha256"]
+        assert len(link) == 3
+    with h5py.File(merged, "r") as f:
+        assert f.attrs["format"] == "clipdet-cache" and int(f.attrs["format_version"]) == 2
         assert "clipdet_version" in f.attrs
         g = f[f"features/{KEY}/clean"]
         assert json.loads(g.attrs["backbone"])["weights_id"] == INFO.weights_id
@@ -133,14 +154,16 @@ def test_plain_h5py_layout_matches_load(fc):
         im = f["images"]
         rows = {h.decode(): i for i, h in enumerate(im["sha256"][()])}
         i3 = rows[sha(3)]
-        assert im["label"][i3].decode() == "fake" and im["generator"][i3].decode() == "genB"
+        labels = json.loads(im["label"].attrs["labels"])
+        vocab = [v.decode() for v in im["generator_vocab"][()]]
+        assert labels[im["label"][i3]] == "fake" and vocab[im["generator"][i3]] == "genB"
         assert im["paths"][i3].decode().split("\n") == ["/img/3.png", "/moved/3.png"]
         assert (int(im["width"][i3]), int(im["height"][i3])) == (13, 23)
         assert [p.decode() for p in f["errors/path"][()]] == ["/x/bad.jpg"]
     names, e = read_plain(fc.path, KEY)
     loaded = fc.load(KEY, "clean", shas=names)
     np.testing.assert_array_equal(e, loaded.embedding)
-    # main file + shard, read with plain h5py, equal FeatureCache.load over everything
+    # every segment, read with plain h5py, equal FeatureCache.load over everything
     plain = plain_read_all(fc.path, KEY)
     full = fc.load(KEY, "clean")
     assert sorted(plain) == sorted(full.sha256) == sorted(sha(i) for i in (1, 2, 3, 7))
@@ -150,21 +173,23 @@ def test_plain_h5py_layout_matches_load(fc):
 
 def test_compaction_dedups_and_earlier_wins(fc):
     shard(fc, [1, 2])
-    fc.compact()
+    fc.compact(full=True)
     other = FeatureRows([sha(2), sha(3)], -emb([2, 3]))  # a different vector for content 2
     fc.write_shard({(KEY, "clean"): (other, attrs())})
-    fc.compact()
+    before = fc.load(KEY, "clean")
+    np.testing.assert_allclose(before.embedding[1], emb([2])[0], atol=2e-3)  # the older row wins on read
+    fc.compact(full=True)
     r = fc.load(KEY, "clean")
     assert r.sha256 == [sha(1), sha(2), sha(3)]
-    np.testing.assert_allclose(r.embedding[1], emb([2])[0], atol=2e-3)  # the main file's row kept
-    with h5py.File(fc.path, "r") as f:
+    np.testing.assert_allclose(r.embedding[1], emb([2])[0], atol=2e-3)  # ... and on merge
+    with h5py.File(only_segment(fc), "r") as f:
         s = f[f"features/{KEY}/clean/sha256"][()]
         assert len(s) == len(set(s.tolist())) == 3
 
 
 def test_layers_round_trip(fc):
     shard(fc, [1, 2], layers=(1, 0))
-    fc.compact()
+    fc.compact(full=True)
     r = fc.load(KEY, "clean", with_layers=True)
     assert r.layers.shape == (2, 2, DIM) and r.layers.dtype == np.float32
     np.testing.assert_allclose(r.layers[1], emb([1002, 2002]), atol=2e-3)
@@ -178,7 +203,7 @@ def test_errors_deduplicated(fc):
     fc.write_shard(errors=[e])
     fc.write_shard(errors=[e, {"sha256": sha(9), "path": "/x/b.jpg", "reason": "not an image"}])
     assert fc.errors() == [e, {"sha256": sha(9), "path": "/x/b.jpg", "reason": "not an image"}]
-    fc.compact()
+    fc.compact(full=True)
     fc.write_shard(errors=[e])
     assert len(fc.errors()) == 2
 
@@ -191,7 +216,7 @@ def test_info_counts(fc):
     shard(fc, [1, 4], view="blur:1", label="")
     fc.write_shard(errors=[{"path": "/bad.png", "reason": "x"}])
     info = fc.info()
-    assert info["images"] == 7 and info["errors"] == 1 and info["pending_shards"] == 6
+    assert info["images"] == 7 and info["errors"] == 1 and info["segments"] == 6 and info["format_version"] == 2
     groups = {f["view"]: f for f in info["features"]}
     assert groups["clean"]["images"] == 7
     assert groups["clean"]["labels"] == {"fake": 3, "real": 3, "unlabelled": 1}
@@ -211,32 +236,52 @@ def _dead_pid() -> int:
 def test_leftover_temp_files_ignored_and_cleaned(fc):
     shard(fc, [1, 2])
     dead = _dead_pid()
-    half = os.path.join(fc.pending_dir, f".{time.time_ns():020d}-{dead}-000000.h5.tmp")
+    half = os.path.join(fc.seg_dir, f".seg-{time.time_ns():020d}-{dead}-000000.h5.{dead}.tmp")
     with open(half, "wb") as f:
         f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # a half-written HDF5 file
-    live = os.path.join(fc.pending_dir, f".{time.time_ns():020d}-{os.getpid()}-999999.h5.tmp")
+    live = os.path.join(fc.seg_dir, f".seg-{time.time_ns():020d}-{os.getpid()}-999999.h5.{os.getpid()}.tmp")
     with open(live, "wb") as f:
         f.write(b"in progress")
-    compact_tmp = f"{fc.path}.compact-{dead}.tmp"
-    with open(compact_tmp, "wb") as f:
+    merge_out = os.path.join(fc.seg_dir, f"mrg-{dead}-{time.time_ns():020d}.h5")
+    with open(merge_out, "wb") as f:
         f.write(b"junk")
-    # readers ignore temp files
-    assert fc.cached_shas(KEY, "clean") == {sha(1), sha(2)} and fc.shard_count() == 1
-    assert fc.compact() == 1
-    assert not os.path.exists(half) and not os.path.exists(compact_tmp)
+    # readers ignore temp files and unfinished merge outputs
+    assert fc.cached_shas(KEY, "clean") == {sha(1), sha(2)} and len(fc.segments()) == 1
+    assert fc.compact() == 0  # the catalogue update cleans up after dead processes
+    assert not os.path.exists(half) and not os.path.exists(merge_out)
     assert os.path.exists(live)  # its writer still runs: left alone
     assert fc.cached_shas(KEY, "clean") == {sha(1), sha(2)}
     os.remove(live)
 
 
+def test_orphan_segment_of_killed_writer_is_adopted(fc):
+    """A writer killed between renaming its segment and updating the catalogue loses nothing."""
+    from clipdet.cache.segment import segment_bytes
+
+    shard(fc, [1])
+    dead = _dead_pid()
+    rows = FeatureRows([sha(2)], emb([2]))
+    data = segment_bytes([ImageMeta(sha(2), "fake", "g", 1, 1, "PNG", ["/img/2.png"])], [],
+                         {(KEY, "clean"): (rows, attrs())})
+    orphan = os.path.join(fc.seg_dir, f"seg-{time.time_ns():020d}-{dead}-000000.h5")
+    with open(orphan, "wb") as f:
+        f.write(data)
+    shard(fc, [3])
+    assert orphan in fc.segments()
+    assert fc.cached_shas(KEY, "clean") == {sha(1), sha(2), sha(3)}
+
+
 def test_damaged_and_foreign_files_refused(fc, tmp_path):
     shard(fc, [1])
-    fc.compact()
-    # a damaged shard (not renamed by a clipdet writer, but say copied in half) is skipped by readers
-    with open(os.path.join(fc.pending_dir if os.path.isdir(fc.pending_dir) else _mk(fc.pending_dir), "x.h5"),
-              "wb") as f:
-        f.write(b"garbage")
-    assert fc.cached_shas(KEY, "clean") == {sha(1)}
+    p2 = shard(fc, [2])
+    shard(fc, [3])
+    with open(p2, "r+b") as f:  # a damaged segment: readers skip it with a warning naming it
+        f.write(b"garbage!")
+    with pytest.warns(UserWarning, match=os.path.basename(p2) + ".*damaged"):
+        assert fc.cached_shas(KEY, "clean") == {sha(1), sha(3)}
+    assert fc.compact(full=True) == 2  # set aside as .bad (never deleted), the rest merged
+    assert os.path.exists(p2 + ".bad") and p2 not in fc.segments()
+    assert FeatureCache(fc.path).cached_shas(KEY, "clean") == {sha(1), sha(3)}
     with open(fc.path, "r+b") as f:
         f.write(b"garbage!")
     with pytest.raises(CacheError, match="cannot read the feature cache"):
@@ -248,33 +293,34 @@ def test_damaged_and_foreign_files_refused(fc, tmp_path):
         FeatureCache(other).groups()
     newer = FeatureCache(tmp_path / "newer.h5")
     shard(newer, [1])
-    newer.compact()
     with h5py.File(newer.path, "r+") as f:
         f.attrs["format_version"] = 99
     with pytest.raises(CacheError, match="newer clipdet"):
         newer.load(KEY, "clean")
 
 
-def _mk(d):
-    os.makedirs(d)
-    return d
-
-
-def test_write_shard_survives_pending_dir_removed_by_concurrent_compaction(fc, monkeypatch):
-    """Another process's compaction may rmdir the empty .pending/ between our makedirs and the write."""
-    real_makedirs = os.makedirs
-    calls = {"n": 0}
-
-    def racy_makedirs(path, *a, **k):
-        real_makedirs(path, *a, **k)
-        if path == fc.pending_dir and calls["n"] == 0:
-            calls["n"] += 1
-            os.rmdir(path)  # the other process's compaction wins the race
-
-    monkeypatch.setattr(cache_mod.os, "makedirs", racy_makedirs)
-    path = shard(fc, [1])
-    assert os.path.isfile(path) and calls["n"] == 1
-    assert fc.cached_shas(KEY, "clean") == {sha(1)}
+def test_damaged_rows_skipped_and_named(fc):
+    """A NaN or flipped bytes in one stored embedding: that row is reported damaged, the rest load."""
+    p = shard(fc, [1, 2, 3])
+    with h5py.File(p, "r") as f:
+        ds = f[f"features/{KEY}/clean/embedding"]
+        off = ds.id.get_chunk_info(0).byte_offset
+    with open(p, "r+b") as f:  # flip bytes inside row 1's data: the chunk's fletcher32 checksum fails
+        f.seek(off + DIM * 2 + 2)
+        f.write(b"\xff\x7f")
+    shard(fc, [4])
+    fresh = FeatureCache(fc.path)
+    with pytest.warns(UserWarning, match="3 cached feature row.*damaged"):
+        r = fresh.load(KEY, "clean", shas=[sha(1), sha(2), sha(3), sha(4)])
+    assert r.sha256 == [sha(4)] and np.isfinite(r.embedding).all()  # the run goes on with the good rows
+    assert fresh.damaged == {sha(1), sha(2), sha(3)}
+    assert fresh.cached_shas(KEY, "clean") == {sha(4)}  # so extraction re-embeds the damaged ones
+    # a NaN written through the library (no checksum failure) is caught by the value check
+    nan = FeatureRows([sha(9)], np.full((1, DIM), np.nan, np.float32))
+    fc.write_shard({(KEY, "clean"): (nan, attrs())})
+    with pytest.warns(UserWarning, match="damaged"):
+        assert fc.load(KEY, "clean", shas=[sha(9)]).sha256 == []
+    assert sha(9) in fc.damaged and sha(9) not in fc.cached_shas(KEY, "clean")
 
 
 # ------------------------------------------------------------------------------------------ mismatches
@@ -290,7 +336,7 @@ def test_check_compatible(fc):
     with pytest.raises(CacheMismatchError, match="preprocess"):
         fc.check_compatible(other_pre, "clean", (1, 0))
     # a group whose recorded weights_id differs from the one its key stands for (say hand-edited)
-    with h5py.File(fc._shards()[0], "r+") as f:
+    with h5py.File(fc.segments()[0], "r+") as f:
         g = f[f"features/{KEY}/clean"]
         b = json.loads(g.attrs["backbone"])
         b["weights_id"] = "f" * 64
@@ -302,35 +348,31 @@ def test_check_compatible(fc):
 
 def test_compaction_refuses_mismatched_shard_and_keeps_data(fc):
     shard(fc, [1, 2])
-    fc.compact()
     odd = BackboneInfo(INFO.spec, INFO.arch, INFO.weights, "e" * 64, PRE)
     fc.write_shard({(KEY, "clean"): (FeatureRows([sha(3)], emb([3])), attrs(info=odd))})
-    with pytest.raises(CacheMismatchError, match="move that shard away"):
-        fc.compact()
-    assert os.path.isfile(fc.path) and fc.shard_count() == 1
-    assert not [n for n in os.listdir(os.path.dirname(fc.path)) if n.endswith(".tmp")]
-    with h5py.File(fc.path, "r") as f:
-        assert len(f[f"features/{KEY}/clean/sha256"]) == 2
+    with pytest.raises(CacheMismatchError, match="move that segment away"):
+        fc.compact(full=True)
+    assert os.path.isfile(fc.path) and len(fc.segments()) == 2
+    assert not [n for n in os.listdir(fc.seg_dir) if n.endswith(".tmp") or n.startswith("mrg-")]
+    assert fc.cached_shas(KEY, "clean") == {sha(1), sha(2), sha(3)}
 
 
 # ------------------------------------------------------------------------------------------ kill -9
-_COMPACT = "import sys; from clipdet.cache import FeatureCache; FeatureCache(sys.argv[1]).compact()"
+_COMPACT = "import sys; from clipdet.cache import FeatureCache; FeatureCache(sys.argv[1]).compact(full=True)"
 
 
 @pytest.mark.slow
 def test_kill_during_compaction_leaves_cache_readable(tmp_path, subprocess_env):
-    """SIGKILL a compaction at the moment its temp file appears (several tries); nothing is lost."""
+    """SIGKILL a merge at the moment its output file appears (several tries); nothing is lost."""
     killed_mid = 0
     for attempt in range(4):
         fc = FeatureCache(tmp_path / f"k{attempt}" / "clipdet.h5")
         shard(fc, range(0, 50))
-        fc.compact()  # a main file exists before
-        for start in range(50, 350, 2):  # 150 shards
+        for start in range(50, 350, 2):  # 150 segments
             shard(fc, [start, start + 1, start - 10])  # each overlaps older content
         want = {sha(i) for i in range(350)}
         proc = subprocess.Popen([sys.executable, "-c", _COMPACT, fc.path], env=subprocess_env)
-        tmp = f"{fc.path}.compact-{proc.pid}.tmp"
-        while proc.poll() is None and not os.path.exists(tmp):
+        while proc.poll() is None and not any(n.startswith("mrg-") for n in os.listdir(fc.seg_dir)):
             time.sleep(0.0005)
         if attempt:
             time.sleep(0.01 * attempt)  # later tries kill later in the merge
@@ -342,9 +384,9 @@ def test_kill_during_compaction_leaves_cache_readable(tmp_path, subprocess_env):
         # whatever happened: readable by plain h5py and nothing lost
         assert set(plain_read_all(fc.path, KEY)) == want
         assert fc.cached_shas(KEY, "clean") == want
-        assert fc.compact() in (0, 150)
-        assert not [n for n in os.listdir(os.path.dirname(fc.path)) if n.endswith(".tmp")]
-        with h5py.File(fc.path, "r") as f:
+        fc.compact(full=True)
+        assert not [n for n in os.listdir(fc.seg_dir) if n.endswith(".tmp") or n.startswith("mrg-")]
+        with h5py.File(only_segment(fc), "r") as f:
             s = f[f"features/{KEY}/clean/sha256"][()]
             assert len(s) == len(set(s.tolist())) == 350
             assert len(f["images/sha256"]) == 350

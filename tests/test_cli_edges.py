@@ -8,6 +8,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -77,8 +79,10 @@ def test_manifest_with_byte_order_mark(tmp_path, make_image):
 def test_compaction_sets_aside_an_unreadable_shard(fitted, tmp_path):
     tree, cache, det = fitted
     fc = FeatureCache(cache)
-    os.makedirs(fc.pending_dir, exist_ok=True)
-    bad = os.path.join(fc.pending_dir, "00000000000000000001-1-000000.h5")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # a segment of a killed writer, never added to the catalogue, and damaged
+    bad = os.path.join(fc.seg_dir, f"seg-00000000000000000001-{dead.pid}-000000.h5")
     with open(bad, "wb") as f:
         f.write(b"not hdf5 at all")
     before = fc.info()["images"]
@@ -93,6 +97,7 @@ def test_read_only_cache_can_be_read(fitted, tmp_path, run_cli):
     ro = tmp_path / "ro"
     ro.mkdir()
     shutil.copy(cache, ro / "c.h5")
+    shutil.copytree(cache + ".d", ro / "c.h5.d")
     os.chmod(ro, 0o555)
     try:
         if os.access(ro, os.W_OK):

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import single_segment
 from PIL import Image
 
 from clipdet.cache import FeatureCache
@@ -36,11 +37,16 @@ def _no_traceback(r) -> None:
 
 
 def _plain(cache: str, key: str, view: str = "clean") -> list[str]:
-    """sha256 rows of one feature group, read from the main file + complete shards with plain h5py."""
-    srcs = [cache] if os.path.exists(cache) else []
-    pend = cache + ".pending"
-    if os.path.isdir(pend):
-        srcs += [os.path.join(pend, n) for n in sorted(os.listdir(pend)) if n.endswith(".h5")]
+    """sha256 rows of one feature group, read from every segment the catalogue names (plain h5py), plus
+    segments of a killed writer not yet in the catalogue (as the next writer adopts them)."""
+    srcs = []
+    if os.path.exists(cache):
+        with h5py.File(cache, "r") as cat:
+            srcs = [os.path.join(cache + ".d", n.decode()) for n in cat["segment_names"][()]]
+    d = cache + ".d"
+    if os.path.isdir(d):
+        srcs += [os.path.join(d, n) for n in sorted(os.listdir(d))
+                 if n.startswith("seg-") and n.endswith(".h5") and os.path.join(d, n) not in srcs]
     out = []
     for s in srcs:
         with h5py.File(s, "r") as f:
@@ -71,7 +77,7 @@ def test_extract_then_rerun_idempotent(labelled_tree, tmp_path, tiny_spec, run_c
     r = run_cli("cache", "info", "-c", cache, "--json")
     assert r.exit_code == 0
     info = json.loads(r.stdout)
-    assert info["images"] == 24 and info["errors"] == 0 and info["pending_shards"] == 0
+    assert info["images"] == 24 and info["errors"] == 0 and info["format_version"] == 2
     feats = {f["view"]: f for f in info["features"]}
     assert set(feats) == {"clean", "jpeg:60", "resize:0.5"}
     for f in feats.values():
@@ -91,7 +97,7 @@ def test_moved_file_cached_by_content(labelled_tree, tmp_path, tiny_spec, run_cl
     src.rename(dst)
     r = run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "-q")
     assert r.exit_code == 0 and "24 images: 24 cached, 0 new" in r.stdout
-    with h5py.File(cache, "r") as f:
+    with single_segment(cache) as f:
         im = f["images"]
         i = [h.decode() for h in im["sha256"][()]].index(_sha(dst))
         assert im["paths"][i].decode().split("\n") == [str(src.resolve()), str(dst.resolve())]
@@ -173,7 +179,7 @@ def test_layers_option_stores_cls_tokens(labelled_tree, tmp_path, tiny_spec, run
     r = run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "--layers", "-1,-2", "-q")
     assert r.exit_code == 0, r.stderr
     key = _key(tiny_spec)
-    with h5py.File(cache, "r") as f:
+    with single_segment(cache) as f:
         g = f[f"features/{key}/clean"]
         assert g["layers"].shape == (24, 2, 64) and g["layers"].dtype == np.float16
         assert json.loads(g.attrs["layers"]) == [1, 0]
@@ -190,7 +196,7 @@ def test_layers_option_stores_cls_tokens(labelled_tree, tmp_path, tiny_spec, run
     r = run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "-q")
     assert r.exit_code == 0 and "1 new" in r.stdout, r.stderr
     assert len(_plain(cache, key)) == 25
-    with h5py.File(cache, "r") as f:
+    with single_segment(cache) as f:
         assert f[f"features/{key}/clean"]["layers"].shape == (25, 2, 64)
 
 
@@ -199,7 +205,7 @@ def test_hand_edited_backbone_attrs_refused(field, labelled_tree, tmp_path, tiny
     cache = str(tmp_path / "c.h5")
     assert run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "-q").exit_code == 0
     key = _key(tiny_spec)
-    with h5py.File(cache, "r+") as f:
+    with single_segment(cache, "r+") as f:
         g = f[f"features/{key}/clean"]
         b = json.loads(g.attrs["backbone"])
         if field == "weights_id":
@@ -212,7 +218,7 @@ def test_hand_edited_backbone_attrs_refused(field, labelled_tree, tmp_path, tiny
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"({field} differ)" in lines[0]
-    assert len(_plain(cache, key)) == 24 and not os.path.exists(cache + ".pending")
+    assert len(_plain(cache, key)) == 24
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -363,9 +369,9 @@ def _many_images(folder: Path, n: int, start: int = 0) -> list[Path]:
     return out
 
 
-def _count_shards(pending: str) -> int:
+def _count_shards(seg_dir: str) -> int:
     try:
-        return sum(n.endswith(".h5") for n in os.listdir(pending))
+        return sum(n.startswith("seg-") and n.endswith(".h5") for n in os.listdir(seg_dir))
     except FileNotFoundError:
         return 0
 
@@ -374,7 +380,7 @@ def _count_shards(pending: str) -> int:
 def test_kill9_mid_run_then_resume(tmp_path, tiny_spec, subprocess_env):
     imgs = _many_images(tmp_path / "data" / "real", 300)
     cache = str(tmp_path / "cache" / "clipdet.h5")
-    pending = cache + ".pending"
+    pending = cache + ".d"
     args = CLIPDET + ["extract", str(tmp_path / "data"), "-b", tiny_spec, "-c", cache, "--batch-size", "8",
                       "--workers", "1", "-q"]
     proc = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -386,8 +392,7 @@ def test_kill9_mid_run_then_resume(tmp_path, tiny_spec, subprocess_env):
     finally:
         out, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {out!r} {err!r}"
-    # the cache is readable with plain h5py: (no main file yet) + complete shards of whole batches
-    assert not os.path.exists(cache)
+    # the cache is readable with plain h5py: complete segments of whole batches
     rows = _plain(cache, _key(tiny_spec))
     assert len(rows) >= 40 and len(rows) % 8 == 0 and len(set(rows)) == len(rows)
     fc = FeatureCache(cache)
@@ -399,9 +404,8 @@ def test_kill9_mid_run_then_resume(tmp_path, tiny_spec, subprocess_env):
     assert "Traceback" not in r.stderr
     final = _plain(cache, _key(tiny_spec))
     assert len(final) == len(set(final)) == 300 and set(final) == {_sha(p) for p in imgs}
-    assert not os.path.exists(pending)
-    assert not [n for n in os.listdir(os.path.dirname(cache)) if n.endswith(".tmp")]
-    with h5py.File(cache, "r") as f:
+    assert not [n for n in os.listdir(pending) if n.endswith(".tmp")]
+    with single_segment(cache) as f:
         assert len(f["images/sha256"]) == 300
 
 
@@ -429,15 +433,13 @@ def test_two_concurrent_extractors(tmp_path, tiny_spec, subprocess_env):
     key = _key(tiny_spec)
     rows = _plain(cache, key)
     assert len(set(rows)) == 120
-    fc = FeatureCache(cache)
-    fc.compact()
-    assert fc.shard_count() == 0
-    with h5py.File(cache, "r") as f:
+    with single_segment(cache) as f:
         s = f[f"features/{key}/clean/sha256"][()]
         assert len(s) == len(set(s.tolist())) == 120
         im = f["images"]
         assert len(im["sha256"]) == 120
         assert all(p.decode().count("\n") == 0 for p in im["paths"][()])  # each path recorded once
-        assert {g.decode() for g in im["generator"][()]} == {"gen"}
-    emb = fc.load(key, "clean").embedding
+        vocab = [v.decode() for v in im["generator_vocab"][()]]
+        assert {vocab[g] for g in im["generator"][()]} == {"gen"}
+    emb = FeatureCache(cache).load(key, "clean").embedding
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=3e-3)

@@ -9,6 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import single_segment
 
 from clipdet import backbones as backbones_mod
 from clipdet.cache import FeatureCache
@@ -41,11 +42,11 @@ def test_extract_tree_all_views(labelled_tree, tmp_path, lazy, tiny_backbone):
     assert (s.total, s.new, s.cached, s.errors) == (24, 24, 0, [])
     assert s.ok and s.embedded == 24 * 5
     assert s.views == parse_views(VIEWS) and s.backbone_key == tiny_backbone.info.key
-    assert cache.shard_count() == 0 and os.path.isfile(cache.path)  # compacted at the end
+    assert cache.shard_count() == 0 and os.path.isfile(cache.path)  # merges done by the end
     files = sorted(p for p in labelled_tree.rglob("*") if p.is_file())
     want = {_sha(p) for p in files}
     key = tiny_backbone.info.key
-    with h5py.File(cache.path, "r") as f:
+    with single_segment(cache.path) as f:
         for view in s.views:
             g = f[f"features/{key}/{view}"]
             assert {h.decode() for h in g["sha256"][()]} == want
@@ -84,7 +85,7 @@ def test_rerun_is_idempotent_and_loads_no_model(labelled_tree, tmp_path, lazy, t
     assert (s.new, s.cached, s.embedded) == (0, 24, 0)
     assert "24 cached, 0 new, 0 skipped" in s.line()
     assert not fresh.loaded  # everything cached: the model is never built
-    with h5py.File(cache.path, "r") as f:
+    with single_segment(cache.path) as f:
         for view in ("clean", "jpeg:75"):
             h = f[f"features/{fresh.key}/{view}/sha256"][()]
             assert len(h) == len(set(h.tolist())) == 24
@@ -103,7 +104,7 @@ def test_moved_file_recognised_by_content(labelled_tree, tmp_path, lazy):
     m = cache.images()[_sha(dst)]
     assert m.paths == [str(src.resolve()), str(dst.resolve())]
     assert m.label == "real"
-    with h5py.File(cache.path, "r") as f:
+    with single_segment(cache.path) as f:
         assert len(f[f"features/{lazy.key}/clean/sha256"]) == 24
 
 
@@ -206,17 +207,17 @@ def test_layers_stored_and_mismatch_refused(labelled_tree, tmp_path, tiny_spec, 
     r = cache.load(lz.key, "clean", with_layers=True)
     assert r.layers.shape == (24, 2, 64)
     np.testing.assert_allclose(np.linalg.norm(r.layers, axis=2), 1, atol=3e-3)
-    with h5py.File(cache.path, "r") as f:
+    with single_segment(cache.path) as f:
         g = f[f"features/{lz.key}/clean"]
         assert g["layers"].dtype == np.float16 and g["layers"].shape == (24, 2, 64)
         assert g.attrs["layers"] == "[1, 0]"
     make_image(labelled_tree / "real" / "a" / "new.png", seed=77)
-    shards_before = cache.shard_count()
+    shards_before = cache.segments()
     for other in ((), (-1,), (0, 1)):  # none, fewer, same blocks in another order
         with pytest.raises(CacheMismatchError, match="layers"):
             _run(labelled_tree, cache, LazyBackbone(tiny_spec, "cpu", layers=other, loaded=tiny_backbone),
                  batch_size=1, workers=2)
-        assert cache.shard_count() == shards_before  # nothing mixed in
+        assert cache.segments() == shards_before  # nothing mixed in
     s = _run(labelled_tree, cache, LazyBackbone(tiny_spec, "cpu", layers=(1, 0), loaded=tiny_backbone))
     assert (s.new, s.cached) == (1, 24)  # -1,-2 spelled as absolute indices is the same setting
 
@@ -259,10 +260,10 @@ def test_interrupted_run_resumes(labelled_tree, tmp_path, lazy, tiny_backbone, m
     with pytest.raises(KeyboardInterrupt):
         _run(labelled_tree, cache, lazy, batch_size=4)
     monkeypatch.setattr(tiny_backbone, "embed", real_embed)
-    assert cache.shard_count() == 2 and len(cache.cached_shas(lazy.key, "clean")) == 8
+    assert len(cache.segments()) == 2 and len(cache.cached_shas(lazy.key, "clean")) == 8
     s = _run(labelled_tree, cache, lazy, batch_size=4)
     assert (s.new, s.cached) == (16, 8)
-    with h5py.File(cache.path, "r") as f:
+    with single_segment(cache.path) as f:
         h = f[f"features/{lazy.key}/clean/sha256"][()]
         assert len(h) == len(set(h.tolist())) == 24
         assert len(f["images/sha256"]) == 24

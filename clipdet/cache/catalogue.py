@@ -1,0 +1,87 @@
+"""The catalogue: `clipdet.h5`, a small HDF5 file naming the live segments, replaced atomically.
+
+    /                  attrs: format="clipdet-cache", format_version=2, kind="catalogue", generation
+    /segment_names     strings, oldest first (segment files live in `clipdet.h5.d/`)
+    /segments/<name>   HDF5 external links to each segment, so plain h5py can browse the whole cache:
+                       h5py.File("cache/clipdet.h5")["segments/<name>/features/<key>/clean/embedding"]
+
+A cache written by clipdet 0.1 (format v1: one data file plus `clipdet.h5.pending/` shards) is read
+as "legacy": the main file and its shards act as segments, oldest first.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+from ..errors import CacheError
+from .files import atomic_write_bytes
+from .segment import check_header, decode, write_header
+
+
+@dataclass
+class Catalogue:
+    """What a cache path holds now: segment file paths (oldest first) and whether it is a v1 cache."""
+
+    segments: list[str]
+    legacy: bool = False
+    generation: int = 0
+    exists: bool = False
+
+
+def seg_dir(path: str) -> str:
+    """Folder of a cache's segment files."""
+    return path + ".d"
+
+
+def pending_dir(path: str) -> str:
+    """Folder of a version-1 cache's shards."""
+    return path + ".pending"
+
+
+def _v1_shards(path: str) -> list[str]:
+    d = pending_dir(path)
+    if not os.path.isdir(d):
+        return []
+    return sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".h5"))
+
+
+def read(path: str) -> Catalogue:
+    """Read the catalogue at `path` (or the v1 file and shards there)."""
+    import h5py
+
+    if not os.path.exists(path):
+        shards = _v1_shards(path)
+        return Catalogue(shards, legacy=bool(shards), exists=False)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path}: cannot read the feature cache ({e})") from None
+    with f:
+        version = check_header(f, path, kinds=("catalogue",))
+        if version < 2:
+            return Catalogue([path] + _v1_shards(path), legacy=True, exists=True)
+        names = decode(f["segment_names"][()]) if "segment_names" in f else []
+        gen = int(f.attrs.get("generation", 0))
+    d = seg_dir(path)
+    return Catalogue([os.path.join(d, n) for n in names], generation=gen, exists=True)
+
+
+def write(path: str, segments: list[str], generation: int) -> None:
+    """Atomically replace the catalogue at `path` with `segments` (paths inside seg_dir(path))."""
+    import h5py
+
+    from .segment import str_dtype
+
+    names = [os.path.basename(s) for s in segments]
+    rel = os.path.basename(seg_dir(path))
+    bio = io.BytesIO()
+    with h5py.File(bio, "w") as f:
+        write_header(f, kind="catalogue")
+        f.attrs["generation"] = int(generation)
+        f.create_dataset("segment_names", data=names, dtype=str_dtype())
+        g = f.create_group("segments")
+        for n in names:
+            g[n] = h5py.ExternalLink(f"{rel}/{n}", "/")
+    atomic_write_bytes(path, bio.getvalue())

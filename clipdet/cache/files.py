@@ -1,0 +1,153 @@
+"""File-level primitives of the cache: advisory locks, durable atomic writes, free-space checks.
+
+Every file the cache writes is first complete in a temp name, fsynced, then renamed; a failed
+write (ENOSPC, EIO, kill) leaves only a temp file, which is removed, never a half-written file in
+place. Errors name the path and say what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+
+from ..errors import CacheError
+
+try:  # POSIX advisory locks; elsewhere clipdet runs without them (one writer at a time)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+#: bytes kept free beyond a write's own size before it starts (filesystem metadata, other writers)
+FREE_SPACE_MARGIN = 8 * 2**20
+
+
+class DiskFullError(CacheError):
+    """The cache's filesystem has no room for a write; nothing partial was left behind."""
+
+    exit_code = 2
+
+
+def os_error_message(path: str, exc: OSError) -> str:
+    """One line for an OSError on `path`: 'PATH: no space left on device (...)' and the like."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return f"{path}: no space left on device (free space and run again; completed batches are kept)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: not writable ({exc.strerror}); use --cache-readonly or another --cache"
+    return f"{path}: {exc.strerror or exc}"
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename in it is durable (best effort)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes | memoryview) -> None:
+    """Write `data` to `path` atomically: temp file in the same folder, fsync, rename, fsync folder.
+
+    On any failure the temp file is removed and the old `path` (if any) is untouched; an out-of-space
+    failure raises DiskFullError naming `path`.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(os_error_message(path, e)) from None
+        raise
+    fsync_dir(folder)
+
+
+def check_free_space(folder: str, need: int) -> None:
+    """Fail early (DiskFullError) when `folder`'s filesystem has less than `need` bytes + margin free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need + FREE_SPACE_MARGIN:
+        raise DiskFullError(
+            f"{folder}: no space left on device (this write needs about {_mb(need)} MB, "
+            f"{_mb(free)} MB free); free space and run again"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a PermissionError means it does, as another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def flock(path: str, exclusive: bool, create_dir: bool = False) -> Iterator[bool]:
+    """flock(2) on `path`; yields whether a lock is held. Readers of a cache they cannot write
+    (read-only mount, someone else's folder) go on without a lock rather than fail."""
+    if create_dir:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield False
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if exclusive:
+            raise CacheError(os_error_message(path, e).replace("not writable", "cannot create the cache lock file")) \
+                from None
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def try_flock(path: str) -> Iterator[bool]:
+    """Non-blocking exclusive flock on `path`; yields False (without waiting) when another holds it."""
+    if fcntl is None:  # pragma: no cover
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

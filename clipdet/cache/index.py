@@ -1,0 +1,186 @@
+"""The columnar index: what each segment holds, as numpy arrays (≈40 bytes per row, no per-image objects).
+
+Keys are SHA-256 digests as 32 raw bytes; lookups go through the first 8 bytes as a big-endian
+uint64 (`k64`, sorted, searched with np.searchsorted) confirmed against the full 32 bytes. A segment
+is immutable, so its index is built once per process and kept while the segment lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Set
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CacheError
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+_CHUNK = 1 << 16
+
+
+def hex_to_raw(hexes: np.ndarray) -> np.ndarray:
+    """S64 hex digests → (n, 32) uint8 raw digests; rows that are not 64 hex chars come back as all-255
+    (no valid digest starts with 8 bytes of 0xff followed by the same pattern, so callers can test `valid`)."""
+    hexes = np.asarray(hexes, dtype="S64")
+    out = np.empty((len(hexes), 32), dtype=np.uint8)
+    for s in range(0, len(hexes), _CHUNK):
+        v = _HEX[hexes[s:s + _CHUNK].view(np.uint8).reshape(-1, 64)]
+        bad = (v == 255).any(axis=1)
+        raw = (v[:, 0::2] << 4) | v[:, 1::2]
+        raw[bad] = 255
+        out[s:s + _CHUNK] = raw
+    return out
+
+
+def valid_raw(raw: np.ndarray) -> np.ndarray:
+    """Mask of rows hex_to_raw could decode."""
+    return ~(raw == 255).all(axis=1)
+
+
+def raw_to_k64(raw: np.ndarray) -> np.ndarray:
+    """(n, 32) raw digests → a uint64 search key: the XOR of the digest's four 8-byte words (uniform
+    for real digests, and distinct for hand-made ones that differ only in their last bytes)."""
+    w = np.ascontiguousarray(raw).view(np.uint64).reshape(-1, 4)
+    return (w[:, 0] ^ w[:, 1] ^ w[:, 2] ^ w[:, 3]).astype(np.uint64)
+
+
+def hex_order(raw: np.ndarray) -> np.ndarray:
+    """Permutation sorting raw digests as their hex strings sort."""
+    w = np.ascontiguousarray(raw).view(">u8").reshape(-1, 4)
+    return np.lexsort((w[:, 3], w[:, 2], w[:, 1], w[:, 0]))
+
+
+def raw_to_hex(raw: np.ndarray) -> list[str]:
+    """(n, 32) raw digests → hex strings."""
+    return [bytes(r).hex() for r in raw]
+
+
+def keys_of(shas: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hex strings → (k64, raw) arrays; raises CacheError on a malformed digest."""
+    arr = np.array([s.encode() if isinstance(s, str) else s for s in shas], dtype="S64")
+    raw = hex_to_raw(arr)
+    if len(raw) and not valid_raw(raw).all():
+        bad = arr[~valid_raw(raw)][0].decode(errors="replace")
+        raise CacheError(f"not a SHA-256 hex digest: {bad!r}")
+    return raw_to_k64(raw), raw
+
+
+@dataclass
+class KeyTable:
+    """Sorted keys of one table (a segment's images or one feature group) and their row numbers."""
+
+    k64: np.ndarray          # sorted uint64
+    raw: np.ndarray          # (n, 32) uint8, same order
+    row: np.ndarray          # int64 row numbers in the file
+
+    @classmethod
+    def build(cls, hexes: np.ndarray) -> KeyTable:
+        """From the S64 column as stored (file order)."""
+        raw = hex_to_raw(hexes)
+        k64 = raw_to_k64(raw)
+        order = np.argsort(k64, kind="stable")
+        return cls(k64[order], raw[order], order.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.k64)
+
+    def find(self, k64: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """Row number of each query key, -1 where absent (first row on duplicate keys)."""
+        out = np.full(len(k64), -1, dtype=np.int64)
+        if not len(self.k64) or not len(k64):
+            return out
+        lo = np.searchsorted(self.k64, k64, side="left")
+        hi = np.searchsorted(self.k64, k64, side="right")
+        run = hi - lo
+        one = np.flatnonzero(run == 1)
+        same = (self.raw[lo[one]] == raw[one]).all(axis=1)
+        out[one[same]] = self.row[lo[one[same]]]
+        for q in np.flatnonzero(run > 1):  # equal search keys (duplicates, or a rare 64-bit collision)
+            match = np.flatnonzero((self.raw[lo[q]:hi[q]] == raw[q]).all(axis=1))
+            if len(match):
+                out[q] = self.row[lo[q] + match].min()
+        return out
+
+
+@dataclass
+class GroupIndex:
+    """One feature group of one segment: sorted keys, attributes."""
+
+    keys: KeyTable
+    attrs: dict
+    has_layers: bool
+    n: int
+
+
+@dataclass
+class SegmentIndex:
+    """Everything a segment holds, as arrays: its images table and each feature group's keys."""
+
+    name: str
+    images: KeyTable
+    label: np.ndarray        # int8 per file row
+    gen: np.ndarray          # int32 code per file row, into vocab
+    vocab: list[str]
+    groups: dict[tuple[str, str], GroupIndex] = field(default_factory=dict)
+    n_errors: int = 0
+    size: int = 0
+    version: int = 2
+    conflicts: list = field(default_factory=list)   # recorded (sha256, label, generator, path) rows
+
+
+class ShaSet(Set):
+    """A read-only set of SHA-256 hex digests backed by sorted arrays (supports `in`, len, iteration)."""
+
+    def __init__(self, k64: np.ndarray, raw: np.ndarray):
+        perm, starts = group_ids(k64, raw, np.arange(len(k64)))
+        first = perm[starts]  # distinct digests, sorted by search key
+        self._t = KeyTable(k64[first], raw[first], np.arange(len(first), dtype=np.int64))
+
+    def __contains__(self, sha) -> bool:
+        if not isinstance(sha, (str, bytes)) or len(sha) != 64:
+            return False
+        try:
+            k64, raw = keys_of([sha])
+        except CacheError:
+            return False
+        return bool(self._t.find(k64, raw)[0] >= 0)
+
+    def contains_many(self, shas: Iterable[str]) -> np.ndarray:
+        """Membership of each digest, vectorised."""
+        k64, raw = keys_of(shas)
+        return self._t.find(k64, raw) >= 0
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(raw_to_hex(self._t.raw))
+
+
+def group_ids(k64: np.ndarray, raw: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort observations by (key, order); returns (sort permutation, start of each key's run)."""
+    s = np.lexsort((order, k64))
+    if not len(s):
+        return s, np.zeros(0, np.int64)
+    k = k64[s]
+    same = k[1:] == k[:-1]
+    if same.any() and (raw[s[1:]][same] != raw[s[:-1]][same]).any():
+        # two digests share their first 8 bytes (astronomically rare): sort by the full digest
+        s = np.lexsort((order,) + tuple(raw[:, i] for i in range(31, -1, -1)))
+        new = np.ones(len(s), bool)
+        new[1:] = (raw[s[1:]] != raw[s[:-1]]).any(axis=1)
+        return s, np.flatnonzero(new)
+    new = np.ones(len(s), bool)
+    new[1:] = ~same
+    return s, np.flatnonzero(new)
+
+
+def unique_first(k64: np.ndarray, raw: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence (smallest `order`) of each distinct key, in `order` order."""
+    s, starts = group_ids(k64, raw, order)
+    first = s[starts]
+    return first[np.argsort(order[first], kind="stable")]

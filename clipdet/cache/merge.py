@@ -1,0 +1,169 @@
+"""Tiered (LSM-style) merging of segments: small segments merge into bigger ones; a big segment is
+never rewritten to add a few rows.
+
+A segment's tier is log8 of its size in units of 1 MiB; a run of FANOUT adjacent segments of the
+same tier merges into one segment of the next tier, so every row is rewritten O(log N) times in all.
+Merging keeps the cache's order (inputs are contiguous, outputs take their place): for features,
+the first-written row of an image wins; image metadata is folded, later observations winning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from ..errors import CacheMismatchError
+from .files import check_free_space
+from .index import group_ids, hex_to_raw, raw_to_k64, unique_first
+from .model import ImageMeta
+from .segment import (
+    create_feature_datasets, errors_table, feature_groups, group_attrs, write_errors, write_header, write_images,
+)
+
+FANOUT = 8
+TIER_UNIT = 2**20
+COPY_ROWS = 1 << 15
+
+
+def tier(size: int) -> int:
+    """Tier of a segment of `size` bytes (0 below 1 MiB, +1 per factor FANOUT)."""
+    return 0 if size < TIER_UNIT else 1 + int(math.log(size / TIER_UNIT, FANOUT))
+
+
+def plan(sizes: list[int], full: bool = False) -> tuple[int, int] | None:
+    """The next run [start, end) of segments to merge, or None. `full`: everything into one."""
+    if full:
+        return (0, len(sizes)) if len(sizes) > 1 else None
+    tiers = [tier(s) for s in sizes]
+    i = 0
+    while i < len(tiers):
+        j = i
+        while j < len(tiers) and tiers[j] == tiers[i]:
+            j += 1
+        if j - i >= FANOUT:
+            return i, j
+        i = j
+    return None
+
+
+def merge_files(files: list, out_path: str) -> None:
+    """Write the union of the open segment files `files` (oldest first) to `out_path` (a new file)."""
+    import h5py
+
+    need = sum(os.path.getsize(f.filename) for f in files if os.path.exists(f.filename))
+    check_free_space(os.path.dirname(os.path.abspath(out_path)), need)
+    with h5py.File(out_path, "w") as out:
+        write_header(out)
+        _merge_images(files, out)
+        errors, seen = [], set()
+        for f in files:
+            for e in errors_table(f):
+                if (e["path"], e["reason"]) not in seen:
+                    seen.add((e["path"], e["reason"]))
+                    errors.append(e)
+        write_errors(out, errors)
+        fg = out.create_group("features")
+        groups: dict[tuple[str, str], list] = {}
+        for f in files:
+            for key, view in feature_groups(f):
+                groups.setdefault((key, view), []).append(f[f"features/{key}/{view}"])
+        for (key, view), srcs in groups.items():
+            _merge_group(srcs, fg.require_group(key).create_group(view), key, view)
+    with open(out_path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _image_columns(f, vocab_code: dict) -> dict:
+    """One file's /images table as columns, generators recoded into the shared `vocab_code`."""
+    from .segment import decode, image_columns
+
+    c = image_columns(f)
+    remap = np.array([vocab_code.setdefault(v, len(vocab_code)) for v in c["vocab"]], np.int32)
+    g = f["images"]
+    return {"sha256": c["sha256"], "label": c["label"], "gen": remap[c["gen"]] if len(c["gen"]) else c["gen"],
+            "width": g["width"][()], "height": g["height"][()],
+            "format": np.array(decode(g["format"][()]), dtype=object),
+            "paths": np.array(decode(g["paths"][()]), dtype=object)}
+
+
+def _merge_images(files: list, out) -> None:
+    """Images: distinct content is copied column-wise; repeated content is folded (later observations
+    win, ImageMeta.merge), and disagreeing labels are kept in /images/conflicts."""
+    from .conflicts import conflicted, read_conflicts, write_conflicts
+    from .model import LABELS
+
+    vocab_code: dict[str, int] = {"": 0}
+    parts = [_image_columns(f, vocab_code) for f in files if f.get("images") is not None and len(f["images/sha256"])]
+    vocab = [v for v, _ in sorted(vocab_code.items(), key=lambda t: t[1])]
+    if not parts:
+        write_images(out, np.zeros(0, "S64"), np.zeros(0, np.int8), np.zeros(0, np.int32), [""],
+                     np.zeros(0, np.int32), np.zeros(0, np.int32), [], [])
+        write_conflicts(out, read_conflicts(files))
+        return
+    col = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    raw = hex_to_raw(col["sha256"])
+    perm, starts = group_ids(raw_to_k64(raw), raw, np.arange(len(raw)))
+    counts = np.diff(np.append(starts, len(perm)))
+    first = perm[starts]
+    label, gen = col["label"][first].copy(), col["gen"][first].copy()
+    width, height = col["width"][first].copy(), col["height"][first].copy()
+    fmt, paths = col["format"][first].copy(), col["paths"][first].copy()
+    recorded = read_conflicts(files)
+    for gi in np.flatnonzero(counts > 1):  # only repeated content goes through Python objects
+        idx = np.sort(perm[starts[gi]:starts[gi] + counts[gi]])
+        metas = [ImageMeta(col["sha256"][i].decode(), LABELS[col["label"][i]], vocab[col["gen"][i]],
+                           int(col["width"][i]), int(col["height"][i]), col["format"][i],
+                           [p for p in col["paths"][i].split("\n") if p]) for i in idx]
+        obs = [(o.label, o.generator) for o in metas]
+        if conflicted(obs):
+            recorded += [(o.sha256, o.label, o.generator, o.paths[0] if o.paths else "") for o in metas if o.label]
+        m = ImageMeta(metas[0].sha256, metas[0].label, metas[0].generator, metas[0].width, metas[0].height,
+                      metas[0].format, list(metas[0].paths))
+        for o in metas[1:]:
+            m.merge(o)
+        label[gi] = LABELS.index(m.label) if m.label in LABELS else 0
+        gen[gi] = vocab_code.setdefault(m.generator, len(vocab_code))
+        width[gi], height[gi], fmt[gi], paths[gi] = m.width, m.height, m.format, "\n".join(m.paths)
+    vocab = [v for v, _ in sorted(vocab_code.items(), key=lambda t: t[1])]
+    pos = np.argsort(first, kind="stable")  # first-occurrence order: the cache's order is kept
+    write_images(out, col["sha256"][first][pos], label[pos], gen[pos], vocab, width[pos], height[pos],
+                 list(fmt[pos]), list(paths[pos]))
+    write_conflicts(out, recorded)
+
+
+def _merge_group(srcs: list, g, key: str, view: str) -> None:
+    first = srcs[0]
+    ref = (json.loads(first.attrs["backbone"]).get("weights_id"), first.attrs["layers"], int(first.attrs["dim"]))
+    has_layers = "layers" in first
+    for src in srcs:
+        this = (json.loads(src.attrs["backbone"]).get("weights_id"), src.attrs["layers"], int(src.attrs["dim"]))
+        if this != ref or ("layers" in src) != has_layers:
+            raise CacheMismatchError(f"{src.file.filename}: features for {key}/{view} do not match the cache's; "
+                                     "move that segment away to compact")
+    group_attrs(g, {k: first.attrs[k] for k in first.attrs})
+    shas = [s["sha256"][()] for s in srcs]
+    allsha = np.concatenate(shas) if shas else np.zeros(0, "S64")
+    raw = hex_to_raw(allsha)
+    keep_idx = unique_first(raw_to_k64(raw), raw, np.arange(len(allsha)))
+    keep = np.zeros(len(allsha), bool)
+    keep[keep_idx] = True
+    dim = int(first.attrs["dim"])
+    ds_s, ds_e, ds_l = create_feature_datasets(g, int(keep.sum()), dim, first["layers"].shape[1:] if has_layers
+                                               else None)
+    m, off = 0, 0
+    for src, s in zip(srcs, shas):
+        n = len(s)
+        for start in range(0, n, COPY_ROWS):
+            k = keep[off + start: off + min(n, start + COPY_ROWS)]
+            c = int(k.sum())
+            if not c:
+                continue
+            ds_s[m:m + c] = s[start:start + COPY_ROWS][k]
+            ds_e[m:m + c] = src["embedding"][start:start + COPY_ROWS][k]
+            if ds_l is not None:
+                ds_l[m:m + c] = src["layers"][start:start + COPY_ROWS][k]
+            m += c
+        off += n

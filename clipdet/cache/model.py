@@ -1,0 +1,66 @@
+"""Plain records of the cache's public API: image metadata, feature rows, feature-group summaries."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FORMAT = "clipdet-cache"
+FORMAT_VERSION = 2
+DEFAULT_CACHE = os.path.join("cache", "clipdet.h5")
+#: label codes stored in segments (index 0: unlabelled)
+LABELS = ("", "real", "fake")
+
+
+def default_cache_path() -> str:
+    """CLIPDET_CACHE if set, else cache/clipdet.h5 (relative to the working directory)."""
+    return os.environ.get("CLIPDET_CACHE") or DEFAULT_CACHE
+
+
+@dataclass
+class ImageMeta:
+    """Per-image metadata; one row per distinct file content."""
+
+    sha256: str
+    label: str = ""
+    generator: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    paths: list[str] = field(default_factory=list)
+
+    def merge(self, other: ImageMeta) -> None:
+        """Fold a later observation of the same content in: new paths, newer non-empty fields."""
+        for p in other.paths:
+            if p not in self.paths:
+                self.paths.append(p)
+        for name in ("label", "generator", "format"):
+            if getattr(other, name):
+                setattr(self, name, getattr(other, name))
+        if other.label == "real":
+            self.generator = other.generator
+        if other.width:
+            self.width, self.height = other.width, other.height
+
+
+@dataclass
+class FeatureRows:
+    """Rows of one (backbone, view) feature group: hashes, embeddings, optional layer CLS tokens."""
+
+    sha256: list[str]
+    embedding: np.ndarray
+    layers: np.ndarray | None = None
+
+
+@dataclass
+class GroupInfo:
+    """Summary of one feature group across all segments."""
+
+    key: str
+    view: str
+    backbone: dict
+    layers: list[int]
+    dim: int
+    count: int
