@@ -25,8 +25,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
 
 BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/weights or ARCH:random "
                            "[default: ViT-L-14:openai, or the only backbone in the cache]")
@@ -232,6 +230,8 @@ def score(
     detector: str = typer.Option(..., "--detector", "-d", help="Detector file from clipdet fit"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="FILE.csv, FILE.jsonl, or - for CSV on stdout"),
     cache: Optional[str] = CacheOpt,
+    cache_readonly: bool = typer.Option(False, "--cache-readonly", help="Never write to the cache: uncached "
+                                        "images are embedded in memory (automatic when the cache is not writable)"),
     manifest: Optional[str] = ManifestOpt,
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold on the score "
                                               "[default: the detector's calibrated one]"),
@@ -249,6 +249,7 @@ def score(
 
     def go():
         from .detector import Detector
+        from .cache import FeatureCache
         from .scoring import RowWriter, score_refs, summarise, verdict
 
         det = Detector.load(detector)
@@ -260,7 +261,7 @@ def score(
         counts: dict[str, int] = {}
         n = 0
         try:
-            for row in score_refs(refs, det, cache=cache, device=device, threshold=threshold, backbone=backbone,
+            for row in score_refs(refs, det, cache=FeatureCache(cache, readonly=cache_readonly), device=device, threshold=threshold, backbone=backbone,
                                   batch_size=batch_size, workers=workers, quiet=quiet, precision=precision):
                 writer.write(row)
                 n += 1
@@ -340,66 +341,13 @@ def eval_cmd(
     raise typer.Exit(EXIT_PARTIAL if res["n_errors"] else EXIT_OK)
 
 
-@cache_app.command("info")
-def cache_info(
-    cache: Optional[str] = CacheOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print the same as one JSON object"),
-) -> None:
-    """Backbones, views, image counts per label and generator, and size on disk."""
-
-    def go():
-        from .cache import FeatureCache
-
-        fc = FeatureCache(cache)
-        if not fc.exists():
-            from .errors import CacheError
-
-            raise CacheError(f"{fc.path}: no feature cache here yet (run clipdet extract)")
-        info = fc.info()
-        if json_out:
-            typer.echo(json.dumps(info, indent=1, sort_keys=True))
-            return
-        typer.echo(f"{info['path']}: {info['images']} images, {info['size_bytes'] / 1e6:.1f} MB, "
-                   f"{info['errors']} recorded errors, {info['pending_shards']} pending shards")
-        for f in info["features"]:
-            labels = ", ".join(f"{k} {v}" for k, v in f["labels"].items())
-            typer.echo(f"  {f['backbone']} [{f['backbone_key']}] view {f['view']}: {f['images']} images "
-                       f"(dim {f['dim']}{', layers ' + str(f['layers']) if f['layers'] else ''}; {labels})")
-            if f["generators"]:
-                typer.echo("    generators: " + ", ".join(f"{k} {v}" for k, v in f["generators"].items()))
-
-    _run(go)
-
-
-@cache_app.command("compact")
-def cache_compact(cache: Optional[str] = CacheOpt) -> None:
-    """Merge pending shards (left by interrupted or concurrent runs) into the main cache file."""
-
-    def go():
-        from .cache import FeatureCache
-
-        n = FeatureCache(cache).compact()
-        typer.echo(f"merged {n} shard(s)")
-
-    _run(go)
-
-
-@cache_app.command("errors")
-def cache_errors(cache: Optional[str] = CacheOpt) -> None:
-    """Files that could not be used, with the reason (one per line: path<TAB>reason)."""
-
-    def go():
-        from .cache import FeatureCache
-
-        for e in FeatureCache(cache).errors():
-            typer.echo(f"{e['path']}\t{e['reason']}")
-
-    _run(go)
-
-
 from .cli_bench import register as _register_bench  # noqa: E402  (after every command above)
 
 _register_bench(app)
+
+from .cli_cache import register as _register_cache  # noqa: E402
+
+_register_cache(app)
 
 
 def main() -> None:

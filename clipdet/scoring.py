@@ -56,6 +56,12 @@ def score_refs(
     from .extract import LazyBackbone, extract
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    if not cache.readonly and not cache.can_write():
+        import warnings
+
+        warnings.warn(f"{cache.path}: cache folder not writable; new images are embedded in memory and "
+                      "not cached (--cache-readonly says so explicitly)", stacklevel=2)
+        cache.readonly = True
     view = view or detector.view
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision)

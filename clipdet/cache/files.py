@@ -106,16 +106,17 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def flock(path: str, exclusive: bool, create_dir: bool = False) -> Iterator[bool]:
+def flock(path: str, exclusive: bool, create_dir: bool = False, create: bool = True) -> Iterator[bool]:
     """flock(2) on `path`; yields whether a lock is held. Readers of a cache they cannot write
-    (read-only mount, someone else's folder) go on without a lock rather than fail."""
+    (read-only mount, someone else's folder) go on without a lock rather than fail; `create=False`
+    never creates the lock file (read-only use)."""
     if create_dir:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield False
         return
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if create else os.open(path, os.O_RDONLY)
     except OSError as e:
         if exclusive:
             raise CacheError(os_error_message(path, e).replace("not writable", "cannot create the cache lock file")) \

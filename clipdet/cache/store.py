@@ -95,7 +95,7 @@ class FeatureCache:
         """Shared lock + the live segments, opened, with their indexes (oldest first)."""
         import h5py
 
-        with flock(self.lock_path, exclusive=False):
+        with flock(self.lock_path, exclusive=False, create=not self.readonly):
             cat = catalogue.read(self.path)
             segs: list[_Seg] = []
             try:
@@ -133,6 +133,15 @@ class FeatureCache:
             finally:
                 for s in segs:
                     s.file.close()
+
+    def can_write(self) -> bool:
+        """Whether this process may add segments (the cache folder, or where it would go, is writable)."""
+        d = os.path.dirname(os.path.abspath(self.path))
+        while not os.path.exists(d):
+            d = os.path.dirname(d)
+        if not os.access(d, os.W_OK):
+            return False
+        return not os.path.isdir(self.seg_dir) or os.access(self.seg_dir, os.W_OK)
 
     def segments(self) -> list[str]:
         """Paths of the live segment files, oldest first."""
@@ -579,6 +588,8 @@ class FeatureCache:
         if self.readonly:
             return 0
         os.makedirs(self.seg_dir, exist_ok=True)
+        if full and catalogue.read(self.path).legacy:
+            return self._upgrade_full()
         merged = 0
         lock = flock(self.merge_lock_path, exclusive=True) if wait else try_flock(self.merge_lock_path)
         with lock as held:
@@ -618,6 +629,33 @@ class FeatureCache:
         with contextlib.suppress(OSError):
             os.rmdir(self.pending_dir)
         return merged
+
+    def _upgrade_full(self) -> int:
+        """v1 → one v2 segment: merge the v1 file and shards into a new segment, then replace the v1
+        file by the catalogue in one rename. Any failure before that leaves the v1 file untouched."""
+        with flock(self.merge_lock_path, exclusive=True):
+            cat = catalogue.read(self.path)
+            if not cat.legacy:
+                return self.compact(full=True)
+            out = os.path.join(self.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")
+            try:
+                self._merge(cat.segments, out)
+            except BaseException as e:
+                with contextlib.suppress(OSError):
+                    os.remove(out)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(os_error_message(out, e)) from None
+                raise
+            final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-u00000.h5")
+            with flock(self.lock_path, exclusive=True, create_dir=True):
+                os.replace(out, final)
+                catalogue.write(self.path, [final], 1)
+                for s in cat.segments[1:]:
+                    with contextlib.suppress(OSError):
+                        os.remove(s)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.pending_dir)
+            return len(cat.segments)
 
     def _merge(self, inputs: list[str], out: str) -> None:
         import h5py

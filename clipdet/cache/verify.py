@@ -1,0 +1,126 @@
+"""`clipdet cache verify [--repair]`: find bit rot (checksums, non-finite or non-unit rows) in every
+segment; with repair, rewrite damaged segments without their damaged rows and set unreadable ones
+aside as *.bad. Verification reads everything once, chunk by chunk."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .store import NORM_TOLERANCE
+
+CHUNK = 4096
+
+
+@dataclass
+class VerifyReport:
+    """Per-segment findings: unreadable segments and damaged rows (segment, group, sha256)."""
+
+    segments: int = 0
+    rows: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    damaged: list[tuple[str, str, str]] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is damaged."""
+        return not self.unreadable and not self.damaged
+
+
+def _bad_rows(g) -> np.ndarray:
+    """Row numbers of a feature group that fail their checksum or are not finite unit vectors."""
+    ds = g["embedding"]
+    n = len(ds)
+    bad = []
+    for s in range(0, n, CHUNK):
+        try:
+            x = ds[s:s + CHUNK].astype(np.float32)
+            ok = np.ones(len(x), bool)
+        except OSError:
+            x = np.zeros((min(CHUNK, n - s), ds.shape[1]), np.float32)
+            ok = np.zeros(len(x), bool)
+            for j in range(len(x)):
+                try:
+                    x[j] = ds[s + j]
+                    ok[j] = True
+                except OSError:
+                    pass
+        ok &= np.isfinite(x).all(axis=1)
+        ok &= np.abs(np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=1) - 1) <= NORM_TOLERANCE
+        if "layers" in g:
+            try:
+                g["layers"][s:s + CHUNK]
+            except OSError:
+                ok[:] = False
+        bad.extend((s + np.flatnonzero(~ok)).tolist())
+    return np.array(bad, dtype=np.int64)
+
+
+def verify(cache, repair: bool = False) -> VerifyReport:
+    """Check every live segment of `cache`; with `repair`, drop damaged rows and set aside unreadable
+    segments (their images are re-extracted by the next run that meets them)."""
+    import h5py
+
+    from .segment import feature_groups
+
+    rep = VerifyReport()
+    for path in cache.segments():
+        rep.segments += 1
+        try:
+            f = h5py.File(path, "r")
+        except OSError:
+            rep.unreadable.append(path)
+            continue
+        bad_groups = {}
+        try:
+            with f:
+                f["images/sha256"][()]
+                for key, view in feature_groups(f):
+                    g = f[f"features/{key}/{view}"]
+                    rep.rows += len(g["sha256"])
+                    bad = _bad_rows(g)
+                    if len(bad):
+                        shas = g["sha256"][()][bad]
+                        rep.damaged += [(path, f"{key}/{view}", s.decode()) for s in shas]
+                        bad_groups[(key, view)] = bad
+        except (OSError, KeyError):
+            rep.unreadable.append(path)
+            continue
+        if repair and bad_groups:
+            _rewrite_without(cache, path, bad_groups)
+            rep.repaired.append(path)
+    if repair and rep.unreadable:
+        cache._set_aside(rep.unreadable)
+    return rep
+
+
+def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
+    """Replace segment `path` by a copy without the damaged rows (atomic catalogue swap)."""
+    import time
+
+    import h5py
+
+    from .files import atomic_write_bytes
+    from .model import FeatureRows
+    from .segment import errors_table, feature_groups, image_rows, segment_bytes
+
+    with h5py.File(path, "r") as f:
+        images = image_rows(f, np.arange(len(f["images/sha256"])))
+        errors = errors_table(f)
+        features = {}
+        for key, view in feature_groups(f):
+            g = f[f"features/{key}/{view}"]
+            keep = np.setdiff1d(np.arange(len(g["sha256"])), bad_groups.get((key, view), []))
+            emb = np.stack([g["embedding"][int(i)] for i in keep]) if len(keep) else np.zeros((0, g["embedding"].shape[1]))
+            lay = None
+            if "layers" in g:
+                lay = np.stack([g["layers"][int(i)] for i in keep]) if len(keep) else None
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+            features[(key, view)] = (FeatureRows([s.decode() for s in g["sha256"][()][keep]], emb, lay), attrs)
+    data = segment_bytes(images, errors, features)
+    out = os.path.join(cache.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-r00000.h5")
+    atomic_write_bytes(out, data)
+    cache._update_catalogue(replace=([path], out))
