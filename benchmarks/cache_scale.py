@@ -29,17 +29,34 @@ HEADS = ["svm", "logreg", "mlp", "knn", "centroid"]
 GENS = ["sd15", "sdxl", "midjourney", "dalle3"]
 
 
+_CHILD = (
+    "import atexit, runpy, sys\n"
+    "out = sys.argv[1]\n"
+    "sys.argv = ['clipdet'] + sys.argv[2:]\n"
+    "atexit.register(lambda: [open(out, 'w').write(ln.split()[1]) for ln in open('/proc/self/status') "
+    "if ln.startswith('VmHWM:')])\n"
+    "runpy.run_module('clipdet', run_name='__main__')\n"
+)
+
+
 def run(args: list[str], env: dict) -> tuple[float, float, int]:
-    """(seconds, peak RSS MB, exit code) of one clipdet command in a fresh process."""
+    """(seconds, peak RSS MB, exit code) of one clipdet command in a fresh process.
+
+    Peak RSS is the child's own VmHWM (read at exit from /proc/self/status): getrusage of a child
+    would also count the memory it shared with this (larger) process before exec."""
+    import tempfile
+
+    fd, hwm = tempfile.mkstemp(suffix=".hwm")
+    os.close(fd)
     t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        os.execve(sys.executable, [sys.executable, "-m", "clipdet"] + args, env)
-    _, status, ru = os.wait4(pid, 0)
-    return time.perf_counter() - t0, ru.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    rc = subprocess.run([sys.executable, "-c", _CHILD, hwm] + args, env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL).returncode
+    dt = time.perf_counter() - t0
+    try:
+        kb = float(open(hwm).read() or 0)
+    finally:
+        os.remove(hwm)
+    return dt, kb / 1024, rc
 
 
 def make_parquet(path: str, n: int, seed: int, image_paths: list[str] = ()) -> None:
@@ -85,6 +102,28 @@ def make_images(folder: str, n: int, seed: int) -> list[str]:
     return out
 
 
+_RERUN = (
+    "import sys, time\n"
+    "from clipdet.extract import extract\n"
+    "from clipdet.images import discover\n"
+    "t0 = time.perf_counter()\n"
+    "refs = discover([sys.argv[1]])\n"
+    "s = extract(refs, sys.argv[3], cache=sys.argv[2], quiet=True, rehash=len(sys.argv) > 4)\n"
+    "dt = time.perf_counter() - t0\n"
+    "print(len(refs), s.cached, s.new, dt)\n"
+)
+
+
+def rerun_rate(work: str, n: int, cache: str, env: dict, rehash: bool = False) -> tuple[float, int]:
+    """Files/s of discover + extract over `n` unchanged, cached files (in-process, model never loaded)."""
+    out = subprocess.run([sys.executable, "-c", _RERUN, work, cache, BACKBONE] + (["rehash"] if rehash else []),
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    total, cached, new, dt = int(out[0]), int(out[1]), int(out[2]), float(out[3])
+    if cached != n or new:
+        raise SystemExit(f"rerun: expected {n} cached files, got {cached} cached, {new} new")
+    return n / dt, n
+
+
 def median_of(k: int, args: list[str], env: dict, before=None) -> tuple[float, float]:
     times, rss = [], []
     for _ in range(k):
@@ -104,6 +143,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/cache-scale")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/cache_scale.md")
+    ap.add_argument("--rerun-files", type=int, default=20_000, help="unchanged files for the stat-index re-run")
     a = ap.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.pop("CLIPDET_CACHE", None)
@@ -138,6 +178,19 @@ def main() -> None:
 
         r["extract8"] = median_of(a.repeats, ["extract", new, "-b", BACKBONE, "-c", cache, "-q"], env,
                                   before=fresh_images)
+        if n == max(a.sizes) and a.rerun_files:
+            files = make_images(os.path.join(a.work, "rerun", "real"), a.rerun_files, 3)
+            old = time.time() - 3600
+            for f in files:
+                os.utime(f, (old, old))
+            pq_re = os.path.join(d, "rerun.parquet")
+            make_parquet(pq_re, len(files), seed=11, image_paths=files)
+            run(["cache", "import", pq_re, "-b", BACKBONE, "-c", cache], env)
+            root = os.path.join(a.work, "rerun")
+            r["rehash_files_s"] = statistics.median(rerun_rate(root, len(files), cache, env, rehash=True)[0]
+                                                    for _ in range(a.repeats))  # also records the stat index
+            r["rerun_files_s"] = statistics.median(rerun_rate(root, len(files), cache, env)[0]
+                                                   for _ in range(a.repeats))
         rows[n] = r
         print(n, {k: v for k, v in r.items()}, flush=True)
     write_report(a, rows)
@@ -173,6 +226,11 @@ def write_report(a, rows: dict) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(rows[n][k]) for n in sizes) + f" | {slope} |")
     lines.append("| `cache import` (rows/s, peak RSS) | " + " | ".join(
         f"{rows[n]['import_rows_s']:,.0f} rows/s, {rows[n]['import_rss']:.0f} MB" for n in sizes) + " | |")
+    big = rows[max(sizes)]
+    if "rerun_files_s" in big:
+        lines.append(f"| re-run over {a.rerun_files:,} unchanged cached files (discover + extract, in-process) "
+                     f"at {max(sizes):,} | stat index: {big['rerun_files_s']:,.0f} files/s; `--rehash`: "
+                     f"{big['rehash_files_s']:,.0f} files/s | |" + " |" * (len(sizes) - 1))
     lines.append("| size on disk | " + " | ".join(f"{rows[n]['size_mb']:.0f} MB" for n in sizes) + " | |")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:

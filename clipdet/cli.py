@@ -109,6 +109,8 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads (0: decode in the "
                                           "main thread) [default: by device]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    rehash: bool = typer.Option(False, "--rehash", help="Hash every file even when the stat index says it is "
+                                "unchanged since an earlier run"),
     draft: bool = typer.Option(False, "--draft/--no-draft", help="Decode large JPEGs at reduced scale when the "
                                "model needs far fewer pixels: faster, features within cosine ~0.998 (see README)"),
     precision: str = PrecisionOpt,
@@ -124,7 +126,7 @@ def extract(
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
                         workers=workers, device=device, layers=_layers(layers) or None, quiet=quiet, draft=draft,
-                        precision=precision)
+                        precision=precision, rehash=rehash)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())

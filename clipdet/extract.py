@@ -24,6 +24,7 @@ import numpy as np
 
 from ._version import __version__
 from .cache import FeatureCache, FeatureRows, ImageMeta
+from .cache.statindex import stat_all
 from .errors import BackboneError, ClipdetError, ImageError, UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -45,6 +46,7 @@ class Prepared:
     meta: ImageMeta | None = None
     tensors: dict = field(default_factory=dict)  # view -> preprocessed tensor (missing views only)
     error: str = ""
+    unchanged: bool = False  # known from the stat index: not read, nothing new to record
 
 
 @dataclass
@@ -287,6 +289,7 @@ def extract(
     record_cached: bool = True,
     compact: bool = True,
     lazy: LazyBackbone | None = None,
+    rehash: bool = False,
 ) -> ExtractSummary:
     """Embed `refs` with `backbone` into the feature cache; returns an `ExtractSummary`.
 
@@ -299,6 +302,8 @@ def extract(
     so re-scoring a cached folder writes nothing); otherwise only new paths or labels are recorded.
     Without `layers`, the layer set the cache already stores for this backbone is kept, so adding
     images (from extract, fit PATH or score) never changes a group's layout.
+    Files unchanged since an earlier run (the cache's stat index) are not read at all; `rehash=True`
+    hashes every file regardless.
     """
     t0 = time.perf_counter()
     refs = list(refs)
@@ -329,12 +334,15 @@ def extract(
         return prepare(r, views, cached, lazy.preprocess, max_pixels=max_pixels,
                        draft_size=lazy.image_size if draft else None)
 
+    stats = stat_all([os.path.abspath(r.path) for r in refs])
+    known_files = {} if rehash else _unchanged(cache, refs, stats, cached, views, record_cached)
+
     progress = _Progress(len(refs), quiet, "extract")
     writer = _BatchWriter(cache, lazy, views, batch_size)
     seen: set[str] = set()
     already: list[ImageMeta] = []  # cached images whose metadata may be new: checked in batches
     try:
-        for p in iter_prepared(refs, workers, fn, prefetch):
+        for p in _with_known(refs, known_files, workers, fn, prefetch):
             progress.update()
             summary.records.append((p.ref.path, p.sha256, p.error))
             if p.error:
@@ -343,7 +351,7 @@ def extract(
                 continue
             if not p.tensors or p.sha256 in seen:
                 summary.cached += 1
-                if record_cached:
+                if record_cached and not p.unchanged:
                     already.append(p.meta)
                     if len(already) >= KNOWN_BATCH:
                         writer.metas += _new_metas(cache, already, seen)
@@ -357,6 +365,10 @@ def extract(
         writer.close()
     finally:
         progress.close()
+    cache.stat_index().record(
+        (os.path.abspath(path), stats[i], sha, record_cached)
+        for i, (path, sha, error) in enumerate(summary.records)
+        if not error and sha and stats[i] is not None and i not in known_files)
     summary.embedded = writer.embedded
     if compact and writer.segments:
         cache.compact(wait=False)
@@ -365,6 +377,46 @@ def extract(
 
 
 KNOWN_BATCH = 4096
+
+
+def _unchanged(cache: FeatureCache, refs: list[ImageRef], stats: list, cached: dict, views, record_cached: bool):
+    """Positions of files the stat index knows unchanged, already cached for every view, with nothing
+    new to record: {position: sha256}. These are not read again."""
+    if not refs or not cache.exists():
+        return {}
+    hits = cache.stat_index().lookup([os.path.abspath(r.path) for r in refs], stats)
+    if record_cached:
+        hits = {i: h for i, h in hits.items() if h[1]}  # only files whose path the cache has recorded
+    if not hits:
+        return {}
+    pos = list(hits)
+    shas = [hits[i][0] for i in pos]
+    ok = np.ones(len(pos), bool)
+    for v in views:
+        ok &= cached[v].contains_many(shas) if hasattr(cached[v], "contains_many") else \
+            np.array([s in cached[v] for s in shas], bool)
+    if record_cached:
+        labs, gens = cache.index_labels(shas)
+        for j, i in enumerate(pos):
+            r = refs[i]
+            if r.label and (r.label != labs[j] or (r.label == "fake" and (r.generator or "") != gens[j])):
+                ok[j] = False  # a new label or generator: goes the normal way and is recorded
+    return {i: shas[j] for j, i in enumerate(pos) if ok[j]}
+
+
+def _with_known(refs: list[ImageRef], known: dict[int, str], workers: int, fn, prefetch: int):
+    """Prepared results in input order: files in `known` without reading them, the rest through `fn`."""
+    if not known:
+        yield from iter_prepared(refs, workers, fn, prefetch)
+        return
+    rest = iter_prepared([r for i, r in enumerate(refs) if i not in known], workers, fn, prefetch)
+    for i, r in enumerate(refs):
+        sha = known.get(i)
+        if sha is None:
+            yield next(rest)
+        else:
+            yield Prepared(r, sha, ImageMeta(sha, r.label or "", r.generator or "", paths=[os.path.abspath(r.path)]),
+                           unchanged=True)
 
 
 def _new_metas(cache: FeatureCache, metas: list[ImageMeta], seen: set[str]) -> list[ImageMeta]:

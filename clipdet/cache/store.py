@@ -391,6 +391,28 @@ class FeatureCache:
                 found[sha] = obs
         return [{"sha256": s, "observations": found[s]} for s in sorted(found)]
 
+    def index_labels(self, shas: list[str]) -> tuple[list[str], list[str]]:
+        """Label and generator the index holds for each of `shas` (later segments win; '' if none)."""
+        k64, raw = keys_of(shas)
+        lab = [""] * len(shas)
+        gen = [""] * len(shas)
+        with self._session() as segs:
+            for s in segs:
+                rows = s.index.images.find(k64, raw)
+                for j in np.flatnonzero(rows >= 0):
+                    r = rows[j]
+                    code = int(s.index.label[r])
+                    if code:
+                        lab[j] = LABELS[code]
+                        gen[j] = s.index.vocab[int(s.index.gen[r])] if code == 2 else ""
+        return lab, gen
+
+    def stat_index(self):
+        """The stat index next to this cache (see statindex.py)."""
+        from .statindex import StatIndex
+
+        return StatIndex(os.path.join(self.seg_dir, "stat.sqlite"), readonly=self.readonly)
+
     def conflicted(self, shas: Iterable[str]) -> set[str]:
         """Those of `shas` whose recorded labels disagree (index lookups only)."""
         from .conflicts import conflicted
