@@ -446,7 +446,11 @@ def serve(
         opts = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_wait_ms=max_wait_ms,
                             max_batch=max_batch or default_batch_size(device), decode_workers=workers)
         err(f"clipdet serve: http://{host}:{port}/ ({'token required' if token else 'no token'}; Ctrl-C stops)")
-        uvicorn.run(create_app(engine, opts), host=host, port=port, log_level="warning", access_log=False)
+        try:
+            uvicorn.run(create_app(engine, opts), host=host, port=port, log_level="warning", access_log=False)
+        except SystemExit as e:  # uvicorn exits 3 when it cannot bind (its reason is on the line above)
+            if e.code not in (0, None):
+                raise UsageError(f"cannot serve on {host}:{port} (see the message above)") from None
 
     _run(go)
 
