@@ -435,6 +435,12 @@ def _new_information(meta: ImageMeta, known: ImageMeta | None) -> bool:
             or bool(meta.generator and meta.generator != known.generator))
 
 
+def feature_attrs(model, layers: Sequence[int], dim: int) -> dict:
+    """The attributes a feature group is written with (backbone record, layer set, dim, version)."""
+    return {"backbone": json.loads(model.info.to_json()), "layers": list(layers), "dim": int(dim),
+            "clipdet_version": __version__}
+
+
 class _BatchWriter:
     """Collects preprocessed tensors per view, embeds full batches and writes each as one shard."""
 
@@ -462,8 +468,7 @@ class _BatchWriter:
         model = self.lazy.get()
         out = model.embed(model.collate([t for _, t in items]), layers=self.lazy.absolute_layers)
         emb = out["embedding"]
-        attrs = {"backbone": json.loads(model.info.to_json()), "layers": list(self.lazy.absolute_layers),
-                 "dim": int(emb.shape[1]), "clipdet_version": __version__}
+        attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb.shape[1]))
         rows = FeatureRows([s for s, _ in items], emb.astype(np.float16), out.get("layers"))
         self.cache.write_shard({(model.info.key, view): (rows, attrs)}, images=self.metas, errors=self.errors)
         self.metas, self.errors = [], []

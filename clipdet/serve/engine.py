@@ -1,0 +1,197 @@
+"""The scoring engine behind `clipdet serve`: uploaded bytes → features → the detector's rows.
+
+Two stages, so decoding never blocks the event loop and the model sees whole batches:
+
+- `Engine.prepare(name, data)` (decode threads): hash the bytes; if the cache has features for them,
+  stop there; otherwise decode safely, apply the detector's view and preprocess — the same calls
+  `clipdet extract` makes (`decode_image`, `apply_view`, the backbone's `preprocess`).
+- `Engine.run_batch(items)` (the one model thread): embed the new images in one forward pass, read
+  the cached ones, score everything with the detector. Embeddings are rounded to float16 exactly as
+  the feature cache stores them, so a served score equals `clipdet score` on the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ClipdetError, ImageError
+from ..images import DEFAULT_MAX_PIXELS, apply_view, decode_image, sha256_bytes
+from ..scoring import COLUMNS
+
+
+@dataclass
+class Item:
+    """One uploaded file on its way through the engine."""
+
+    name: str
+    sha256: str = ""
+    tensor: object = None  # preprocessed image, when its features must be computed
+    cached: bool = False  # features come from the cache
+    error: str = ""
+    meta: dict = field(default_factory=dict)  # width/height/format, for --cache-write
+
+
+def public_row(row: dict) -> dict:
+    """A row as JSON-safe dict with every `clipdet score` column (NaN and absent values → None)."""
+    out = {}
+    for k in COLUMNS:
+        v = row.get(k)
+        out[k] = None if isinstance(v, float) and math.isnan(v) else v
+    return out
+
+
+class Engine:
+    """Holds the detector, the (lazily loaded) backbone and the optional feature cache.
+
+    `load()` builds the model (call it once, off the event loop). `prepare` is thread-safe;
+    `run_batch` must run on a single thread (it owns the model and the cache handle).
+    """
+
+    def __init__(self, detector, cache=None, cache_write: bool = False, device: str = "auto",
+                 precision: str = "auto", threshold: float | None = None, backbone: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        from ..cache import FeatureCache
+        from ..extract import LazyBackbone
+
+        self.detector = detector
+        self.threshold = detector.threshold if threshold is None else float(threshold)
+        self.view = detector.view
+        self.max_pixels = max_pixels
+        self.cache = None if cache is None else (cache if isinstance(cache, FeatureCache) else FeatureCache(cache))
+        self.cache_write = bool(cache_write and self.cache is not None)
+        self.lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device,
+                                 key=detector.backbone_key, precision=precision)
+        self.cached: set[str] = set()
+        self.written = 0
+
+    # ------------------------------------------------------------------ start-up
+    def load(self) -> None:
+        """Load the model; with a cache, check it matches and remember which images it already holds."""
+        key = self.detector.backbone_key
+        if self.cache is not None and self.cache.exists():
+            if self.cache_write:  # keep the layer set the cache stores, as `clipdet extract` does
+                stored = [g.layers for g in self.cache.groups() if g.key == key and g.view == self.view and g.layers]
+                if stored:
+                    self.lazy.layers = tuple(stored[0])
+            cache = self.cache
+            self.lazy.on_load(lambda model, layers: cache.check_compatible(model.info, self.view, layers),
+                              key=(cache.path, (self.view,)))
+            self.cached = self.cache.cached_shas(key, self.view)
+        self.lazy.get()
+
+    def describe(self) -> dict:
+        """The detector's metadata for `GET /v1/detector`."""
+        m = self.detector.meta
+        counts = m.get("counts", {})
+        refs = self.detector.references.get("sha256") or []
+        return {
+            "backbone": self.detector.backbone.get("spec"), "backbone_key": self.detector.backbone_key,
+            "view": self.view, "head": m.get("head"), "params": m.get("params", {}),
+            "threshold": self.threshold, "calibrated_threshold": self.detector.threshold,
+            "target_fpr": m.get("target_fpr"), "generators": list(m.get("generators", [])),
+            "attribution": self.detector.attribution is not None,
+            "references": {"total": len(refs) or int(counts.get("real", 0)) + int(counts.get("fake", 0)),
+                           "real": int(counts.get("real", 0)), "fake": int(counts.get("fake", 0))},
+            "shots": m.get("shots"), "seed": m.get("seed"), "nearest": hasattr(self.detector.head, "nearest"),
+            "clipdet_version": m.get("clipdet_version"), "cache": self.cache.path if self.cache else None,
+            "cache_write": self.cache_write,
+        }
+
+    # ------------------------------------------------------------------ decode threads
+    def prepare(self, name: str, data: bytes) -> Item:
+        """Hash, and unless cached, decode + view + preprocess one upload. Problems become `Item.error`."""
+        item = Item(name)
+        if not data:
+            item.error = "empty file (0 bytes)"
+            return item
+        item.sha256 = sha256_bytes(data)
+        if item.sha256 in self.cached:
+            item.cached = True
+            return item
+        try:
+            dec = decode_image(data, name, max_pixels=self.max_pixels)
+            item.meta = {"width": dec.width, "height": dec.height, "format": dec.format}
+            item.tensor = self.lazy.preprocess(apply_view(dec.image, self.view))
+        except ImageError as e:
+            item.error = e.reason
+        except ClipdetError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad upload never fails the others
+            item.error = f"{type(e).__name__}: {e}"
+        return item
+
+    # ------------------------------------------------------------------ model thread
+    def run_batch(self, items: list[Item]) -> list[dict]:
+        """Score a batch of prepared items; one row dict (see `public_row`) per item, in order."""
+        key = self.detector.backbone_key
+        feats: dict[str, np.ndarray] = {}
+        new = [it for it in items if not it.error and not it.cached]
+        if new:
+            model = self.lazy.get()
+            out = model.embed(model.collate([it.tensor for it in new]), layers=self.lazy.absolute_layers)
+            emb16 = out["embedding"].astype(np.float16)  # what the cache stores and `clipdet score` reads
+            for i, it in enumerate(new):
+                feats[it.sha256] = emb16[i].astype(np.float32)
+            if self.cache_write:
+                self._write(model, new, emb16, out.get("layers"))
+        hits = [it.sha256 for it in items if it.cached and it.sha256 not in feats]
+        if hits:
+            rows = self.cache.load(key, self.view, shas=hits)
+            feats.update(zip(rows.sha256, rows.embedding))
+        scorable = [it for it in items if not it.error and it.sha256 in feats]
+        scored = (self.detector.score_features(np.stack([feats[it.sha256] for it in scorable]),
+                                               threshold=self.threshold) if scorable else [])
+        by_item = {id(it): r for it, r in zip(scorable, scored)}
+        results = []
+        for it in items:
+            row = {"path": it.name, "sha256": it.sha256 or None, "error": it.error}
+            if not it.error:
+                if id(it) in by_item:
+                    row.update(by_item[id(it)])
+                else:
+                    row["error"] = "no features (the cache changed while serving)"
+            if row["error"]:
+                row["label"] = "unknown"
+            else:
+                row["error"] = None
+            results.append(public_row(row))
+        return results
+
+    def _write(self, model, items: list[Item], emb16: np.ndarray, layers) -> None:
+        """--cache-write: add the new features (and upload names) to the cache as one shard."""
+        from ..cache import FeatureRows, ImageMeta
+        from ..extract import feature_attrs
+
+        fresh = [i for i, it in enumerate(items) if it.sha256 not in self.cached]
+        if not fresh:
+            return
+        seen, keep = set(), []
+        for i in fresh:  # the same bytes twice in one batch: one row
+            if items[i].sha256 not in seen:
+                seen.add(items[i].sha256)
+                keep.append(i)
+        rows = FeatureRows([items[i].sha256 for i in keep], emb16[keep],
+                           None if layers is None else layers[keep])
+        metas = [ImageMeta(items[i].sha256, "", "", paths=[f"upload:{items[i].name}"], **items[i].meta)
+                 for i in keep]
+        attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb16.shape[1]))
+        self.cache.write_shard({(model.info.key, self.view): (rows, attrs)}, images=metas)
+        self.cached.update(items[i].sha256 for i in keep)
+        self.written += len(keep)
+
+    def close(self) -> None:
+        """Merge the shards --cache-write added into the main cache file."""
+        if self.cache is not None and self.written and self.cache.shard_count():
+            self.cache.compact()
+
+
+def default_decode_workers() -> int:
+    """Decode threads when none are given: a few, leaving cores to the model."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+__all__ = ["Engine", "Item", "public_row", "default_decode_workers"]
