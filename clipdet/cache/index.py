@@ -133,14 +133,28 @@ class SegmentIndex:
 
 
 class ShaSet(Set):
-    """A read-only set of SHA-256 hex digests backed by sorted arrays (supports `in`, len, iteration)."""
+    """A set of SHA-256 hex digests backed by sorted arrays (supports `in`, len, iteration), plus a
+    small Python overlay for digests added later (`add`, `update`: e.g. what a server just cached)."""
 
     def __init__(self, k64: np.ndarray, raw: np.ndarray):
         perm, starts = group_ids(k64, raw, np.arange(len(k64)))
         first = perm[starts]  # distinct digests, sorted by search key
         self._t = KeyTable(k64[first], raw[first], np.arange(len(first), dtype=np.int64))
+        self._extra: set[str] = set()
+
+    def add(self, sha: str) -> None:
+        """Add one digest."""
+        if sha not in self:
+            self._extra.add(sha)
+
+    def update(self, shas: Iterable[str]) -> None:
+        """Add digests."""
+        for s in shas:
+            self.add(s)
 
     def __contains__(self, sha) -> bool:
+        if sha in self._extra:
+            return True
         if not isinstance(sha, (str, bytes)) or len(sha) != 64:
             return False
         try:
@@ -151,14 +165,19 @@ class ShaSet(Set):
 
     def contains_many(self, shas: Iterable[str]) -> np.ndarray:
         """Membership of each digest, vectorised."""
+        shas = list(shas)
         k64, raw = keys_of(shas)
-        return self._t.find(k64, raw) >= 0
+        out = self._t.find(k64, raw) >= 0
+        if self._extra:
+            out |= np.array([s in self._extra for s in shas], bool)
+        return out
 
     def __len__(self) -> int:
-        return len(self._t)
+        return len(self._t) + len(self._extra)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(raw_to_hex(self._t.raw))
+        yield from raw_to_hex(self._t.raw)
+        yield from self._extra
 
 
 def group_ids(k64: np.ndarray, raw: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
