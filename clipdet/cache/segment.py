@@ -160,15 +160,19 @@ def write_features(f, features: dict[tuple[str, str], tuple[FeatureRows, dict]])
                 ds_l[:] = lay
 
 
-def segment_bytes(images: list[ImageMeta], errors: list[dict],
+def segment_bytes(images: list[ImageMeta] | dict, errors: list[dict],
                   features: dict[tuple[str, str], tuple[FeatureRows, dict]]) -> bytes:
-    """A complete segment file, built in memory."""
+    """A complete segment file, built in memory. `images`: ImageMeta records, or a dict of the
+    write_images columns (for bulk writers that never make one object per image)."""
     import h5py
 
     bio = io.BytesIO()
     with h5py.File(bio, "w") as f:
         write_header(f)
-        write_image_metas(f, images)
+        if isinstance(images, dict):
+            write_images(f, **images)
+        else:
+            write_image_metas(f, images)
         write_errors(f, errors)
         write_features(f, features)
     return bio.getvalue()

@@ -494,15 +494,16 @@ class FeatureCache:
     def write_shard(
         self,
         features: dict[tuple[str, str], tuple[FeatureRows, dict]] | None = None,
-        images: Iterable[ImageMeta] = (),
+        images: Iterable[ImageMeta] | dict = (),
         errors: Iterable[dict] = (),
     ) -> str | None:
         """Write one batch as a new segment, atomically, and add it to the catalogue; returns its path
-        (None if nothing to write). `features` maps (key, view) → (rows, attrs) where attrs has backbone
+        (None if nothing to write). `images`: ImageMeta records or a dict of columns (segment.write_images). `features` maps (key, view) → (rows, attrs) where attrs has backbone
         (dict), layers (list), dim. In read-only mode the segment is kept in memory only."""
         features = features or {}
-        images, errors = list(images), list(errors)
-        if not features and not images and not errors:
+        images = images if isinstance(images, dict) else list(images)
+        errors = list(errors)
+        if not features and not len(images) and not errors:
             return None
         data = segment_bytes(images, errors, features)
         name = f"seg-{time.time_ns():020d}-{os.getpid()}-{next(self._counter):06d}.h5"

@@ -21,9 +21,10 @@ import numpy as np
 from .._version import __version__
 from ..errors import UsageError
 from .index import hex_to_raw, valid_raw
-from .model import FeatureRows, ImageMeta
+from .model import FeatureRows
+from .segment import label_codes
 
-BATCH_ROWS = 1 << 16
+BATCH_ROWS = 1 << 14
 LABEL_VALUES = {"real": "real", "fake": "fake", "0": "real", "1": "fake", "": ""}
 
 
@@ -184,7 +185,7 @@ def import_embeddings(cache, sources: list[str], backbone: str, view: str = "cle
                            int(bad_lab.sum()))
             ok &= ~bad_lab
         gens = d.get("generator") or [""] * n
-        keep_rows, metas = [], []
+        keep_rows = []
         for i in np.flatnonzero(ok):
             s = shas[i]
             if s in seen:
@@ -192,14 +193,21 @@ def import_embeddings(cache, sources: list[str], backbone: str, view: str = "cle
                 continue
             seen.add(s)
             keep_rows.append(i)
-            lab = labels[i]
-            metas.append(ImageMeta(s, lab, (gens[i] or "") if lab == "fake" else "",
-                                   paths=[paths[i]] if isinstance(paths[i], str) and paths[i] else []))
         if not keep_rows:
             continue
         idx = np.array(keep_rows)
         e = x[idx] / norms[idx, None]
         rows = FeatureRows([shas[i] for i in idx], e.astype(np.float16))
+        lab = [labels[i] for i in idx]
+        gen = [(gens[i] or "") if labels[i] == "fake" else "" for i in idx]
+        vocab = [""] + sorted(set(gen) - {""})
+        code = {g: c for c, g in enumerate(vocab)}
+        metas = {
+            "sha": np.array([shas[i].encode() for i in idx], "S64"), "label": label_codes(lab),
+            "gen_codes": np.array([code[g] for g in gen], np.int32), "vocab": vocab,
+            "width": np.zeros(len(idx), np.int32), "height": np.zeros(len(idx), np.int32),
+            "fmt": [""] * len(idx), "paths": [paths[i] if isinstance(paths[i], str) else "" for i in idx],
+        }
         cache.write_shard({(key, view): (rows, attrs)}, images=metas)
         summary.rows += len(idx)
     cache.compact(wait=False)
