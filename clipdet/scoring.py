@@ -71,6 +71,16 @@ def score_refs(
                           record_cached=False)
         shas = [s for _, s, e in summary.records if not e]
         feats = cache.load(detector.backbone_key, view, shas=shas)
+        damaged = set(shas) & cache.damaged - set(feats.sha256)
+        if damaged:  # rows that failed their checks: embed those files again, then read the new rows
+            again = [r for r, (_, s, e) in zip(part, summary.records) if not e and s in damaged]
+            import warnings
+
+            warnings.warn(f"{again[0].path if again else ''}: cached features damaged, re-extracted"
+                          + (f" (and {len(again) - 1} more)" if len(again) > 1 else ""), stacklevel=2)
+            extract(again, "", cache=cache, views=[view], batch_size=batch_size, workers=workers, device=device,
+                    quiet=True, compact=False, lazy=lazy, record_cached=False, rehash=True)
+            feats = cache.load(detector.backbone_key, view, shas=shas)
         pos = {s: i for i, s in enumerate(feats.sha256)}
         scored = detector.score_features(feats.embedding, threshold=threshold) if len(feats.sha256) else []
         for path, sha, error in summary.records:
@@ -78,7 +88,8 @@ def score_refs(
             if not error:
                 i = pos.get(sha)
                 if i is None:
-                    row["error"] = "no features after extraction"
+                    row["error"] = ("cached features damaged and the file could not be embedded again"
+                                    if sha in cache.damaged else "no features after extraction")
                 else:
                     row.update(scored[i])
             if row["error"]:

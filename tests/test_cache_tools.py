@@ -264,3 +264,36 @@ def test_conflicting_labels_excluded_from_fit_and_listed(tmp_path, tiny_spec, ma
         r = run_cli("fit", str(tree), "--shots", "all", "-b", tiny_spec, "-c", cache,
                     "--out", str(tmp_path / "e.clipdet"), "-q")
     assert r.exit_code == 0, r.output
+
+
+def test_score_reextracts_damaged_cached_rows(tmp_path, tiny_spec, make_image, run_cli):
+    """One cached embedding damaged (NaN) breaks nothing: that image is re-embedded and scored."""
+    tree = tmp_path / "data"
+    for i in range(4):
+        make_image(tree / "real" / f"r{i}.png", seed=i)
+        make_image(tree / "fake" / "g" / f"f{i}.png", seed=100 + i)
+    cache = str(tmp_path / "c.h5")
+    det = str(tmp_path / "d.clipdet")
+    assert run_cli("fit", str(tree), "-b", tiny_spec, "-c", cache, "--shots", "all", "--out", det, "-q").exit_code == 0
+    out1 = tmp_path / "a.csv"
+    assert run_cli("score", str(tree), "-d", det, "-c", cache, "--out", str(out1), "-q").exit_code == 0
+    fc = FeatureCache(cache)
+    fc.compact(full=True)
+    seg = fc.segments()[0]
+    key = fc.groups()[0].key
+    with h5py.File(seg, "r+") as f:  # bit rot that keeps the checksum valid: a NaN written in place
+        ds = f[f"features/{key}/clean/embedding"]
+        row = ds[0]
+        row[3] = np.nan
+        ds[0] = row
+    out2 = tmp_path / "b.csv"
+    with pytest.warns(UserWarning, match="cached features damaged, re-extracted"):
+        r = run_cli("score", str(tree), "-d", det, "-c", cache, "--out", str(out2), "-q")
+    assert r.exit_code == 0, r.output
+    import csv
+
+    a = {row["sha256"]: row for row in csv.DictReader(open(out1))}
+    b = {row["sha256"]: row for row in csv.DictReader(open(out2))}
+    assert set(a) == set(b) and not any(row["error"] for row in b.values())
+    for s in a:
+        assert abs(float(a[s]["score"]) - float(b[s]["score"])) < 1e-3
