@@ -33,6 +33,23 @@ def _labelled(rows: list[dict], refs_by_path: dict[str, ImageRef]):
     return np.array(y, dtype=np.int64), np.array(s, dtype=np.float64), np.array(p, dtype=np.float64), gens, preds, shas
 
 
+def _conflicting(rows: list[dict], refs_by_path: dict[str, ImageRef], cache) -> set[str]:
+    """Hashes of scored images whose labels disagree, among the inputs or in the cache's record."""
+    from .cache import FeatureCache
+    from .fewshot import drop_conflicts
+
+    seen_as: dict[str, list] = {}
+    labels = {}
+    for r in rows:
+        ref = refs_by_path[r["path"]]
+        if r["error"] or not r["sha256"]:
+            continue
+        seen_as.setdefault(r["sha256"], []).append((ref.label, ref.generator or "", ref.path))
+        labels[r["sha256"]] = ref.label
+    fc = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    return drop_conflicts(labels, seen_as, fc if fc.exists() else None)
+
+
 def per_generator_auc(y: np.ndarray, scores: np.ndarray, generators: Sequence[str]) -> dict[str, float]:
     """AUC of each generator's fakes against all real images."""
     from .metrics import roc_auc
@@ -86,6 +103,11 @@ def evaluate(
     elif overlap:
         notes.append(f"{len(overlap)} evaluation image(s) are detector references (kept: --allow-overlap); "
                      "metrics are optimistic")
+    conflicting = _conflicting(rows, by_path, cache)
+    if conflicting:
+        rows = [r for r in rows if r["sha256"] not in conflicting]
+        notes.append(f"{len(conflicting)} evaluation image(s) with conflicting labels were excluded "
+                     "(clipdet cache conflicts lists them)")
     errors = [{"path": r["path"], "error": r["error"]} for r in rows if r["error"]]
     y, s, p, gens, scored, shas = _labelled(rows, by_path)
     if len(y) == 0:
@@ -98,6 +120,7 @@ def evaluate(
                      "target_fpr": detector.meta.get("target_fpr"), "shots": detector.meta.get("shots"),
                      "seed": detector.meta.get("seed")},
         "n_inputs": len(refs), "n_unlabelled": len(refs) - len(labelled), "n_errors": len(errors),
+        "n_conflicting": len(conflicting),
         "overlap": {"count": len(overlap), "policy": "excluded" if exclude_references else
                     ("allowed" if allow_overlap else "none")},
         "metrics": report,

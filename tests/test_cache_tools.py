@@ -297,3 +297,23 @@ def test_score_reextracts_damaged_cached_rows(tmp_path, tiny_spec, make_image, r
     assert set(a) == set(b) and not any(row["error"] for row in b.values())
     for s in a:
         assert abs(float(a[s]["score"]) - float(b[s]["score"])) < 1e-3
+
+
+def test_eval_excludes_conflicting_images_and_counts_them(tmp_path, tiny_spec, make_image, run_cli):
+    import shutil
+
+    refs, test = tmp_path / "refs", tmp_path / "test"
+    for i in range(4):
+        make_image(refs / "real" / f"r{i}.png", seed=i)
+        make_image(refs / "fake" / "g" / f"f{i}.png", seed=100 + i)
+        make_image(test / "real" / f"r{i}.png", seed=200 + i)
+        make_image(test / "fake" / "g" / f"f{i}.png", seed=300 + i)
+    shutil.copy(test / "real" / "r0.png", test / "fake" / "g" / "dup.png")
+    cache, det = str(tmp_path / "c.h5"), str(tmp_path / "d.clipdet")
+    assert run_cli("fit", str(refs), "-b", tiny_spec, "-c", cache, "--shots", "all", "--out", det, "-q").exit_code == 0
+    with pytest.warns(UserWarning, match="conflicting labels"):
+        r = run_cli("eval", str(test), "-d", det, "-c", cache, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["n_conflicting"] == 1 and any("conflicting labels were excluded" in n for n in res["notes"])
+    assert (res["metrics"]["n_real"], res["metrics"]["n_fake"]) == (3, 4)  # r0 and its copy dropped
