@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -118,7 +117,7 @@ def rerun_rate(work: str, n: int, cache: str, env: dict, rehash: bool = False) -
     """Files/s of discover + extract over `n` unchanged, cached files (in-process, model never loaded)."""
     out = subprocess.run([sys.executable, "-c", _RERUN, work, cache, BACKBONE] + (["rehash"] if rehash else []),
                          env=env, capture_output=True, text=True, check=True).stdout.split()
-    total, cached, new, dt = int(out[0]), int(out[1]), int(out[2]), float(out[3])
+    cached, new, dt = int(out[1]), int(out[2]), float(out[3])
     if cached != n or new:
         raise SystemExit(f"rerun: expected {n} cached files, got {cached} cached, {new} new")
     return n / dt, n
@@ -172,7 +171,7 @@ def main() -> None:
                                            "--out", os.path.join(d, "scores.csv")], env)
         new = os.path.join(d, "new")
 
-        def fresh_images():
+        def fresh_images(new=new):
             shutil.rmtree(new, ignore_errors=True)
             make_images(new, 8, seed=int(time.time_ns() % 2**31))
 
@@ -199,7 +198,8 @@ def main() -> None:
 def write_report(a, rows: dict) -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
-    bf16 = "native bf16 (avx512_bf16)" if "avx512_bf16" in flags or "amx_bf16" in flags else "no native bf16 (AVX2 only)"
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    bf16 = "native bf16 (avx512_bf16)" if native else "no native bf16 (AVX2 only)"
     sizes = sorted(rows)
     lines = [
         "# Feature cache scale: command cost vs cache size",

@@ -250,8 +250,8 @@ def score(
     state = {"errors": 0}
 
     def go():
-        from .detector import Detector
         from .cache import FeatureCache
+        from .detector import Detector
         from .scoring import RowWriter, score_refs, summarise, verdict
 
         det = Detector.load(detector)
@@ -263,7 +263,8 @@ def score(
         counts: dict[str, int] = {}
         n = 0
         try:
-            for row in score_refs(refs, det, cache=FeatureCache(cache, readonly=cache_readonly), device=device, threshold=threshold, backbone=backbone,
+            fc = FeatureCache(cache, readonly=cache_readonly)
+            for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
                                   batch_size=batch_size, workers=workers, quiet=quiet, precision=precision):
                 writer.write(row)
                 n += 1

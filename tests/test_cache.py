@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 
-from clipdet import cache as cache_mod
 from clipdet.backbones import BackboneInfo
 from clipdet.cache import FeatureCache, FeatureRows, ImageMeta, read_plain
 from clipdet.errors import CacheError, CacheMismatchError

@@ -49,7 +49,8 @@ def check(path: str, model: dict[str, np.ndarray]) -> None:
     fc = FeatureCache(path)
     rows = fc.load(KEY, "clean")
     assert len(rows.sha256) == len(set(rows.sha256)), "duplicated image"
-    assert set(rows.sha256) == set(model), f"lost {len(set(model) - set(rows.sha256))}, extra {len(set(rows.sha256) - set(model))}"
+    lost, extra = set(model) - set(rows.sha256), set(rows.sha256) - set(model)
+    assert not lost and not extra, f"lost {len(lost)}, extra {len(extra)}"
     if model:
         want = np.stack([model[s] for s in rows.sha256]).astype(np.float32)
         assert np.array_equal(rows.embedding, want), "an embedding changed"

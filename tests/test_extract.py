@@ -6,7 +6,6 @@ import os
 import shutil
 import sys
 
-import h5py
 import numpy as np
 import pytest
 from conftest import single_segment

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 
 import pytest
 
-import importlib
 from clipdet.cache import FeatureCache
 from clipdet.cache.statindex import RACY_NS, StatIndex, stat_all
 from clipdet.extract import LazyBackbone, extract

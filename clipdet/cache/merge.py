@@ -20,7 +20,13 @@ from .files import check_free_space
 from .index import group_ids, hex_to_raw, raw_to_k64, unique_first
 from .model import ImageMeta
 from .segment import (
-    create_feature_datasets, errors_table, feature_groups, group_attrs, write_errors, write_header, write_images,
+    create_feature_datasets,
+    errors_table,
+    feature_groups,
+    group_attrs,
+    write_errors,
+    write_header,
+    write_images,
 )
 
 FANOUT = 8

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import CacheError, CacheMismatchError
 from . import catalogue
 from .files import DiskFullError, atomic_write_bytes, flock, fsync_dir, os_error_message, pid_alive, try_flock
-from .index import KeyTable, SegmentIndex, ShaSet, group_ids, keys_of, raw_to_hex, raw_to_k64, unique_first
+from .index import KeyTable, SegmentIndex, ShaSet, group_ids, keys_of, raw_to_hex, unique_first
 from .model import LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path
 from .segment import check_header, errors_table, feature_groups, image_columns, image_rows, read_rows, segment_bytes
 
@@ -498,7 +498,8 @@ class FeatureCache:
         errors: Iterable[dict] = (),
     ) -> str | None:
         """Write one batch as a new segment, atomically, and add it to the catalogue; returns its path
-        (None if nothing to write). `images`: ImageMeta records or a dict of columns (segment.write_images). `features` maps (key, view) → (rows, attrs) where attrs has backbone
+        (None if nothing to write). `images`: ImageMeta records or a dict of columns (segment.write_images).
+        `features` maps (key, view) → (rows, attrs) where attrs has backbone
         (dict), layers (list), dim. In read-only mode the segment is kept in memory only."""
         features = features or {}
         images = images if isinstance(images, dict) else list(images)
@@ -547,7 +548,7 @@ class FeatureCache:
         """v1 → v2 without copying: hard-link the main file and shards into the segment folder."""
         os.makedirs(self.seg_dir, exist_ok=True)
         out = []
-        for i, src in enumerate(cat.segments):
+        for src in cat.segments:
             base = "seg-00000000000000000000-0-v1main.h5" if src == self.path else "seg-" + os.path.basename(src)
             dst = os.path.join(self.seg_dir, base)
             if not os.path.exists(dst):
@@ -634,15 +635,7 @@ class FeatureCache:
                 if bad:
                     segs = self._set_aside(bad)
                     continue
-                out = os.path.join(self.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")
-                try:
-                    self._merge(inputs, out)
-                except BaseException as e:
-                    with contextlib.suppress(OSError):
-                        os.remove(out)
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise DiskFullError(os_error_message(out, e)) from None
-                    raise
+                out = self._merge(inputs)
                 final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-m{merged:05d}.h5")
                 os.replace(out, final)
                 segs = self._update_catalogue(replace=(inputs, final))
@@ -658,17 +651,9 @@ class FeatureCache:
         file by the catalogue in one rename. Any failure before that leaves the v1 file untouched."""
         with flock(self.merge_lock_path, exclusive=True):
             cat = catalogue.read(self.path)
-            if not cat.legacy:
-                return self.compact(full=True)
-            out = os.path.join(self.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")
-            try:
-                self._merge(cat.segments, out)
-            except BaseException as e:
-                with contextlib.suppress(OSError):
-                    os.remove(out)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(os_error_message(out, e)) from None
-                raise
+            if not cat.legacy:  # another process upgraded it meanwhile
+                return 0
+            out = self._merge(cat.segments)
             final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-u00000.h5")
             with flock(self.lock_path, exclusive=True, create_dir=True):
                 os.replace(out, final)
@@ -680,17 +665,27 @@ class FeatureCache:
                 os.rmdir(self.pending_dir)
             return len(cat.segments)
 
-    def _merge(self, inputs: list[str], out: str) -> None:
+    def _merge(self, inputs: list[str]) -> str:
+        """Merge `inputs` into a new mrg- file (removed again on any failure); returns its path."""
         import h5py
 
         from .merge import merge_files
 
-        files = [h5py.File(p, "r") for p in inputs]
+        out = os.path.join(self.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")
+        files = []
         try:
+            files = [h5py.File(p, "r") for p in inputs]
             merge_files(files, out)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.remove(out)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(os_error_message(out, e)) from None
+            raise
         finally:
             for f in files:
                 f.close()
+        return out
 
     def _openable(self, paths: list[str]) -> tuple[list[str], list[str]]:
         import h5py

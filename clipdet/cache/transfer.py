@@ -112,7 +112,8 @@ def _batches(sources: list[str]) -> Iterator[tuple[str, int, dict]]:
                 start = 0
                 for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=["image_path"]):
                     n = b.num_rows
-                    yield meta, start, {"path": b.column(0).to_pylist(), "embedding_np": np.asarray(arr[start:start + n])}
+                    yield meta, start, {"path": b.column(0).to_pylist(),
+                                        "embedding_np": np.asarray(arr[start:start + n])}
                     start += n
             continue
         files = sorted(glob.glob(os.path.join(src, "**", "*.parquet"), recursive=True)) if os.path.isdir(src) else [src]

@@ -114,7 +114,8 @@ def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
         for key, view in feature_groups(f):
             g = f[f"features/{key}/{view}"]
             keep = np.setdiff1d(np.arange(len(g["sha256"])), bad_groups.get((key, view), []))
-            emb = np.stack([g["embedding"][int(i)] for i in keep]) if len(keep) else np.zeros((0, g["embedding"].shape[1]))
+            emb = (np.stack([g["embedding"][int(i)] for i in keep]) if len(keep)
+                   else np.zeros((0, g["embedding"].shape[1])))
             lay = None
             if "layers" in g:
                 lay = np.stack([g["layers"][int(i)] for i in keep]) if len(keep) else None
