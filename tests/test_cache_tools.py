@@ -317,3 +317,39 @@ def test_eval_excludes_conflicting_images_and_counts_them(tmp_path, tiny_spec, m
     res = json.loads(r.stdout)
     assert res["n_conflicting"] == 1 and any("conflicting labels were excluded" in n for n in res["notes"])
     assert (res["metrics"]["n_real"], res["metrics"]["n_fake"]) == (3, 4)  # r0 and its copy dropped
+
+
+@pytest.mark.parametrize("per_generator", [False, True])
+def test_sampling_from_index_equals_the_whole_pool_draw(tmp_path, per_generator):
+    """fit's index-based draw reproduces the 0.1 draw (whole pool + sample_shots) row for row, and
+    does not depend on how the cache is split into segments."""
+    from clipdet.fewshot import load_pool, sample_from_cache, sample_shots
+
+    fc = FeatureCache(tmp_path / "c.h5")
+    attrs = {"backbone": {"spec": "a"}, "layers": [], "dim": 8}
+    rng = np.random.default_rng(0)
+    gens = ["", "sd", "mj", "dalle"]
+    for b in range(12):
+        shas = [hashlib_sha(f"{b}-{i}") for i in range(int(rng.integers(5, 30)))]
+        labels = rng.choice(["real", "fake", ""], size=len(shas), p=[0.45, 0.45, 0.1])
+        metas = [ImageMeta(s, lab, gens[int(rng.integers(0, 4))] if lab == "fake" else "")
+                 for s, lab in zip(shas, labels)]
+        fc.write_shard({("K", "clean"): (FeatureRows(shas, _unit(len(shas), 8, b)), attrs)}, images=metas)
+    for k, seed in ((3, 0), (7, 5), (None, 1)):
+        whole = load_pool(fc, "K", "clean")
+        old = whole.take(sample_shots(whole.label, whole.generator, k, seed, per_generator, keys=whole.sha256))
+        new, counts = sample_from_cache(fc, "K", "clean", k, seed, per_generator)
+        assert new.sha256 == old.sha256 and new.label == old.label and new.generator == old.generator
+        np.testing.assert_array_equal(new.X, old.X)
+        assert counts == {"real": whole.label.count("real"), "fake": whole.label.count("fake")}
+    before = sample_from_cache(fc, "K", "clean", 4, 3, per_generator)[0]
+    fc.compact(full=True)
+    after = sample_from_cache(fc, "K", "clean", 4, 3, per_generator)[0]
+    assert after.sha256 == before.sha256
+    np.testing.assert_array_equal(after.X, before.X)
+
+
+def hashlib_sha(tag: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(tag.encode()).hexdigest()
