@@ -159,6 +159,9 @@ def _merge_group(srcs: list, g, key: str, view: str) -> None:
     dim = int(first.attrs["dim"])
     ds_s, ds_e, ds_l = create_feature_datasets(g, int(keep.sum()), dim, first["layers"].shape[1:] if has_layers
                                                else None)
+    from .index import KeyTable
+
+    KeyTable.build(allsha[keep]).save(g)
     m, off = 0, 0
     for src, s in zip(srcs, shas):
         n = len(s)

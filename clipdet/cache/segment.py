@@ -83,8 +83,11 @@ def write_images(f, sha: np.ndarray, label: np.ndarray, gen_codes: np.ndarray, v
                  width: np.ndarray, height: np.ndarray, fmt: list[str], paths: list[str]) -> None:
     """Write the /images table from columns (labels and generators already as codes)."""
     sd = str_dtype()
+    from .index import KeyTable
+
     g = f.create_group("images")
     g.create_dataset("sha256", data=np.asarray(sha, dtype="S64"))
+    KeyTable.build(np.asarray(sha, dtype="S64")).save(g)
     ds = g.create_dataset("label", data=np.asarray(label, dtype=np.int8))
     ds.attrs["labels"] = json.dumps(list(LABELS))
     g.create_dataset("generator", data=np.asarray(gen_codes, dtype=np.int32))
@@ -153,8 +156,12 @@ def write_features(f, features: dict[tuple[str, str], tuple[FeatureRows, dict]])
         lay = None if rows.layers is None else np.asarray(rows.layers, dtype=np.float16)
         ds_s, ds_e, ds_l = create_feature_datasets(g, len(rows.sha256), int(emb.shape[1]) if emb.ndim == 2 else
                                                    int(attrs["dim"]), None if lay is None else lay.shape[1:])
+        from .index import KeyTable
+
+        sha = np.array([s.encode() for s in rows.sha256], dtype="S64")
+        KeyTable.build(sha).save(g)
         if len(rows.sha256):
-            ds_s[:] = np.array([s.encode() for s in rows.sha256], dtype="S64")
+            ds_s[:] = sha
             ds_e[:] = emb
             if ds_l is not None:
                 ds_l[:] = lay
@@ -179,14 +186,14 @@ def segment_bytes(images: list[ImageMeta] | dict, errors: list[dict],
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def image_columns(f) -> dict:
-    """The /images table's index columns: sha256 (S64), label codes (int8), generator names per row
-    as (codes int32, vocab list). Works for version-1 files (string columns) too."""
+def image_columns(f, with_sha: bool = True) -> dict:
+    """The /images table's index columns: sha256 (S64; None without `with_sha`), label codes (int8),
+    generator names per row as (codes int32, vocab list). Works for version-1 files (strings) too."""
     g = f.get("images")
     if g is None or len(g["sha256"]) == 0:
         return {"sha256": np.zeros(0, "S64"), "label": np.zeros(0, np.int8), "gen": np.zeros(0, np.int32),
                 "vocab": [""]}
-    sha = g["sha256"][()]
+    sha = g["sha256"][()] if with_sha else None
     if g["label"].dtype.kind in "iu":
         return {"sha256": sha, "label": g["label"][()].astype(np.int8), "gen": g["generator"][()].astype(np.int32),
                 "vocab": decode(g["generator_vocab"][()])}

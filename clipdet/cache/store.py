@@ -53,15 +53,19 @@ def build_index(name: str, f, size: int) -> SegmentIndex:
     from .conflicts import read_conflicts
 
     version = check_header(f, name)
-    cols = image_columns(f)
-    idx = SegmentIndex(name, KeyTable.build(cols["sha256"]), cols["label"], cols["gen"], cols["vocab"],
+    im = f.get("images")
+    itab = KeyTable.load(im, len(im["sha256"])) if im is not None and "sha256" in im else None
+    cols = image_columns(f, with_sha=itab is None)
+    itab = itab or KeyTable.build(cols["sha256"])
+    idx = SegmentIndex(name, itab, cols["label"], cols["gen"], cols["vocab"],
                        size=size, version=version, conflicts=read_conflicts([f]))
     for key, view in feature_groups(f):
         g = f[f"features/{key}/{view}"]
         from .index import GroupIndex
 
-        idx.groups[(key, view)] = GroupIndex(KeyTable.build(g["sha256"][()]), _attrs(g), "layers" in g,
-                                             len(g["sha256"]))
+        n = len(g["sha256"])
+        tab = KeyTable.load(g, n) or KeyTable.build(g["sha256"][()])
+        idx.groups[(key, view)] = GroupIndex(tab, _attrs(g), "layers" in g, n)
     e = f.get("errors/path")
     idx.n_errors = 0 if e is None else len(e)
     return idx
@@ -226,7 +230,9 @@ class FeatureCache:
             rk, rr = keys_of(sorted(set(recorded)))
             u_con |= KeyTable(*_sorted(rk, rr)).find(ik[perm[starts]], ir[perm[starts]]) >= 0
         table = KeyTable(ik[perm[starts]], ir[perm[starts]], np.arange(len(starts), dtype=np.int64))
-        at = table.find(fk, fr)
+        by_key = np.argsort(fk, kind="stable")  # look up in key order: sorted needles are cache-friendly
+        at = np.empty(len(fk), np.int64)
+        at[by_key] = table.find(fk[by_key], fr[by_key])
         has = at >= 0
         safe = np.maximum(at, 0)
         return {"raw": fr, "label": np.where(has, u_lab[safe], 0).astype(np.int8),
