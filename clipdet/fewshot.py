@@ -72,15 +72,17 @@ def sample_shots(
     n = len(labels)
     keys = list(keys) if keys is not None else [str(i) for i in range(n)]
     order = np.argsort(np.array(keys, dtype=str), kind="stable") if n else np.zeros(0, np.int64)
+    names, codes = np.unique(np.array([g or "unknown" for g in generators] or [""], dtype=str), return_inverse=True)
     return draw_shots(order, np.array([lab == "real" for lab in labels], bool),
-                      np.array([lab == "fake" for lab in labels], bool),
-                      np.array([g or "unknown" for g in generators], dtype=object), shots, seed, per_generator)
+                      np.array([lab == "fake" for lab in labels], bool), codes.ravel()[:n], list(names),
+                      shots, seed, per_generator)
 
 
-def draw_shots(order: np.ndarray, is_real: np.ndarray, is_fake: np.ndarray, gen_names: np.ndarray,
-               shots: int | None, seed: int, per_generator: bool = False) -> list[int]:
+def draw_shots(order: np.ndarray, is_real: np.ndarray, is_fake: np.ndarray, gen_codes: np.ndarray,
+               code_names: Sequence[str], shots: int | None, seed: int, per_generator: bool = False) -> list[int]:
     """The seeded draw behind `sample_shots`, on arrays: `order` sorts candidates by content hash,
-    `gen_names` names each fake's generator ('unknown' when unnamed). Works on millions of candidates."""
+    `gen_codes` index `code_names` (each fake's generator name, 'unknown' when unnamed). Works on
+    millions of candidates without one Python object each."""
     rng = np.random.default_rng(seed)
 
     def draw(members: np.ndarray, k: int | None) -> list[int]:
@@ -94,11 +96,13 @@ def draw_shots(order: np.ndarray, is_real: np.ndarray, is_fake: np.ndarray, gen_
     fakes = order[is_fake[order]]
     if not per_generator:
         return sorted(draw(reals, shots) + draw(fakes, shots))
-    names = gen_names[fakes]
-    gens = sorted(set(names.tolist()))
+    fake_codes = np.asarray(gen_codes)[fakes]
+    present = np.unique(fake_codes)
+    gens = sorted({code_names[c] for c in present})
     chosen: list[int] = []
     for g in gens:
-        chosen += draw(fakes[names == g], shots)
+        codes = [c for c in present if code_names[c] == g]
+        chosen += draw(fakes[np.isin(fake_codes, codes)], shots)
     k_real = None if shots is None else shots * max(1, len(gens))
     return sorted(draw(reals, k_real) + chosen)
 
@@ -282,9 +286,8 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
     from .cache.index import hex_order, raw_to_hex
 
     cand = cache.labelled(key, view)
-    lab, conflict = cand["label"], cand["conflict"]
-    names = np.array([v or "unknown" for v in cand["vocab"]], dtype=object)[cand["gen"]]
-    known = np.array(cand["vocab"], dtype=object)[cand["gen"]]
+    lab, conflict, gcode = cand["label"], cand["conflict"], cand["gen"]
+    vocab = cand["vocab"]
     mask = (lab == 1) | (lab == 2)
     n_conf = int((mask & conflict).sum())
     if n_conf:
@@ -292,12 +295,13 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
                       "(clipdet cache conflicts lists them)", stacklevel=2)
         mask &= ~conflict
     if excluded:
-        have = set(known[mask & (lab == 2)].tolist()) - {""}
+        have = {vocab[c] for c in np.unique(gcode[mask & (lab == 2)])} - {""}
         unknown = set(excluded) - have
         if unknown:
             raise UsageError(f"--exclude-generator {', '.join(sorted(unknown))}: no such generator among the "
                              f"references (have: {', '.join(sorted(have))})")
-        mask &= ~((lab == 2) & np.isin(known, list(excluded)))
+        drop = [c for c, v in enumerate(vocab) if v in excluded]
+        mask &= ~((lab == 2) & np.isin(gcode, drop))
     idx = np.flatnonzero(mask)
     is_real, is_fake = lab[idx] == 1, lab[idx] == 2
     counts = {"real": int(is_real.sum()), "fake": int(is_fake.sum())}
@@ -305,9 +309,11 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
         _need_both_classes(Pool([], ["real"] * counts["real"] + ["fake"] * counts["fake"], [], [],
                                 np.zeros((0, 0))), "fit")
     order = hex_order(cand["raw"][idx])
-    pick = idx[draw_shots(order, is_real, is_fake, names[idx], k, seed, per_generator)]
+    names = [v or "unknown" for v in vocab]
+    pick = idx[draw_shots(order, is_real, is_fake, gcode[idx], names, k, seed, per_generator)]
     shas = raw_to_hex(cand["raw"][pick])
-    labels = {s: ("real" if lab[i] == 1 else "fake", known[i] if lab[i] == 2 else "") for s, i in zip(shas, pick)}
+    labels = {s: ("real" if lab[i] == 1 else "fake", vocab[gcode[i]] if lab[i] == 2 else "")
+              for s, i in zip(shas, pick)}
     chosen = load_pool(cache, key, view, shas=shas, labels=labels)
     return chosen, counts
 

@@ -51,7 +51,11 @@ def raw_to_k64(raw: np.ndarray) -> np.ndarray:
 def hex_order(raw: np.ndarray) -> np.ndarray:
     """Permutation sorting raw digests as their hex strings sort."""
     w = np.ascontiguousarray(raw).view(">u8").reshape(-1, 4)
-    return np.lexsort((w[:, 3], w[:, 2], w[:, 1], w[:, 0]))
+    first = w[:, 0].astype(np.uint64)
+    o = np.argsort(first, kind="stable")
+    if len(o) > 1 and (first[o][1:] == first[o][:-1]).any():  # digests sharing 8 leading bytes
+        o = np.lexsort((w[:, 3], w[:, 2], w[:, 1], w[:, 0]))
+    return o
 
 
 def raw_to_hex(raw: np.ndarray) -> list[str]:
@@ -111,8 +115,11 @@ class KeyTable:
         hi = np.searchsorted(self.k64, k64, side="right")
         run = hi - lo
         one = np.flatnonzero(run == 1)
-        same = (self.raw[lo[one]] == raw[one]).all(axis=1)
-        out[one[same]] = self.row[lo[one[same]]]
+        mine, theirs = self.raw.view(np.uint64), np.ascontiguousarray(raw).view(np.uint64)
+        for c in range(0, len(one), _CHUNK):  # compare full digests as 4 words, a chunk at a time
+            q = one[c:c + _CHUNK]
+            same = (mine[lo[q]] == theirs[q]).all(axis=1)
+            out[q[same]] = self.row[lo[q[same]]]
         for q in np.flatnonzero(run > 1):  # equal search keys (duplicates, or a rare 64-bit collision)
             match = np.flatnonzero((self.raw[lo[q]:hi[q]] == raw[q]).all(axis=1))
             if len(match):

@@ -189,55 +189,35 @@ class FeatureCache:
 
     def labelled(self, key: str, view: str) -> dict:
         """The group's images with their resolved labels, as arrays in cache order (oldest first):
-        raw (n, 32) digests, label codes (0 none, 1 real, 2 fake), gen codes into `vocab`, conflict flags."""
-        from .conflicts import conflict_mask
+        raw (n, 32) digests, label codes (0 none, 1 real, 2 fake), gen codes into `vocab`, conflict flags.
 
+        Index only. The common case (one big segment, distinct keys) is joined in key order without
+        copying the index; memory is a few arrays of n entries."""
         with self._session() as segs:
             tabs = [(i, s.index.groups[(key, view)].keys) for i, s in enumerate(segs) if (key, view) in s.index.groups]
-            order_parts = [(np.full(len(t), i, np.int64) << 40) + t.row for i, t in tabs]
-            k64 = np.concatenate([t.k64 for _, t in tabs]) if tabs else np.zeros(0, np.uint64)
-            raw = np.concatenate([t.raw for _, t in tabs]) if tabs else np.zeros((0, 32), np.uint8)
-            order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
-            first = unique_first(k64, raw, order)
-            fk, fr = k64[first], raw[first]
+            gk, graw, gorder = _distinct_oldest(tabs)
             vocab, code = [""], {"": 0}
-            ik, ir, il, ig, io_ = [], [], [], [], []
-            recorded = []
+            parts, recorded = [], []
             for i, s in enumerate(segs):
                 t = s.index.images
                 remap = np.array([code.setdefault(v, len(code)) for v in s.index.vocab], np.int32)
-                ik.append(t.k64)
-                ir.append(t.raw)
-                il.append(s.index.label[t.row])
-                ig.append(remap[s.index.gen[t.row]] if len(t.row) else np.zeros(0, np.int32))
-                io_.append((np.int64(i) << 40) + t.row)
+                if len(t):
+                    parts.append((i, t, s.index.label[t.row], remap[s.index.gen[t.row]]))
                 recorded += [c[0] for c in s.index.conflicts]
             vocab = [v for v, _ in sorted(code.items(), key=lambda t: t[1])]
-        if not ik or not sum(len(x) for x in ik):
-            n = len(fk)
-            return {"raw": fr, "label": np.zeros(n, np.int8), "gen": np.zeros(n, np.int32),
-                    "conflict": np.zeros(n, bool), "vocab": vocab}
-        ik, ir, il, ig, io_ = (np.concatenate(x) for x in (ik, ir, il, ig, io_))
-        perm, starts = group_ids(ik, ir, io_)
-        lab, gen = il[perm], ig[perm]
-        pos = np.arange(len(perm))
-        last_lab = np.maximum.reduceat(np.where(lab > 0, pos, -1), starts)
-        last_gen = np.maximum.reduceat(np.where((gen > 0) | (lab == 1), pos, -1), starts)
-        u_lab = np.where(last_lab >= 0, lab[np.maximum(last_lab, 0)], 0).astype(np.int8)
-        u_gen = np.where(last_gen >= 0, gen[np.maximum(last_gen, 0)], 0).astype(np.int32)
-        u_con = conflict_mask(il, ig, perm, starts)
+        n = len(gk)
+        label, gen, conflict = np.zeros(n, np.int8), np.zeros(n, np.int32), np.zeros(n, bool)
+        if parts:
+            table, u_lab, u_gen, u_con = _resolve_labels(parts)
+            at = table.find(gk, graw)  # both in key order: cache-friendly
+            has = np.flatnonzero(at >= 0)
+            label[has], gen[has], conflict[has] = u_lab[at[has]], u_gen[at[has]], u_con[at[has]]
+            del table, u_lab, u_gen, u_con, at
         if recorded:
             rk, rr = keys_of(sorted(set(recorded)))
-            u_con |= KeyTable(*_sorted(rk, rr)).find(ik[perm[starts]], ir[perm[starts]]) >= 0
-        table = KeyTable(ik[perm[starts]], ir[perm[starts]], np.arange(len(starts), dtype=np.int64))
-        by_key = np.argsort(fk, kind="stable")  # look up in key order: sorted needles are cache-friendly
-        at = np.empty(len(fk), np.int64)
-        at[by_key] = table.find(fk[by_key], fr[by_key])
-        has = at >= 0
-        safe = np.maximum(at, 0)
-        return {"raw": fr, "label": np.where(has, u_lab[safe], 0).astype(np.int8),
-                "gen": np.where(has, u_gen[safe], 0).astype(np.int32),
-                "conflict": np.where(has, u_con[safe], False), "vocab": vocab}
+            conflict |= KeyTable(*_sorted(rk, rr)).find(gk, graw) >= 0
+        o = np.argsort(gorder, kind="stable")  # cache order: oldest segment first, file order within
+        return {"raw": graw[o], "label": label[o], "gen": gen[o], "conflict": conflict[o], "vocab": vocab}
 
     # ------------------------------------------------------------------ reading: rows
     def load(
@@ -767,6 +747,48 @@ class FeatureCache:
             "segments": len(cat.segments), "pending_shards": self.shard_count() if cat.segments else 0,
             "images": n_images, "errors": n_errors, "conflicts": n_conflicts, "features": feats,
         }
+
+
+def _distinct_oldest(tabs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct keys of a group's per-segment tables [(segment position, KeyTable)], the oldest row
+    of each: (k64, raw, order) in key order, order = segment << 40 | row."""
+    if not tabs:
+        return np.zeros(0, np.uint64), np.zeros((0, 32), np.uint8), np.zeros(0, np.int64)
+    if len(tabs) == 1 and not (tabs[0][1].k64[1:] == tabs[0][1].k64[:-1]).any():
+        i, t = tabs[0]
+        return t.k64, t.raw, (np.int64(i) << 40) + t.row
+    k64 = np.concatenate([t.k64 for _, t in tabs])
+    raw = np.concatenate([t.raw for _, t in tabs])
+    order = np.concatenate([(np.int64(i) << 40) + t.row for i, t in tabs])
+    perm, starts = group_ids(k64, raw, order)
+    first = perm[starts]  # in key order
+    return k64[first], raw[first], order[first]
+
+
+def _resolve_labels(parts: list) -> tuple[KeyTable, np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct image (a KeyTable in key order): the last label, the generator that goes with it,
+    and whether observations disagree. `parts`: [(segment position, images KeyTable, label codes,
+    generator codes)] oldest first, each in its table's key order."""
+    from .conflicts import conflict_mask
+
+    if len(parts) == 1 and not (parts[0][1].k64[1:] == parts[0][1].k64[:-1]).any():
+        _, t, lab, gen = parts[0]
+        return KeyTable(t.k64, t.raw, np.arange(len(t), dtype=np.int64)), lab, gen, np.zeros(len(t), bool)
+    ik = np.concatenate([p[1].k64 for p in parts])
+    ir = np.concatenate([p[1].raw for p in parts])
+    il = np.concatenate([p[2] for p in parts])
+    ig = np.concatenate([p[3] for p in parts])
+    io_ = np.concatenate([(np.int64(i) << 40) + t.row for i, t, _, _ in parts])
+    perm, starts = group_ids(ik, ir, io_)
+    lab, gen = il[perm], ig[perm]
+    pos = np.arange(len(perm))
+    last_lab = np.maximum.reduceat(np.where(lab > 0, pos, -1), starts)
+    last_gen = np.maximum.reduceat(np.where((gen > 0) | (lab == 1), pos, -1), starts)
+    u_lab = np.where(last_lab >= 0, lab[np.maximum(last_lab, 0)], 0).astype(np.int8)
+    u_gen = np.where(last_gen >= 0, gen[np.maximum(last_gen, 0)], 0).astype(np.int32)
+    u_con = conflict_mask(il, ig, perm, starts)
+    first = perm[starts]
+    return KeyTable(ik[first], ir[first], np.arange(len(starts), dtype=np.int64)), u_lab, u_gen, u_con
 
 
 def _sorted(k64: np.ndarray, raw: np.ndarray):
