@@ -75,7 +75,7 @@ def make_parquet(path: str, n: int, seed: int, image_paths: list[str] = ()) -> N
         else:
             raw = rng.bytes(32 * m)
             cols["sha256"] = [raw[i * 32:(i + 1) * 32].hex() for i in range(m)]
-        lab = rng.integers(0, 2, m)
+        lab = rng.integers(0, 2, m) if not image_paths else np.zeros(m, int)  # files live under real/
         cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)
         cols["label"] = np.where(lab == 1, "fake", "real").tolist()
         cols["generator"] = [GENS[g] if lab_ else "" for g, lab_ in zip(rng.integers(0, 4, m), lab)]
