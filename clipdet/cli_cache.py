@@ -12,7 +12,7 @@ cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_
 
 def register(app: typer.Typer) -> None:
     """Add the `cache` command group to `app`."""
-    from .cli import CacheOpt, _run
+    from .cli import CacheOpt, _quiet_warnings, _run
 
     @cache_app.command("info")
     def cache_info(
@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         """Backbones, views, image counts per label and generator, size on disk (reads the index only)."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
             from .errors import CacheError
 
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
         """Run the tiered merges now (small segments into bigger ones), or everything with --full."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
 
             n = FeatureCache(cache).compact(full=full)
@@ -64,6 +66,7 @@ def register(app: typer.Typer) -> None:
         """Convert a clipdet 0.1 cache (format v1) to segments; the old file stays untouched on failure."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
 
             fc = FeatureCache(cache)
@@ -79,6 +82,7 @@ def register(app: typer.Typer) -> None:
         """Files that could not be used, with the reason (one per line: path<TAB>reason)."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
 
             for e in FeatureCache(cache).errors():
@@ -94,6 +98,7 @@ def register(app: typer.Typer) -> None:
         """Images recorded with disagreeing labels (left out of fit and eval): sha256, label, path."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
 
             rows = FeatureCache(cache).conflicts()
@@ -115,6 +120,7 @@ def register(app: typer.Typer) -> None:
         """Check every segment's checksums and every embedding (finite, unit length). Exit 1 if damaged."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
             from .cache.verify import verify
 
@@ -143,6 +149,7 @@ def register(app: typer.Typer) -> None:
         any row was rejected (counted and named); the good rows land."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
             from .cache.transfer import import_embeddings
             from .images import canonical_view
@@ -166,6 +173,7 @@ def register(app: typer.Typer) -> None:
         """Export one backbone's embeddings with sha256, label, generator and path columns."""
 
         def go():
+            _quiet_warnings(False)
             from .cache import FeatureCache
             from .cache.transfer import export_parquet
             from .errors import UsageError

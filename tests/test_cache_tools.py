@@ -353,3 +353,22 @@ def hashlib_sha(tag: str) -> str:
     import hashlib
 
     return hashlib.sha256(tag.encode()).hexdigest()
+
+
+def test_cache_compact_warning_is_one_clean_line(tmp_path, subprocess_env):
+    """A damaged segment set aside by `cache compact`: one 'clipdet: warning: PATH ...' line, no source."""
+    import subprocess
+    import sys
+
+    fc = FeatureCache(tmp_path / "c.h5")
+    attrs = {"backbone": {"spec": "a"}, "layers": [], "dim": 8}
+    p = fc.write_shard({("K", "clean"): (FeatureRows([_sha(1)], _unit(1, 8)), attrs)})
+    fc.write_shard({("K", "clean"): (FeatureRows([_sha(2)], _unit(1, 8, 2)), attrs)})
+    open(p, "r+b").write(b"garbage!")
+    r = subprocess.run([sys.executable, "-m", "clipdet", "cache", "compact", "--full", "-c", fc.path],
+                       env=subprocess_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(ln.startswith("clipdet: warning: ") for ln in lines), r.stderr
+    assert any(os.path.basename(p) in ln and "set aside" in ln for ln in lines)
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
