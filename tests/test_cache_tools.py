@@ -372,3 +372,20 @@ def test_cache_compact_warning_is_one_clean_line(tmp_path, subprocess_env):
     assert lines and all(ln.startswith("clipdet: warning: ") for ln in lines), r.stderr
     assert any(os.path.basename(p) in ln and "set aside" in ln for ln in lines)
     assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
+
+
+def test_writing_to_a_v1_cache_upgrades_it_in_place(tmp_path):
+    """The first write to a v1 cache links the v1 file in as a segment (no copy) and keeps every row."""
+    path = str(tmp_path / "old.h5")
+    x = _write_v1(path, "K")
+    ino = os.stat(path).st_ino
+    fc = FeatureCache(path)
+    fc.write_shard({("K", "clean"): (FeatureRows([_sha(9)], _unit(1, 8, 9)), json.loads(json.dumps({
+        "backbone": {"spec": "a:b", "arch": "a", "weights_id": "w", "preprocess": {}}, "layers": [], "dim": 8})))},
+        images=[ImageMeta(_sha(9), "real")])
+    info = FeatureCache(path).info()
+    assert info["format_version"] == 2 and info["segments"] == 2 and info["images"] == 5
+    segs = FeatureCache(path).segments()
+    assert os.stat(segs[0]).st_ino == ino  # the v1 file itself, hard-linked, not copied
+    got = FeatureCache(path).load("K", "clean", shas=[_sha(i) for i in range(4)])
+    np.testing.assert_array_equal(got.embedding, x.astype(np.float16).astype(np.float32))
