@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 
 import h5py
 import numpy as np
@@ -137,7 +138,7 @@ def test_v1_cache_read_then_upgraded(tmp_path, run_cli):
     assert fc.info()["format_version"] == 1
     np.testing.assert_array_equal(fc.load("K", "clean").embedding, x.astype(np.float16).astype(np.float32))
     assert fc.image_metas([_sha(1)])[_sha(1)].generator == "sdxl"
-    before = open(path, "rb").read()
+    before = pathlib.Path(path).read_bytes()
     r = run_cli("cache", "upgrade", "-c", path)
     assert r.exit_code == 0 and "converted from v1" in r.stdout, r.output
     fc = FeatureCache(path)
@@ -145,13 +146,13 @@ def test_v1_cache_read_then_upgraded(tmp_path, run_cli):
     assert info["format_version"] == 2 and info["segments"] == 1 and info["images"] == 4 and info["errors"] == 1
     np.testing.assert_array_equal(fc.load("K", "clean").embedding, x.astype(np.float16).astype(np.float32))
     assert fc.image_metas([_sha(2)])[_sha(2)].generator == "dalle"
-    assert open(path, "rb").read() != before  # the catalogue replaced it
+    assert pathlib.Path(path).read_bytes() != before  # the catalogue replaced it
 
 
 def test_failed_upgrade_leaves_v1_file_untouched(tmp_path, monkeypatch):
     path = str(tmp_path / "old.h5")
     _write_v1(path, "K")
-    before = open(path, "rb").read()
+    before = pathlib.Path(path).read_bytes()
     from clipdet.cache import merge
 
     def boom(*a, **k):
@@ -160,7 +161,7 @@ def test_failed_upgrade_leaves_v1_file_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(merge, "merge_files", boom)
     with pytest.raises(DiskFullError, match="no space left on device"):
         FeatureCache(path).compact(full=True)
-    assert open(path, "rb").read() == before
+    assert pathlib.Path(path).read_bytes() == before
     assert not [n for n in os.listdir(tmp_path / "old.h5.d") if n.startswith("mrg-") or n.endswith(".tmp")]
 
 
@@ -364,7 +365,8 @@ def test_cache_compact_warning_is_one_clean_line(tmp_path, subprocess_env):
     attrs = {"backbone": {"spec": "a"}, "layers": [], "dim": 8}
     p = fc.write_shard({("K", "clean"): (FeatureRows([_sha(1)], _unit(1, 8)), attrs)})
     fc.write_shard({("K", "clean"): (FeatureRows([_sha(2)], _unit(1, 8, 2)), attrs)})
-    open(p, "r+b").write(b"garbage!")
+    with open(p, "r+b") as fh:
+        fh.write(b"garbage!")
     r = subprocess.run([sys.executable, "-m", "clipdet", "cache", "compact", "--full", "-c", fc.path],
                        env=subprocess_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
