@@ -102,7 +102,7 @@ def test_import_clip_retrieval_folder_hashes_paths(tmp_path, tiny_spec, dim, mak
     r = run_cli("cache", "import", str(root), "-b", tiny_spec, "-c", str(tmp_path / "c.h5"))
     assert r.exit_code == 0, r.output
     fc = FeatureCache(tmp_path / "c.h5")
-    want = {hashlib.sha256(open(p, "rb").read()).hexdigest() for p in imgs}
+    want = {hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest() for p in imgs}
     assert fc.cached_shas(fc.groups()[0].key, "clean") == want
 
 
@@ -288,13 +288,16 @@ def test_score_reextracts_damaged_cached_rows(tmp_path, tiny_spec, make_image, r
         row[3] = np.nan
         ds[0] = row
     out2 = tmp_path / "b.csv"
-    with pytest.warns(UserWarning, match="cached features damaged, re-extracted"):
+    with pytest.warns(UserWarning) as caught:
         r = run_cli("score", str(tree), "-d", det, "-c", cache, "--out", str(out2), "-q")
+    msgs = [str(w.message) for w in caught]
+    assert any("1 cached feature row(s) damaged" in m for m in msgs), msgs
+    assert any("cached features damaged, re-extracted" in m for m in msgs), msgs
     assert r.exit_code == 0, r.output
     import csv
 
-    a = {row["sha256"]: row for row in csv.DictReader(open(out1))}
-    b = {row["sha256"]: row for row in csv.DictReader(open(out2))}
+    a = {row["sha256"]: row for row in csv.DictReader(out1.open())}
+    b = {row["sha256"]: row for row in csv.DictReader(out2.open())}
     assert set(a) == set(b) and not any(row["error"] for row in b.values())
     for s in a:
         assert abs(float(a[s]["score"]) - float(b[s]["score"])) < 1e-3
