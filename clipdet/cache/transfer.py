@@ -129,10 +129,13 @@ def _batches(sources: list[str]) -> Iterator[tuple[str, int, dict]]:
                 raise UsageError(f"{f}: needs columns embedding and sha256 or path (has: {', '.join(sorted(names))})")
             cols = [c for c in ("sha256", "path", "embedding", "label", "generator") if c in names]
             start = 0
-            for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-                d = {c: (b.column(c) if c == "embedding" else b.column(c).to_pylist()) for c in cols}
-                yield f, start, d
-                start += b.num_rows
+            for rg in range(pf.num_row_groups):  # one row group at a time (iter_batches keeps them alive)
+                table = pf.read_row_group(rg, columns=cols)
+                for b in table.to_batches(max_chunksize=BATCH_ROWS):
+                    d = {c: (b.column(c) if c == "embedding" else b.column(c).to_pylist()) for c in cols}
+                    yield f, start, d
+                    start += b.num_rows
+                del table
 
 
 def import_embeddings(cache, sources: list[str], backbone: str, view: str = "clean") -> ImportSummary:
