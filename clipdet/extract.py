@@ -313,7 +313,7 @@ def extract(
     lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
     if not lazy.layers and not lazy.loaded and cache.exists():
-        stored = [g.layers for g in cache.groups() if g.key == lazy.key and g.view in views and g.layers]
+        stored = [g.layers for g in cache.groups(count=False) if g.key == lazy.key and g.view in views and g.layers]
         if stored:
             lazy.layers = tuple(stored[0])
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
@@ -334,15 +334,16 @@ def extract(
         return prepare(r, views, cached, lazy.preprocess, max_pixels=max_pixels,
                        draft_size=lazy.image_size if draft else None)
 
-    stats = stat_all([os.path.abspath(r.path) for r in refs])
-    known_files = {} if rehash else _unchanged(cache, refs, stats, cached, views, record_cached)
+    abs_paths = [os.path.abspath(r.path) for r in refs]
+    stats = stat_all(abs_paths)
+    known_files = {} if rehash else _unchanged(cache, refs, abs_paths, stats, cached, views, record_cached)
 
     progress = _Progress(len(refs), quiet, "extract")
     writer = _BatchWriter(cache, lazy, views, batch_size)
     seen: set[str] = set()
     already: list[ImageMeta] = []  # cached images whose metadata may be new: checked in batches
     try:
-        for p in _with_known(refs, known_files, workers, fn, prefetch):
+        for p in _with_known(refs, abs_paths, known_files, workers, fn, prefetch):
             progress.update()
             summary.records.append((p.ref.path, p.sha256, p.error))
             if p.error:
@@ -366,7 +367,7 @@ def extract(
     finally:
         progress.close()
     cache.stat_index().record(
-        (os.path.abspath(path), stats[i], sha, record_cached)
+        (abs_paths[i], stats[i], sha, record_cached)
         for i, (path, sha, error) in enumerate(summary.records)
         if not error and sha and stats[i] is not None and i not in known_files)
     summary.embedded = writer.embedded
@@ -379,12 +380,13 @@ def extract(
 KNOWN_BATCH = 4096
 
 
-def _unchanged(cache: FeatureCache, refs: list[ImageRef], stats: list, cached: dict, views, record_cached: bool):
+def _unchanged(cache: FeatureCache, refs: list[ImageRef], abs_paths: list[str], stats: list, cached: dict, views,
+               record_cached: bool):
     """Positions of files the stat index knows unchanged, already cached for every view, with nothing
     new to record: {position: sha256}. These are not read again."""
     if not refs or not cache.exists():
         return {}
-    hits = cache.stat_index().lookup([os.path.abspath(r.path) for r in refs], stats)
+    hits = cache.stat_index().lookup(abs_paths, stats)
     if record_cached:
         hits = {i: h for i, h in hits.items() if h[1]}  # only files whose path the cache has recorded
     if not hits:
@@ -404,7 +406,7 @@ def _unchanged(cache: FeatureCache, refs: list[ImageRef], stats: list, cached: d
     return {i: shas[j] for j, i in enumerate(pos) if ok[j]}
 
 
-def _with_known(refs: list[ImageRef], known: dict[int, str], workers: int, fn, prefetch: int):
+def _with_known(refs: list[ImageRef], abs_paths: list[str], known: dict[int, str], workers: int, fn, prefetch: int):
     """Prepared results in input order: files in `known` without reading them, the rest through `fn`."""
     if not known:
         yield from iter_prepared(refs, workers, fn, prefetch)
@@ -415,7 +417,7 @@ def _with_known(refs: list[ImageRef], known: dict[int, str], workers: int, fn, p
         if sha is None:
             yield next(rest)
         else:
-            yield Prepared(r, sha, ImageMeta(sha, r.label or "", r.generator or "", paths=[os.path.abspath(r.path)]),
+            yield Prepared(r, sha, ImageMeta(sha, r.label or "", r.generator or "", paths=[abs_paths[i]]),
                            unchanged=True)
 
 

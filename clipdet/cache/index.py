@@ -79,7 +79,7 @@ class KeyTable:
 
     k64: np.ndarray          # sorted uint64
     raw: np.ndarray          # (n, 32) uint8, same order
-    row: np.ndarray          # int64 row numbers in the file
+    row: np.ndarray | None   # int64 row numbers in the file (None: positions are the rows)
 
     @classmethod
     def build(cls, hexes: np.ndarray) -> KeyTable:
@@ -91,6 +91,9 @@ class KeyTable:
 
     def __len__(self) -> int:
         return len(self.k64)
+
+    def _row(self, pos: np.ndarray) -> np.ndarray:
+        return pos if self.row is None else self.row[pos]
 
     def save(self, g) -> None:
         """Store the table in HDF5 group `g` as `_index_k64`, `_index_raw`, `_index_row` (a search index
@@ -119,11 +122,11 @@ class KeyTable:
         for c in range(0, len(one), _CHUNK):  # compare full digests as 4 words, a chunk at a time
             q = one[c:c + _CHUNK]
             same = (mine[lo[q]] == theirs[q]).all(axis=1)
-            out[q[same]] = self.row[lo[q[same]]]
+            out[q[same]] = self._row(lo[q[same]])
         for q in np.flatnonzero(run > 1):  # equal search keys (duplicates, or a rare 64-bit collision)
             match = np.flatnonzero((self.raw[lo[q]:hi[q]] == raw[q]).all(axis=1))
             if len(match):
-                out[q] = self.row[lo[q] + match].min()
+                out[q] = self._row(lo[q] + match).min()
         return out
 
 
@@ -154,19 +157,30 @@ class SegmentIndex:
 
 
 class ShaSet(Set):
-    """A set of SHA-256 hex digests backed by sorted arrays (supports `in`, len, iteration), plus a
-    small Python overlay for digests added later (`add`, `update`: e.g. what a server just cached)."""
+    """A set of SHA-256 hex digests backed by sorted key tables (supports `in`, len, iteration), plus a
+    small Python overlay for digests added later (`add`, `update`: e.g. what a server just cached).
+
+    Several tables (one per segment) are searched in turn, never concatenated: building the set costs
+    nothing however big the cache is."""
 
     def __init__(self, k64: np.ndarray, raw: np.ndarray):
-        perm, starts = group_ids(k64, raw, np.arange(len(k64)))
-        first = perm[starts]  # distinct digests, sorted by search key
-        self._t = KeyTable(k64[first], raw[first], np.arange(len(first), dtype=np.int64))
+        self._tables = [_sorted_table(k64, raw)] if len(k64) else []
         self._extra: set[str] = set()
+        self._len: int | None = None
+
+    @classmethod
+    def of_tables(cls, tables: list[KeyTable]) -> ShaSet:
+        """The union of already sorted tables (e.g. each segment's index), without copying them."""
+        out = cls(np.zeros(0, np.uint64), np.zeros((0, 32), np.uint8))
+        out._tables = [t for t in tables if len(t)]
+        return out
 
     def add(self, sha: str) -> None:
         """Add one digest."""
         if sha not in self:
             self._extra.add(sha)
+            if self._len is not None:
+                self._len += 1
 
     def update(self, shas: Iterable[str]) -> None:
         """Add digests."""
@@ -182,23 +196,49 @@ class ShaSet(Set):
             k64, raw = keys_of([sha])
         except CacheError:
             return False
-        return bool(self._t.find(k64, raw)[0] >= 0)
+        return any(t.find(k64, raw)[0] >= 0 for t in self._tables)
 
     def contains_many(self, shas: Iterable[str]) -> np.ndarray:
         """Membership of each digest, vectorised."""
         shas = list(shas)
         k64, raw = keys_of(shas)
-        out = self._t.find(k64, raw) >= 0
+        out = np.zeros(len(shas), bool)
+        for t in self._tables:
+            todo = np.flatnonzero(~out)
+            if not len(todo):
+                break
+            out[todo] = t.find(k64[todo], raw[todo]) >= 0
         if self._extra:
             out |= np.array([s in self._extra for s in shas], bool)
         return out
 
+    def _distinct_raw(self) -> np.ndarray:
+        if len(self._tables) == 1 and np.all(self._tables[0].k64[1:] > self._tables[0].k64[:-1]):
+            return self._tables[0].raw
+        if not self._tables:
+            return np.zeros((0, 32), np.uint8)
+        k64 = np.concatenate([t.k64 for t in self._tables])
+        raw = np.concatenate([t.raw for t in self._tables])
+        perm, starts = group_ids(k64, raw, np.arange(len(k64)))
+        return raw[perm[starts]]
+
     def __len__(self) -> int:
-        return len(self._t) + len(self._extra)
+        if self._len is None:
+            self._len = len(self._distinct_raw()) + len(self._extra)
+        return self._len
 
     def __iter__(self) -> Iterator[str]:
-        yield from raw_to_hex(self._t.raw)
+        yield from raw_to_hex(self._distinct_raw())
         yield from self._extra
+
+
+def _sorted_table(k64: np.ndarray, raw: np.ndarray) -> KeyTable:
+    """A KeyTable of distinct keys from arrays in any order (no copy if already sorted and distinct)."""
+    if len(k64) < 2 or np.all(k64[1:] > k64[:-1]):
+        return KeyTable(k64, raw, None)
+    perm, starts = group_ids(k64, raw, np.arange(len(k64)))
+    first = perm[starts]
+    return KeyTable(k64[first], raw[first], None)
 
 
 def group_ids(k64: np.ndarray, raw: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -156,8 +156,9 @@ class FeatureCache:
         return bool(self._memory) or bool(catalogue.read(self.path).segments)
 
     # ------------------------------------------------------------------ reading: index only
-    def groups(self) -> list[GroupInfo]:
-        """Every (backbone key, view) feature group with its recorded backbone and image count."""
+    def groups(self, count: bool = True) -> list[GroupInfo]:
+        """Every (backbone key, view) feature group with its recorded backbone and image count
+        (`count=False`: count left 0, for callers that only need the attributes)."""
         import json
 
         found: dict[tuple[str, str], list] = {}
@@ -167,9 +168,12 @@ class FeatureCache:
                     found.setdefault(k, [gi.attrs, []])[1].append(gi.keys)
         out = []
         for (key, view), (attrs, tables) in sorted(found.items()):
-            k64 = np.concatenate([t.k64 for t in tables])
-            raw = np.concatenate([t.raw for t in tables])
-            n = len(k64) if len(tables) == 1 else len(unique_first(k64, raw, np.arange(len(k64))))
+            n = 0
+            if count and len(tables) == 1:
+                n = len(tables[0])
+            elif count:
+                k64 = np.concatenate([t.k64 for t in tables])
+                n = len(unique_first(k64, np.concatenate([t.raw for t in tables]), np.arange(len(k64))))
             out.append(GroupInfo(key, view, json.loads(attrs["backbone"]), json.loads(attrs["layers"]),
                                  int(attrs["dim"]), n))
         return out
@@ -179,13 +183,11 @@ class FeatureCache:
         (damaged rows found earlier in this process are left out, so they get re-extracted)."""
         with self._session() as segs:
             tables = [s.index.groups[(key, view)].keys for s in segs if (key, view) in s.index.groups]
-        k64 = np.concatenate([t.k64 for t in tables]) if tables else np.zeros(0, np.uint64)
-        raw = np.concatenate([t.raw for t in tables]) if tables else np.zeros((0, 32), np.uint8)
-        if self.damaged and len(k64):
+        if self.damaged and tables:
             dk, draw = keys_of(sorted(self.damaged))
-            bad = KeyTable(*_sorted(dk, draw)).find(k64, raw) >= 0
-            k64, raw = k64[~bad], raw[~bad]
-        return ShaSet(k64, raw)
+            bad = KeyTable(*_sorted(dk, draw))
+            tables = [_without(t, bad) for t in tables]
+        return ShaSet.of_tables(tables)
 
     def labelled(self, key: str, view: str) -> dict:
         """The group's images with their resolved labels, as arrays in cache order (oldest first):
@@ -789,6 +791,15 @@ def _resolve_labels(parts: list) -> tuple[KeyTable, np.ndarray, np.ndarray, np.n
     u_con = conflict_mask(il, ig, perm, starts)
     first = perm[starts]
     return KeyTable(ik[first], ir[first], np.arange(len(starts), dtype=np.int64)), u_lab, u_gen, u_con
+
+
+def _without(t: KeyTable, bad: KeyTable) -> KeyTable:
+    """`t` without the keys in `bad` (a copy only when something is removed)."""
+    drop = bad.find(t.k64, t.raw) >= 0
+    if not drop.any():
+        return t
+    keep = ~drop
+    return KeyTable(t.k64[keep], t.raw[keep], None if t.row is None else t.row[keep])
 
 
 def _sorted(k64: np.ndarray, raw: np.ndarray):
