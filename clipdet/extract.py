@@ -334,7 +334,7 @@ def extract(
         return prepare(r, views, cached, lazy.preprocess, max_pixels=max_pixels,
                        draft_size=lazy.image_size if draft else None)
 
-    abs_paths = [os.path.abspath(r.path) for r in refs]
+    abs_paths = [_abs(r.path) for r in refs]
     stats = stat_all(abs_paths)
     known_files = {} if rehash else _unchanged(cache, refs, abs_paths, stats, cached, views, record_cached)
 
@@ -378,6 +378,14 @@ def extract(
 
 
 KNOWN_BATCH = 4096
+
+
+def _abs(path: str) -> str:
+    """os.path.abspath, without the work for paths that are already absolute and normal."""
+    p = os.fspath(path)
+    if p.startswith("/") and "//" not in p and "/./" not in p and "/../" not in p and not p.endswith(("/", "/.", "/..")):
+        return p
+    return os.path.abspath(p)
 
 
 def _unchanged(cache: FeatureCache, refs: list[ImageRef], abs_paths: list[str], stats: list, cached: dict, views,

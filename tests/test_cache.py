@@ -390,3 +390,16 @@ def test_kill_during_compaction_leaves_cache_readable(tmp_path, subprocess_env):
             assert len(s) == len(set(s.tolist())) == 350
             assert len(f["images/sha256"]) == 350
     assert killed_mid >= 1  # at least one kill landed while the merge ran
+
+
+def test_tiered_merge_plan():
+    """Adjacent runs only; lowest tier first; small segments inside a run of bigger ones go along."""
+    from clipdet.cache.merge import FANOUT, plan
+
+    mb = 2**20
+    assert plan([1000] * (FANOUT - 1)) is None
+    assert plan([1000] * FANOUT) == (0, FANOUT)
+    assert plan([500 * mb] + [1000] * FANOUT) == (1, 1 + FANOUT)  # the big one is not rewritten
+    batches = ([21 * mb] * 6 + [2 * mb]) * 2  # row-group leftovers between full batches
+    assert plan(batches) == (0, 9)
+    assert plan([21 * mb] * 3) is None and plan([5, 6], full=True) == (0, 2) and plan([5], full=True) is None

@@ -114,6 +114,10 @@ class KeyTable:
         out = np.full(len(k64), -1, dtype=np.int64)
         if not len(self.k64) or not len(k64):
             return out
+        if len(k64) > 256 and not np.all(k64[1:] >= k64[:-1]):  # sorted needles search cache-friendly
+            o = np.argsort(k64, kind="stable")
+            out[o] = self.find(k64[o], np.ascontiguousarray(raw[o]))
+            return out
         lo = np.searchsorted(self.k64, k64, side="left")
         hi = np.searchsorted(self.k64, k64, side="right")
         run = hi - lo
@@ -202,12 +206,17 @@ class ShaSet(Set):
         """Membership of each digest, vectorised."""
         shas = list(shas)
         k64, raw = keys_of(shas)
-        out = np.zeros(len(shas), bool)
+        o = np.argsort(k64, kind="stable")  # sort the needles once for every table
+        k64, raw = k64[o], raw[o]
+        found = np.zeros(len(shas), bool)
+        out = found
         for t in self._tables:
             todo = np.flatnonzero(~out)
             if not len(todo):
                 break
             out[todo] = t.find(k64[todo], raw[todo]) >= 0
+        out = np.empty_like(found)
+        out[o] = found
         if self._extra:
             out |= np.array([s in self._extra for s in shas], bool)
         return out

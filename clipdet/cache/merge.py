@@ -40,18 +40,27 @@ def tier(size: int) -> int:
 
 
 def plan(sizes: list[int], full: bool = False) -> tuple[int, int] | None:
-    """The next run [start, end) of segments to merge, or None. `full`: everything into one."""
+    """The next run [start, end) of adjacent segments to merge, or None. `full`: everything into one.
+
+    Lowest tier first: the first window of adjacent segments of tier <= T that holds FANOUT segments
+    of tier T (smaller ones inside it are merged along, so a stray small batch never blocks a merge).
+    Merging only adjacent segments keeps the cache's order: the oldest row of an image still wins."""
     if full:
         return (0, len(sizes)) if len(sizes) > 1 else None
     tiers = [tier(s) for s in sizes]
-    i = 0
-    while i < len(tiers):
-        j = i
-        while j < len(tiers) and tiers[j] == tiers[i]:
-            j += 1
-        if j - i >= FANOUT:
-            return i, j
-        i = j
+    for t in sorted(set(tiers)):
+        i = 0
+        while i < len(tiers):
+            if tiers[i] > t:
+                i += 1
+                continue
+            j, count = i, 0
+            while j < len(tiers) and tiers[j] <= t:
+                count += tiers[j] == t
+                j += 1
+                if count >= FANOUT:
+                    return i, j
+            i = j
     return None
 
 

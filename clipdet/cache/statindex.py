@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 #: entries recorded within this many ns of the file's mtime are re-hashed (coarsest common mtime: 2 s)
 RACY_NS = 2_000_000_000
-_CHUNK = 500
+_CHUNK = 900  # variables per query (older SQLite builds allow at most 999)
 
 
 class StatIndex:

@@ -382,11 +382,14 @@ class FeatureCache:
     def index_labels(self, shas: list[str]) -> tuple[list[str], list[str]]:
         """Label and generator the index holds for each of `shas` (later segments win; '' if none)."""
         k64, raw = keys_of(shas)
+        o = np.argsort(k64, kind="stable")  # sorted needles, once for every segment
+        k64, raw = k64[o], raw[o]
         lab = [""] * len(shas)
         gen = [""] * len(shas)
         with self._session() as segs:
             for s in segs:
-                rows = s.index.images.find(k64, raw)
+                rows = np.empty(len(o), np.int64)
+                rows[o] = s.index.images.find(k64, raw)
                 for j in np.flatnonzero(rows >= 0):
                     r = rows[j]
                     code = int(s.index.label[r])
