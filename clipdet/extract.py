@@ -383,7 +383,8 @@ KNOWN_BATCH = 4096
 def _abs(path: str) -> str:
     """os.path.abspath, without the work for paths that are already absolute and normal."""
     p = os.fspath(path)
-    if p.startswith("/") and "//" not in p and "/./" not in p and "/../" not in p and not p.endswith(("/", "/.", "/..")):
+    odd = "//" in p or "/./" in p or "/../" in p or p.endswith(("/", "/.", "/.."))
+    if p.startswith("/") and not odd:
         return p
     return os.path.abspath(p)
 
