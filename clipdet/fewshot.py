@@ -221,7 +221,7 @@ def fit_from_pool(
 
 def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tuple[str, dict]:
     """The cache group key and backbone record for `backbone` (or the cache's only backbone)."""
-    groups = [g for g in cache.groups() if g.view == view]
+    groups = [g for g in cache.groups(count=False) if g.view == view]
     if backbone:
         from .backbones import describe_backbone
 

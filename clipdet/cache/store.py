@@ -196,6 +196,9 @@ class FeatureCache:
         Index only. The common case (one big segment, distinct keys) is joined in key order without
         copying the index; memory is a few arrays of n entries."""
         with self._session() as segs:
+            fast = _aligned_labels(segs, key, view)
+            if fast is not None:
+                return fast
             tabs = [(i, s.index.groups[(key, view)].keys) for i, s in enumerate(segs) if (key, view) in s.index.groups]
             gk, graw, gorder = _distinct_oldest(tabs)
             vocab, code = [""], {"": 0}
@@ -754,6 +757,40 @@ class FeatureCache:
         }
 
 
+def _aligned_labels(segs: list, key: str, view: str) -> dict | None:
+    """labelled() for the usual cache, or None: every segment holds images and features of the same
+    images (as extract, import and merges write them), and no image is in two segments. Labels are
+    then read straight from each segment, with no join and no resolution."""
+    parts, code = [], {"": 0}
+    for i, s in enumerate(segs):
+        idx = s.index
+        gi = idx.groups.get((key, view))
+        t = idx.images
+        if gi is None:
+            if len(t):
+                return None  # metadata-only segment (labels added later): resolve the general way
+            continue
+        g = gi.keys
+        if len(g) != len(t) or not np.array_equal(g.k64, t.k64) or not np.array_equal(g.raw, t.raw) or \
+                idx.conflicts:
+            return None
+        remap = np.array([code.setdefault(v, len(code)) for v in idx.vocab], np.int32)
+        parts.append((g.k64, g.raw, (np.int64(i) << 40) + g.row, idx.label[t.row], remap[idx.gen[t.row]]))
+    if not parts:
+        return None
+    k64 = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+    srt = np.sort(k64, kind="stable")
+    if (srt[1:] == srt[:-1]).any():
+        return None  # an image in two segments (or twice in one): resolve the general way
+    order = np.concatenate([p[2] for p in parts])
+    o = np.argsort(order, kind="stable")
+    cat = (lambda j: parts[0][j]) if len(parts) == 1 else (lambda j: np.concatenate([p[j] for p in parts]))
+    lab, gen = cat(3), cat(4)
+    gen = np.where(lab == 2, gen, 0)
+    return {"raw": cat(1)[o], "label": lab[o].astype(np.int8), "gen": gen[o].astype(np.int32),
+            "conflict": np.zeros(len(o), bool), "vocab": [v for v, _ in sorted(code.items(), key=lambda t: t[1])]}
+
+
 def _distinct_oldest(tabs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct keys of a group's per-segment tables [(segment position, KeyTable)], the oldest row
     of each: (k64, raw, order) in key order, order = segment << 40 | row."""
@@ -785,6 +822,9 @@ def _resolve_labels(parts: list) -> tuple[KeyTable, np.ndarray, np.ndarray, np.n
     ig = np.concatenate([p[3] for p in parts])
     io_ = np.concatenate([(np.int64(i) << 40) + t.row for i, t, _, _ in parts])
     perm, starts = group_ids(ik, ir, io_)
+    if len(starts) == len(perm):  # every image seen once: nothing to resolve
+        return KeyTable(ik[perm], ir[perm], np.arange(len(perm), dtype=np.int64)), il[perm], ig[perm], \
+            np.zeros(len(perm), bool)
     lab, gen = il[perm], ig[perm]
     pos = np.arange(len(perm))
     last_lab = np.maximum.reduceat(np.where(lab > 0, pos, -1), starts)
