@@ -40,7 +40,7 @@ def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
     The innermost `real` or `fake` folder in the path wins, at any depth. A file directly inside
     `fake/` is fake with an unknown generator (None).
     """
-    parts = Path(path).parts[:-1]
+    parts = [p for p in os.fspath(path).split(os.sep) if p and p != "."][:-1]  # Path.parts, without its cost
     for i in range(len(parts) - 1, -1, -1):
         name = parts[i].lower()
         if name == REAL:
@@ -97,7 +97,7 @@ def _walk(folder: Path) -> Iterator[str]:
         for name in sorted(files):
             if name.startswith("."):
                 continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield os.path.join(root, name)
 
 
