@@ -64,8 +64,35 @@ def build_model(visual, n_classes: int, mode: str = "lora", blocks: int = 2, lor
             cfg = peft.LoraConfig(r=int(lora_rank), lora_alpha=float(lora_alpha or 2 * lora_rank),
                                   lora_dropout=float(lora_dropout), target_modules=LORA_TARGETS, bias="none")
             visual = peft.get_peft_model(visual, cfg)
+            _pin_attention_weights(visual)
         model = FinetuneModel(visual, n_classes, int(getattr(_base(visual), "output_dim", 0) or 0), mode)
     return model
+
+
+def _pin_attention_weights(visual) -> None:
+    """Keep the frozen attention weights exact under PEFT's LoRA for `nn.MultiheadAttention`.
+
+    That layer adds the adapter to the frozen in/out projection weights for every forward and
+    subtracts it afterwards; the float round trip moves the frozen weights by an ulp here and there,
+    step after step. A hook restores exact copies after every forward, so training is LoRA on fixed
+    weights, the merged export is base + adapter, and a resumed run (which reloads the base weights)
+    continues bit for bit. Costs one extra copy of the attention weights.
+    """
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
+
+    for m in visual.modules():
+        if not isinstance(m, LoraMHA):
+            continue
+        base = m.get_base_layer()
+        saved = (base.in_proj_weight.detach().clone(), base.out_proj.get_base_layer().weight.detach().clone())
+
+        def restore(mod, _inputs, _output, saved=saved):
+            b = mod.get_base_layer()
+            with torch.no_grad():
+                b.in_proj_weight.copy_(saved[0])
+                b.out_proj.get_base_layer().weight.copy_(saved[1])
+
+        m.register_forward_hook(restore)
 
 
 def _base(visual):
