@@ -222,3 +222,41 @@ def test_cuda_bf16_training_runs(labelled_tree, tmp_path, tiny_spec):
                  device="cuda", precision="auto")
     rec = json.loads(open(r.train_json).read())
     assert rec["config"]["precision"] == "bf16" and rec["history"][0]["train_loss"] is not None
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(labelled_tree, tmp_path, tiny_spec, subprocess_env):
+    """A real `kill -9` of `clipdet finetune` after its first checkpoint; `--resume` ends with the same weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clipdet.finetune.train import CHECKPOINT, load_checkpoint
+
+    out = tmp_path / "killed"
+    args = ["finetune", str(labelled_tree), "-b", tiny_spec, "--epochs", "40", "--batch-size", "4", "--lr", "1e-3",
+            "--val-fraction", "0.25", "--seed", "3", "--device", "cpu", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "clipdet", *args, "--out", str(out)], env=subprocess_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = out / CHECKPOINT
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    if (out / "open_clip_model.safetensors").exists():
+        pytest.skip("the run finished before it could be killed")
+    epoch = load_checkpoint(str(ckpt))["epoch"]
+    assert 1 <= epoch < 40
+    done = subprocess.run([sys.executable, "-m", "clipdet", *args, "--out", str(out), "--resume"], env=subprocess_env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ref = subprocess.run([sys.executable, "-m", "clipdet", *args, "--out", str(tmp_path / "straight")],
+                         env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    wa, wb = _weights(str(out / "open_clip_model.safetensors")), _weights(str(tmp_path / "straight" /
+                                                                             "open_clip_model.safetensors"))
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    assert not list(out.glob("*.tmp-*"))

@@ -10,6 +10,7 @@ from its last checkpoint ends with the same weights as an uninterrupted run (tes
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import time
@@ -218,6 +219,8 @@ def train(model, train_items: Sequence[Item], val_items: Sequence[Item], classes
     start_epoch, step = 0, 0
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if resume:
+        for stale in glob.glob(glob.escape(ckpt_path) + ".tmp-*"):  # left by a run killed while saving
+            os.unlink(stale)
         state = load_checkpoint(ckpt_path)
         if state.get("fingerprint") != fingerprint:
             diff = sorted(k for k in set(fingerprint) | set(state.get("fingerprint", {}))
