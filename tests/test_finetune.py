@@ -62,6 +62,7 @@ def test_loss_decreases_and_train_json_records_the_run(trained):
     assert [h["train_loss"] for h in rec["history"]] == pytest.approx(losses)
     assert "peft" in rec["versions"] and "torch" in rec["versions"]
     assert rec["backbone_spec"] == r.backbone_spec
+    assert not any("different preprocessing" in n for n in r.notes), r.notes
 
 
 def test_checkpoint_loads_as_arch_path_and_reproduces_training_embeddings(trained, tiny_spec):

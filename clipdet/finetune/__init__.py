@@ -193,6 +193,10 @@ def finetune(
                                 target_fpr=target_fpr, device=device, quiet=quiet,
                                 extra_meta={"base_backbone": backbone, "mode": mode, "classes": classes})
     errors += [e for e in skipped if e not in errors]
+    trained_pp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
+    if det.backbone.get("preprocess") and det.backbone["preprocess"] != trained_pp:
+        notes.append(f"{spec} loads with different preprocessing ({det.backbone['preprocess']}) than training "
+                     f"used ({trained_pp}): the tag's own preprocessing is not stored in a weights file")
     record = run_record(config, _train_pool(train_items))
     record["versions"] = {**versions(), **_extra_versions()}
     record.update({
