@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +20,17 @@ def _items(labelled_tree):
     return list_images(discover([str(labelled_tree)])).items
 
 
-def _embed_with(fn, preprocess, mean, std, paths):
+def _rgb(path):
     from PIL import Image
 
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _embed_with(fn, preprocess, mean, std, paths):
     from clipdet.preprocess import normalize_batch
 
-    arrays = [preprocess(Image.open(p).convert("RGB")) for p in paths]
+    arrays = [preprocess(_rgb(p)) for p in paths]
     with torch.no_grad():
         return fn(normalize_batch(np.stack(arrays), mean, std, "cpu"))
 
@@ -55,7 +61,7 @@ def test_loss_decreases_and_train_json_records_the_run(trained):
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(h["val_loss"] is not None and h["val_auc"] is not None for h in r.history)
     assert r.classes == ["real", "genA", "genB"]
-    rec = json.loads(open(r.train_json).read())
+    rec = json.loads(Path(r.train_json).read_text())
     assert rec["config"]["mode"] == "lora" and rec["config"]["epochs"] == 4 and rec["config"]["seed"] == 0
     assert len(rec["manifest_hash"]) == 64 and len(rec["val_manifest_hash"]) == 64
     assert rec["counts"] == {"train": {"genA": 8, "genB": 8, "real": 8}, "val": {"genA": 2, "genB": 2, "real": 2}}
@@ -76,12 +82,11 @@ def test_checkpoint_loads_as_arch_path_and_reproduces_training_embeddings(traine
     paths = sorted(str(p) for p in root.rglob("*.png"))[:6]
     mean, std = bb._fast.mean, bb._fast.std
     trained_emb = _embed_with(r.model.eval().embed, bb.preprocess, mean, std, paths).numpy()
-    loaded = bb.embed(np.stack([bb.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in paths]))
+    loaded = bb.embed(np.stack([bb.preprocess(_rgb(p)) for p in paths]))
     np.testing.assert_allclose(loaded["embedding"], trained_emb, atol=2e-5)
     # ... and differs from the base model: training changed the weights
     base = create_backbone(tiny_spec, device="cpu", precision="fp32")
-    before = base.embed(np.stack([base.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
-                                  for p in paths]))["embedding"]
+    before = base.embed(np.stack([base.preprocess(_rgb(p)) for p in paths]))["embedding"]
     assert np.abs(before - trained_emb).max() > 1e-3
 
 
@@ -221,7 +226,7 @@ def test_cuda_bf16_training_runs(labelled_tree, tmp_path, tiny_spec):
 
     r = finetune([str(labelled_tree)], backbone=tiny_spec, out=str(tmp_path / "g"), epochs=1, batch_size=8,
                  device="cuda", precision="auto")
-    rec = json.loads(open(r.train_json).read())
+    rec = json.loads(Path(r.train_json).read_text())
     assert rec["config"]["precision"] == "bf16" and rec["history"][0]["train_loss"] is not None
 
 
