@@ -229,6 +229,32 @@ class OpenClipProvider:
         """
         import torch
 
+        model, info, device = OpenClipProvider.build(spec, device)
+        visual = model.visual
+        preprocess_cfg = dict(visual.preprocess_cfg)
+        del model
+        precision = resolve_precision(precision, device)
+        visual = visual.to(device)
+        if device.startswith("cuda"):
+            visual = visual.to(memory_format=torch.channels_last)
+        elif precision == "bf16":
+            visual = visual.to(torch.bfloat16)
+        pp_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()}
+        info = BackboneInfo(
+            info.spec, info.arch, info.weights, info.weights_id, preprocess=pp_json,
+            extra={"embed_dim": int(getattr(visual, "output_dim", 0) or 0), "precision": precision},
+        )
+        return OpenClipBackbone(visual, preprocess_cfg, info, device, precision)
+
+    @staticmethod
+    def build(spec: str, device: str = "auto"):
+        """The whole open_clip model (image and text towers, fp32, on CPU) for `spec`.
+
+        Returns `(model, info, device)` with `device` resolved; `load` keeps only the image tower,
+        `clipdet finetune` trains it and saves the whole model back as an open_clip checkpoint.
+        """
+        import torch
+
         arch, weights = parse_spec(spec)
         info = OpenClipProvider.describe(spec)
         oc = _open_clip()
@@ -290,21 +316,24 @@ class OpenClipProvider:
             raise BackboneError(f"{spec}: could not build the model ({msg})") from None
         finally:
             quiet.setLevel(old)
-        visual = model.visual
-        preprocess_cfg = dict(visual.preprocess_cfg)
-        del model
-        precision = resolve_precision(precision, device)
-        visual = visual.to(device)
-        if device.startswith("cuda"):
-            visual = visual.to(memory_format=torch.channels_last)
-        elif precision == "bf16":
-            visual = visual.to(torch.bfloat16)
-        pp_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()}
-        info = BackboneInfo(
-            info.spec, info.arch, info.weights, info.weights_id, preprocess=pp_json,
-            extra={"embed_dim": int(getattr(visual, "output_dim", 0) or 0), "precision": precision},
-        )
-        return OpenClipBackbone(visual, preprocess_cfg, info, device, precision)
+        return model, info, device
+
+    @staticmethod
+    def file_arch(spec: str) -> str:
+        """The architecture name under which a saved copy of `spec`'s weights loads identically.
+
+        OpenAI tags force QuickGELU, which a plain `ARCH:/path` load would not: their files load as
+        `ARCH-quickgelu:/path` (when open_clip has that config).
+        """
+        arch, weights = parse_spec(spec)
+        info = OpenClipProvider.describe(spec)
+        if info.weights != "tag":
+            return arch
+        oc = _open_clip()
+        cfg = oc.get_pretrained_cfg(arch, weights) or {}
+        if cfg.get("quick_gelu") and not arch.endswith("-quickgelu") and f"{arch}-quickgelu" in oc.list_models():
+            return f"{arch}-quickgelu"
+        return arch
 
 
 def resolve_precision(precision: str | None, device: str) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .base import HEADS, BaseHead
 
-__all__ = ["MLPHead"]
+__all__ = ["MLPHead", "sam_ascend", "sam_descend", "weighted_loss"]
 
 _MIN_IMPROVEMENT = 1e-4  # a validation loss must drop by this much to reset the patience counter
 
@@ -143,10 +143,7 @@ class MLPHead(BaseHead):
             return hid @ params[2] + params[3]
 
         def loss_fn(logits, yb):
-            logp = torch.log_softmax(logits, dim=1).gather(1, yb[:, None])[:, 0]
-            term = -logp if gamma == 0 else -((1.0 - logp.exp()) ** gamma) * logp
-            w = wt[yb]
-            return (w * term).sum() / w.sum().clamp_min(1e-12)
+            return weighted_loss(logits, yb, wt, gamma)
 
         bs = len(tr) if self.batch_size == 0 or self.batch_size >= len(tr) else int(self.batch_size)
         best_loss, best_epoch, stale = np.inf, 0, 0
@@ -167,17 +164,10 @@ class MLPHead(BaseHead):
                 loss = loss_fn(forward(xb, mask), yb)
                 loss.backward()
                 if rho > 0:  # SAM: ascend to w + e, take the gradient there, come back, step
-                    with torch.no_grad():
-                        gnorm = torch.sqrt(sum((p.grad * p.grad).sum() for p in params))
-                        scale = rho / (gnorm + 1e-12)
-                        eps = [p.grad * scale for p in params]
-                        for p, e in zip(params, eps):
-                            p.add_(e)
+                    eps = sam_ascend(params, rho)
                     opt.zero_grad()
                     loss_fn(forward(xb, mask), yb).backward()
-                    with torch.no_grad():
-                        for p, e in zip(params, eps):
-                            p.sub_(e)
+                    sam_descend(params, eps)
                 opt.step()
             if use_val:
                 with torch.no_grad():
@@ -230,6 +220,48 @@ class MLPHead(BaseHead):
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.best_epoch_ = int(meta.get("best_epoch", 0))
         self.early_stopping_ = bool(meta.get("early_stopping", False))
+
+
+def weighted_loss(logits, y, class_weights, focal_gamma: float = 0.0):
+    """Class-weighted cross-entropy of `logits` (n, k) against class indices `y`, optionally focal.
+
+    Each term is weighted by `class_weights[y]` and the sum divided by the sum of those weights;
+    `focal_gamma > 0` multiplies each term by ``(1 - p_true) ** focal_gamma``. Shared by the `mlp`
+    head and `clipdet finetune`.
+    """
+    import torch
+
+    logp = torch.log_softmax(logits, dim=1).gather(1, y[:, None])[:, 0]
+    term = -logp if focal_gamma == 0 else -((1.0 - logp.exp()) ** focal_gamma) * logp
+    w = class_weights[y]
+    return (w * term).sum() / w.sum().clamp_min(1e-12)
+
+
+def sam_ascend(params, rho: float) -> list:
+    """SAM's first half: move every parameter to ``w + rho * g / ||g||`` (g: its current gradient).
+
+    Returns the perturbations for `sam_descend`; parameters without a gradient are left in place.
+    """
+    import torch
+
+    with torch.no_grad():
+        gnorm = torch.sqrt(sum((p.grad * p.grad).sum() for p in params if p.grad is not None))
+        scale = rho / (gnorm + 1e-12)
+        eps = [None if p.grad is None else p.grad * scale for p in params]
+        for p, e in zip(params, eps):
+            if e is not None:
+                p.add_(e)
+    return eps
+
+
+def sam_descend(params, eps: list) -> None:
+    """SAM's second half: undo `sam_ascend` (the gradient taken at ``w + e`` then updates ``w``)."""
+    import torch
+
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            if e is not None:
+                p.sub_(e)
 
 
 class _AdamW:
