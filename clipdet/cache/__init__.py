@@ -8,8 +8,10 @@ On disk (see README "Feature cache layout"):
     clipdet.h5.merge.lock   one merger at a time (merge.py: tiered, LSM-style)
 
 Modules: files (locks, atomic writes, free space), segment (one file's layout), catalogue, index
-(numpy columnar index), merge, conflicts, store (FeatureCache), statindex (skip re-hashing),
-transfer (Parquet / clip-retrieval import and export), verify (checksums, repair).
+(numpy columnar index), merge (tiered merging of files), conflicts, store (FeatureCache: sessions,
+reads, batch writes), labels (label resolution from the index), maintain (catalogue updates, v1
+upgrade, orphans, merges), statindex (skip re-hashing), transfer (Parquet / clip-retrieval import
+and export), verify (checksums, repair).
 """
 
 from __future__ import annotations

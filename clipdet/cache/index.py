@@ -277,3 +277,31 @@ def unique_first(k64: np.ndarray, raw: np.ndarray, order: np.ndarray) -> np.ndar
     s, starts = group_ids(k64, raw, order)
     first = s[starts]
     return first[np.argsort(order[first], kind="stable")]
+
+
+def without_keys(t: KeyTable, bad: KeyTable) -> KeyTable:
+    """`t` without the keys in `bad` (a copy only when something is removed)."""
+    drop = bad.find(t.k64, t.raw) >= 0
+    if not drop.any():
+        return t
+    keep = ~drop
+    return KeyTable(t.k64[keep], t.raw[keep], None if t.row is None else t.row[keep])
+
+
+def sorted_keys(k64: np.ndarray, raw: np.ndarray):
+    o = np.argsort(k64, kind="stable")
+    return k64[o], raw[o], np.arange(len(o), dtype=np.int64)
+
+
+def same_content_rows(table: KeyTable, k64: np.ndarray, raw: np.ndarray, first_rows: np.ndarray) -> list[int]:
+    """Further rows (after the first) of the same content within one segment's images table."""
+    out = []
+    lo = np.searchsorted(table.k64, k64, side="left")
+    hi = np.searchsorted(table.k64, k64, side="right")
+    for a, b, r0, rw in zip(lo, hi, first_rows, raw):
+        if b - a > 1:
+            for j in range(a, b):
+                r = int(table.row[j])
+                if r != int(r0) and (table.raw[j] == rw).all():
+                    out.append(r)
+    return sorted(out)

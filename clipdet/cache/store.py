@@ -9,7 +9,6 @@ output without the lock and swap it in under it. A kill -9 loses at most the bat
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import itertools
 import os
@@ -22,8 +21,20 @@ import numpy as np
 
 from ..errors import CacheError, CacheMismatchError
 from . import catalogue
-from .files import DiskFullError, atomic_write_bytes, flock, fsync_dir, os_error_message, pid_alive, try_flock
-from .index import KeyTable, SegmentIndex, ShaSet, group_ids, keys_of, raw_to_hex, unique_first
+from .files import DiskFullError, atomic_write_bytes, flock, os_error_message
+from .index import (
+    KeyTable,
+    SegmentIndex,
+    ShaSet,
+    keys_of,
+    raw_to_hex,
+    same_content_rows,
+    sorted_keys,
+    unique_first,
+    without_keys,
+)
+from .labels import LabelsMixin
+from .maintain import MaintainMixin
 from .model import LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path
 from .segment import check_header, errors_table, feature_groups, image_columns, image_rows, read_rows, segment_bytes
 
@@ -71,7 +82,7 @@ def build_index(name: str, f, size: int) -> SegmentIndex:
     return idx
 
 
-class FeatureCache:
+class FeatureCache(LabelsMixin, MaintainMixin):
     """Read and write a clipdet feature cache (layout: clipdet/cache/catalogue.py and segment.py)."""
 
     def __init__(self, path: str | os.PathLike | None = None, readonly: bool = False):
@@ -185,44 +196,9 @@ class FeatureCache:
             tables = [s.index.groups[(key, view)].keys for s in segs if (key, view) in s.index.groups]
         if self.damaged and tables:
             dk, draw = keys_of(sorted(self.damaged))
-            bad = KeyTable(*_sorted(dk, draw))
-            tables = [_without(t, bad) for t in tables]
+            bad = KeyTable(*sorted_keys(dk, draw))
+            tables = [without_keys(t, bad) for t in tables]
         return ShaSet.of_tables(tables)
-
-    def labelled(self, key: str, view: str) -> dict:
-        """The group's images with their resolved labels, as arrays in cache order (oldest first):
-        raw (n, 32) digests, label codes (0 none, 1 real, 2 fake), gen codes into `vocab`, conflict flags.
-
-        Index only. The common case (one big segment, distinct keys) is joined in key order without
-        copying the index; memory is a few arrays of n entries."""
-        with self._session() as segs:
-            fast = _aligned_labels(segs, key, view)
-            if fast is not None:
-                return fast
-            tabs = [(i, s.index.groups[(key, view)].keys) for i, s in enumerate(segs) if (key, view) in s.index.groups]
-            gk, graw, gorder = _distinct_oldest(tabs)
-            vocab, code = [""], {"": 0}
-            parts, recorded = [], []
-            for i, s in enumerate(segs):
-                t = s.index.images
-                remap = np.array([code.setdefault(v, len(code)) for v in s.index.vocab], np.int32)
-                if len(t):
-                    parts.append((i, t, s.index.label[t.row], remap[s.index.gen[t.row]]))
-                recorded += [c[0] for c in s.index.conflicts]
-            vocab = [v for v, _ in sorted(code.items(), key=lambda t: t[1])]
-        n = len(gk)
-        label, gen, conflict = np.zeros(n, np.int8), np.zeros(n, np.int32), np.zeros(n, bool)
-        if parts:
-            table, u_lab, u_gen, u_con = _resolve_labels(parts)
-            at = table.find(gk, graw)  # both in key order: cache-friendly
-            has = np.flatnonzero(at >= 0)
-            label[has], gen[has], conflict[has] = u_lab[at[has]], u_gen[at[has]], u_con[at[has]]
-            del table, u_lab, u_gen, u_con, at
-        if recorded:
-            rk, rr = keys_of(sorted(set(recorded)))
-            conflict |= KeyTable(*_sorted(rk, rr)).find(gk, graw) >= 0
-        o = np.argsort(gorder, kind="stable")  # cache order: oldest segment first, file order within
-        return {"raw": graw[o], "label": label[o], "gen": gen[o], "conflict": conflict[o], "vocab": vocab}
 
     # ------------------------------------------------------------------ reading: rows
     def load(
@@ -340,7 +316,7 @@ class FeatureCache:
                         out[m.sha256].merge(m)
                     else:
                         out[m.sha256] = m
-                dup = _same_content_rows(s.index.images, k64[sel], raw[sel], rows[sel])
+                dup = same_content_rows(s.index.images, k64[sel], raw[sel], rows[sel])
                 for r in dup:
                     for m in image_rows(s.file, np.array([r])):
                         out[m.sha256].merge(m)
@@ -361,92 +337,11 @@ class FeatureCache:
                         out[m.sha256] = m
         return out
 
-    def conflicts(self) -> list[dict]:
-        """Images seen with disagreeing labels: dicts sha256, observations [(label, generator, path)]."""
-        with self._session() as segs:
-            recorded = [c for s in segs for c in s.index.conflicts]
-        found: dict[str, list] = {}
-        for sha, lab, gen, path in recorded:
-            found.setdefault(sha, [])
-            if (lab, gen, path) not in found[sha]:
-                found[sha].append((lab, gen, path))
-        groups = self.groups()
-        live = set()
-        for g in groups:
-            lab = self.labelled(g.key, g.view)
-            live.update(raw_to_hex(lab["raw"][lab["conflict"]]))
-        missing = live - set(found)
-        if missing:
-            metas_by_seg = self._observations(sorted(missing))
-            for sha, obs in metas_by_seg.items():
-                found[sha] = obs
-        return [{"sha256": s, "observations": found[s]} for s in sorted(found)]
-
-    def index_labels(self, shas: list[str]) -> tuple[list[str], list[str]]:
-        """Label and generator the index holds for each of `shas` (later segments win; '' if none)."""
-        k64, raw = keys_of(shas)
-        o = np.argsort(k64, kind="stable")  # sorted needles, once for every segment
-        k64, raw = k64[o], raw[o]
-        lab = [""] * len(shas)
-        gen = [""] * len(shas)
-        with self._session() as segs:
-            for s in segs:
-                rows = np.empty(len(o), np.int64)
-                rows[o] = s.index.images.find(k64, raw)
-                for j in np.flatnonzero(rows >= 0):
-                    r = rows[j]
-                    code = int(s.index.label[r])
-                    if code:
-                        lab[j] = LABELS[code]
-                        gen[j] = s.index.vocab[int(s.index.gen[r])] if code == 2 else ""
-        return lab, gen
-
     def stat_index(self):
         """The stat index next to this cache (see statindex.py)."""
         from .statindex import StatIndex
 
         return StatIndex(os.path.join(self.seg_dir, "stat.sqlite"), readonly=self.readonly)
-
-    def conflicted(self, shas: Iterable[str]) -> set[str]:
-        """Those of `shas` whose recorded labels disagree (index lookups only)."""
-        from .conflicts import conflicted
-
-        wanted = list(dict.fromkeys(shas))
-        if not wanted:
-            return set()
-        k64, raw = keys_of(wanted)
-        obs: list[list] = [[] for _ in wanted]
-        out: set[str] = set()
-        want_set = set(wanted)
-        with self._session() as segs:
-            for s in segs:
-                t = s.index.images
-                lo = np.searchsorted(t.k64, k64, side="left")
-                hi = np.searchsorted(t.k64, k64, side="right")
-                for j in np.flatnonzero(hi > lo):
-                    for pos in range(lo[j], hi[j]):
-                        if (t.raw[pos] == raw[j]).all():
-                            r = t.row[pos]
-                            obs[j].append((LABELS[s.index.label[r]], s.index.vocab[s.index.gen[r]]))
-                out.update(c[0] for c in s.index.conflicts if c[0] in want_set)
-        out.update(w for w, o in zip(wanted, obs) if conflicted(o))
-        return out
-
-    def _observations(self, shas: list[str]) -> dict[str, list]:
-        k64, raw = keys_of(shas)
-        out: dict[str, list] = {s: [] for s in shas}
-        with self._session() as segs:
-            for s in segs:
-                t = s.index.images
-                hits = np.flatnonzero(np.isin(t.k64, k64))
-                if not len(hits):
-                    continue
-                for m in image_rows(s.file, np.sort(t.row[hits])):
-                    if m.sha256 in out and m.label:
-                        o = (m.label, m.generator, m.paths[-1] if m.paths else "")
-                        if o not in out[m.sha256]:
-                            out[m.sha256].append(o)
-        return out
 
     def errors(self) -> list[dict]:
         """Recorded per-file errors: dicts with sha256 (may be empty), path and reason (deduplicated)."""
@@ -519,207 +414,6 @@ class FeatureCache:
             self.compact(wait=False)
         return final
 
-    def _update_catalogue(self, add: list[str] = (), replace: tuple[list[str], str] | None = None) -> list[str]:
-        """Under the exclusive lock: upgrade a v1 cache, adopt orphan segments of dead writers, set aside
-        damaged ones, append `add`, or swap `replace` = (inputs, output). Returns the new segment list."""
-        with flock(self.lock_path, exclusive=True, create_dir=True):
-            cat = catalogue.read(self.path)
-            segs = self._upgrade_in_place(cat) if cat.legacy else list(cat.segments)
-            segs += [p for p in self._orphans(segs) if p not in add]
-            if replace is not None:
-                inputs, output = replace
-                at = segs.index(inputs[0])
-                segs = segs[:at] + [output] + [s for s in segs[at:] if s not in inputs]
-            segs += list(add)
-            catalogue.write(self.path, segs, cat.generation + 1)
-            if replace is not None:
-                for s in replace[0]:
-                    with contextlib.suppress(OSError):
-                        os.remove(s)
-            return segs
-
-    def _upgrade_in_place(self, cat) -> list[str]:
-        """v1 → v2 without copying: hard-link the main file and shards into the segment folder."""
-        os.makedirs(self.seg_dir, exist_ok=True)
-        out = []
-        for src in cat.segments:
-            base = "seg-00000000000000000000-0-v1main.h5" if src == self.path else "seg-" + os.path.basename(src)
-            dst = os.path.join(self.seg_dir, base)
-            if not os.path.exists(dst):
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    import shutil
-
-                    shutil.copyfile(src, dst + ".tmp")
-                    os.replace(dst + ".tmp", dst)
-            out.append(dst)
-        fsync_dir(self.seg_dir)
-        return out
-
-    def _scan_orphans(self, live: list[str]) -> tuple[list[str], list[str]]:
-        """(segments of dead writers missing from the catalogue, leftovers of dead processes: merge
-        outputs and temp files)."""
-        if not os.path.isdir(self.seg_dir):
-            return [], []
-        live_set, adopt, junk = set(live), [], []
-        for n in sorted(os.listdir(self.seg_dir)):
-            p = os.path.join(self.seg_dir, n)
-            parts = n.lstrip(".").split("-")
-            if n.startswith("seg-") and n.endswith(".h5") and p not in live_set:
-                if len(parts) >= 3 and parts[2].isdigit() and not pid_alive(int(parts[2])):
-                    adopt.append(p)
-            elif n.startswith("mrg-") and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-                junk.append(p)
-            elif n.endswith(".tmp"):
-                pid = n.rsplit(".", 2)[-2] if n.count(".") >= 2 else ""
-                if pid.isdigit() and not pid_alive(int(pid)):
-                    junk.append(p)
-        return adopt, junk
-
-    def _orphans(self, live: list[str]) -> list[str]:
-        """Adopt segments of killed writers (killed between writing and the catalogue update); remove
-        dead processes' merge outputs and temp files; set aside damaged orphans as *.bad."""
-        import h5py
-
-        adopt, junk = self._scan_orphans(live)
-        for p in junk:
-            with contextlib.suppress(OSError):
-                os.remove(p)
-        good = []
-        for p in adopt:
-            try:
-                with h5py.File(p, "r") as f:
-                    check_header(f, p)
-                good.append(p)
-            except (OSError, CacheError):
-                with contextlib.suppress(OSError):
-                    os.replace(p, p + ".bad")
-                self._warn(f"{p}: unreadable cache segment set aside as {os.path.basename(p)}.bad")
-        return good
-
-    def compact(self, full: bool = False, wait: bool = True) -> int:
-        """Run tiered merges (or merge everything with `full`); returns how many segments were merged.
-        Only one process merges at a time; with wait=False a busy merger makes this return 0 at once."""
-        from . import merge
-
-        if self.readonly:
-            return 0
-        os.makedirs(self.seg_dir, exist_ok=True)
-        if full and catalogue.read(self.path).legacy:
-            return self._upgrade_full()
-        merged = 0
-        lock = flock(self.merge_lock_path, exclusive=True) if wait else try_flock(self.merge_lock_path)
-        with lock as held:
-            if held is False and not wait:
-                return 0
-            segs = self._update_catalogue()
-            while True:
-                sizes = []
-                for s in segs:
-                    try:
-                        sizes.append(os.path.getsize(s))
-                    except OSError:
-                        sizes.append(0)
-                run = merge.plan(sizes, full=full)
-                if run is None:
-                    break
-                inputs = segs[run[0]:run[1]]
-                inputs, bad = self._openable(inputs)
-                if bad:
-                    segs = self._set_aside(bad)
-                    continue
-                out = self._merge(inputs)
-                final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-m{merged:05d}.h5")
-                os.replace(out, final)
-                segs = self._update_catalogue(replace=(inputs, final))
-                merged += len(inputs)
-                if full:
-                    break
-        with contextlib.suppress(OSError):
-            os.rmdir(self.pending_dir)
-        return merged
-
-    def _upgrade_full(self) -> int:
-        """v1 → one v2 segment: merge the v1 file and shards into a new segment, then replace the v1
-        file by the catalogue in one rename. Any failure before that leaves the v1 file untouched."""
-        with flock(self.merge_lock_path, exclusive=True):
-            cat = catalogue.read(self.path)
-            if not cat.legacy:  # another process upgraded it meanwhile
-                return 0
-            out = self._merge(cat.segments)
-            final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-u00000.h5")
-            with flock(self.lock_path, exclusive=True, create_dir=True):
-                os.replace(out, final)
-                catalogue.write(self.path, [final], 1)
-                for s in cat.segments[1:]:
-                    with contextlib.suppress(OSError):
-                        os.remove(s)
-            with contextlib.suppress(OSError):
-                os.rmdir(self.pending_dir)
-            return len(cat.segments)
-
-    def _merge(self, inputs: list[str]) -> str:
-        """Merge `inputs` into a new mrg- file (removed again on any failure); returns its path."""
-        import h5py
-
-        from .merge import merge_files
-
-        out = os.path.join(self.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")
-        files = []
-        try:
-            files = [h5py.File(p, "r") for p in inputs]
-            merge_files(files, out)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.remove(out)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(os_error_message(out, e)) from None
-            raise
-        finally:
-            for f in files:
-                f.close()
-        return out
-
-    def _openable(self, paths: list[str]) -> tuple[list[str], list[str]]:
-        import h5py
-
-        good, bad = [], []
-        for p in paths:
-            try:
-                with h5py.File(p, "r") as f:
-                    check_header(f, p)
-                    for key, view in feature_groups(f):
-                        f[f"features/{key}/{view}/sha256"][()]
-                good.append(p)
-            except CacheError:
-                raise
-            except Exception:  # noqa: BLE001
-                bad.append(p)
-        return good, bad
-
-    def _set_aside(self, bad: list[str]) -> list[str]:
-        """Rename damaged segments to *.bad (never deleted) and drop them from the catalogue."""
-        with flock(self.lock_path, exclusive=True, create_dir=True):
-            cat = catalogue.read(self.path)
-            segs = [s for s in cat.segments if s not in bad]
-            catalogue.write(self.path, segs, cat.generation + 1)
-        for s in bad:
-            with contextlib.suppress(OSError):
-                os.replace(s, s + ".bad")
-            self._warn(f"{s}: unreadable cache segment set aside as {os.path.basename(s)}.bad")
-        return segs
-
-    def shard_count(self) -> int:
-        """Segments a tiered merge would combine now (0 when the cache needs no merging)."""
-        from . import merge
-
-        segs = self.segments()
-        sizes = [os.path.getsize(s) if os.path.exists(s) else 0 for s in segs]
-        run = merge.plan(sizes)
-        legacy = catalogue.read(self.path).legacy
-        return (run[1] - run[0] if run else 0) + (len(segs) if legacy and len(segs) > 1 else 0)
-
     # ------------------------------------------------------------------ summary
     def info(self) -> dict:
         """Backbones, views, counts per label and generator, size on disk: from the catalogue and index."""
@@ -755,110 +449,3 @@ class FeatureCache:
             "segments": len(cat.segments), "pending_shards": self.shard_count() if cat.segments else 0,
             "images": n_images, "errors": n_errors, "conflicts": n_conflicts, "features": feats,
         }
-
-
-def _aligned_labels(segs: list, key: str, view: str) -> dict | None:
-    """labelled() for the usual cache, or None: every segment holds images and features of the same
-    images (as extract, import and merges write them), and no image is in two segments. Labels are
-    then read straight from each segment, with no join and no resolution."""
-    parts, code = [], {"": 0}
-    for i, s in enumerate(segs):
-        idx = s.index
-        gi = idx.groups.get((key, view))
-        t = idx.images
-        if gi is None:
-            if len(t):
-                return None  # metadata-only segment (labels added later): resolve the general way
-            continue
-        g = gi.keys
-        if len(g) != len(t) or not np.array_equal(g.k64, t.k64) or not np.array_equal(g.raw, t.raw) or \
-                idx.conflicts:
-            return None
-        remap = np.array([code.setdefault(v, len(code)) for v in idx.vocab], np.int32)
-        parts.append((g.k64, g.raw, (np.int64(i) << 40) + g.row, idx.label[t.row], remap[idx.gen[t.row]]))
-    if not parts:
-        return None
-    k64 = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
-    srt = np.sort(k64, kind="stable")
-    if (srt[1:] == srt[:-1]).any():
-        return None  # an image in two segments (or twice in one): resolve the general way
-    order = np.concatenate([p[2] for p in parts])
-    o = np.argsort(order, kind="stable")
-    cat = (lambda j: parts[0][j]) if len(parts) == 1 else (lambda j: np.concatenate([p[j] for p in parts]))
-    lab, gen = cat(3), cat(4)
-    gen = np.where(lab == 2, gen, 0)
-    return {"raw": cat(1)[o], "label": lab[o].astype(np.int8), "gen": gen[o].astype(np.int32),
-            "conflict": np.zeros(len(o), bool), "vocab": [v for v, _ in sorted(code.items(), key=lambda t: t[1])]}
-
-
-def _distinct_oldest(tabs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct keys of a group's per-segment tables [(segment position, KeyTable)], the oldest row
-    of each: (k64, raw, order) in key order, order = segment << 40 | row."""
-    if not tabs:
-        return np.zeros(0, np.uint64), np.zeros((0, 32), np.uint8), np.zeros(0, np.int64)
-    if len(tabs) == 1 and not (tabs[0][1].k64[1:] == tabs[0][1].k64[:-1]).any():
-        i, t = tabs[0]
-        return t.k64, t.raw, (np.int64(i) << 40) + t.row
-    k64 = np.concatenate([t.k64 for _, t in tabs])
-    raw = np.concatenate([t.raw for _, t in tabs])
-    order = np.concatenate([(np.int64(i) << 40) + t.row for i, t in tabs])
-    perm, starts = group_ids(k64, raw, order)
-    first = perm[starts]  # in key order
-    return k64[first], raw[first], order[first]
-
-
-def _resolve_labels(parts: list) -> tuple[KeyTable, np.ndarray, np.ndarray, np.ndarray]:
-    """Per distinct image (a KeyTable in key order): the last label, the generator that goes with it,
-    and whether observations disagree. `parts`: [(segment position, images KeyTable, label codes,
-    generator codes)] oldest first, each in its table's key order."""
-    from .conflicts import conflict_mask
-
-    if len(parts) == 1 and not (parts[0][1].k64[1:] == parts[0][1].k64[:-1]).any():
-        _, t, lab, gen = parts[0]
-        return KeyTable(t.k64, t.raw, np.arange(len(t), dtype=np.int64)), lab, gen, np.zeros(len(t), bool)
-    ik = np.concatenate([p[1].k64 for p in parts])
-    ir = np.concatenate([p[1].raw for p in parts])
-    il = np.concatenate([p[2] for p in parts])
-    ig = np.concatenate([p[3] for p in parts])
-    io_ = np.concatenate([(np.int64(i) << 40) + t.row for i, t, _, _ in parts])
-    perm, starts = group_ids(ik, ir, io_)
-    if len(starts) == len(perm):  # every image seen once: nothing to resolve
-        return KeyTable(ik[perm], ir[perm], np.arange(len(perm), dtype=np.int64)), il[perm], ig[perm], \
-            np.zeros(len(perm), bool)
-    lab, gen = il[perm], ig[perm]
-    pos = np.arange(len(perm))
-    last_lab = np.maximum.reduceat(np.where(lab > 0, pos, -1), starts)
-    last_gen = np.maximum.reduceat(np.where((gen > 0) | (lab == 1), pos, -1), starts)
-    u_lab = np.where(last_lab >= 0, lab[np.maximum(last_lab, 0)], 0).astype(np.int8)
-    u_gen = np.where(last_gen >= 0, gen[np.maximum(last_gen, 0)], 0).astype(np.int32)
-    u_con = conflict_mask(il, ig, perm, starts)
-    first = perm[starts]
-    return KeyTable(ik[first], ir[first], np.arange(len(starts), dtype=np.int64)), u_lab, u_gen, u_con
-
-
-def _without(t: KeyTable, bad: KeyTable) -> KeyTable:
-    """`t` without the keys in `bad` (a copy only when something is removed)."""
-    drop = bad.find(t.k64, t.raw) >= 0
-    if not drop.any():
-        return t
-    keep = ~drop
-    return KeyTable(t.k64[keep], t.raw[keep], None if t.row is None else t.row[keep])
-
-
-def _sorted(k64: np.ndarray, raw: np.ndarray):
-    o = np.argsort(k64, kind="stable")
-    return k64[o], raw[o], np.arange(len(o), dtype=np.int64)
-
-
-def _same_content_rows(table: KeyTable, k64: np.ndarray, raw: np.ndarray, first_rows: np.ndarray) -> list[int]:
-    """Further rows (after the first) of the same content within one segment's images table."""
-    out = []
-    lo = np.searchsorted(table.k64, k64, side="left")
-    hi = np.searchsorted(table.k64, k64, side="right")
-    for a, b, r0, rw in zip(lo, hi, first_rows, raw):
-        if b - a > 1:
-            for j in range(a, b):
-                r = int(table.row[j])
-                if r != int(r0) and (table.raw[j] == rw).all():
-                    out.append(r)
-    return sorted(out)
