@@ -57,7 +57,7 @@ def atomic_write_bytes(path: str, data: bytes | memoryview) -> None:
     """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with removed_on_failure(tmp, name=path):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data)
@@ -68,13 +68,21 @@ def atomic_write_bytes(path: str, data: bytes | memoryview) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: str, name: str | None = None) -> Iterator[None]:
+    """Remove the half-written `tmp` if the block fails; an out-of-space failure becomes
+    DiskFullError naming `name` (default `tmp`)."""
+    try:
+        yield
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(os_error_message(path, e)) from None
+            raise DiskFullError(os_error_message(name or tmp, e)) from None
         raise
-    fsync_dir(folder)
 
 
 def check_free_space(folder: str, need: int) -> None:

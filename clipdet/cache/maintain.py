@@ -7,13 +7,12 @@ A mixin of FeatureCache (store.py).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 
 from ..errors import CacheError
 from . import catalogue
-from .files import DiskFullError, flock, fsync_dir, os_error_message, pid_alive, try_flock
+from .files import flock, fsync_dir, pid_alive, removed_on_failure, try_flock
 from .segment import check_header, feature_groups
 
 
@@ -169,14 +168,9 @@ class MaintainMixin:
         out = os.path.join(self.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")
         files = []
         try:
-            files = [h5py.File(p, "r") for p in inputs]
-            merge_files(files, out)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.remove(out)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(os_error_message(out, e)) from None
-            raise
+            with removed_on_failure(out):
+                files = [h5py.File(p, "r") for p in inputs]
+                merge_files(files, out)
         finally:
             for f in files:
                 f.close()
