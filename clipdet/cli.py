@@ -68,12 +68,26 @@ def _run(fn):
 
 
 def _refs(paths: List[str], manifest: Optional[str]):
+    """Discover the inputs; no image at all is an error (exit 1), an input without images a warning."""
     from .errors import UsageError
-    from .images import discover
+    from .images import discover, require_images
 
     if not paths and not manifest:
         raise UsageError("give at least one PATH (folder, file or - for stdin) or --manifest CSV")
-    return discover(paths, manifest=manifest)
+    refs = discover(paths, manifest=manifest)
+    require_images(refs, paths)
+    for where in refs.empty:
+        err(f"clipdet: warning: no images found in {where}")
+    for note in refs.notes:
+        err(f"note: {note}")
+    return refs
+
+
+def _discovery_summary(refs) -> None:
+    """At the end of a run: how many files inside the folders were not images."""
+    line = refs.summary() if hasattr(refs, "summary") else ""
+    if line:
+        err(f"note: {line}")
 
 
 def _layers(spec: Optional[str]) -> tuple[int, ...]:
@@ -130,6 +144,7 @@ def extract(
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())
+        _discovery_summary(refs)
         return s
 
     s = _run(go)
@@ -330,6 +345,7 @@ def eval_cmd(
                 typer.echo(f"  view {v:19s} AUC {r['auc']:.3f}")
             for n in res["notes"]:
                 typer.echo(f"note: {n}")
+        _discovery_summary(refs)
         if report:
             path = write_report(res, report)
             if not json_out:

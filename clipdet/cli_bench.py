@@ -32,7 +32,7 @@ def load_pools(
     from .cache import FeatureCache
     from .errors import UsageError
     from .fewshot import load_pool, pool_from_refs, resolve_backbone_key
-    from .images import discover, parse_views
+    from .images import discover, parse_views, require_images
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
@@ -44,6 +44,7 @@ def load_pools(
             specs = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
             backbone = specs.pop() if len(specs) == 1 else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
+        require_images(refs, list(paths or []))
         clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet)
     else:
         if not cache.exists():

@@ -63,8 +63,8 @@ def evaluate(
     from .scoring import score_refs
 
     refs = list(refs)
-    labelled = [r for r in refs if r.label in ("real", "fake")]
-    if not labelled:
+    labelled = [r for r in refs if r.label in ("real", "fake") or r.error]  # unusable inputs count as errors
+    if not any(r.label in ("real", "fake") for r in labelled):
         raise UsageError("eval needs labelled images (layout real/** and fake/<generator>/**, or --manifest)")
     by_path = {r.path: r for r in labelled}
     kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers)

@@ -299,7 +299,7 @@ def fit(
     With them, only those images are candidates (extracted first if not cached).
     """
     from .cache import FeatureCache
-    from .images import canonical_view, discover
+    from .images import canonical_view, discover, require_images
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = canonical_view(view)
@@ -315,6 +315,7 @@ def fit(
                                  "choose one with --backbone")
             backbone = specs.pop() if specs else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
+        require_images(refs, list(paths or []))
         pool, key, rec, summary = pool_from_refs(refs, cache, backbone, view, [view], device, quiet)
         skipped += summary.errors
     else:

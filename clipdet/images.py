@@ -12,10 +12,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError, UsageError
+from .errors import ImageError, NoImagesError, UsageError
 
 IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
+    ".avif",
 }
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -32,6 +33,28 @@ class ImageRef:
     path: str
     label: str | None = None
     generator: str | None = None
+    error: str | None = None  # set by discovery for an input that cannot be used (e.g. an unreadable folder)
+
+
+class Discovered(list):
+    """The `ImageRef`s `discover` found (a plain list), plus what it skipped and why.
+
+    `not_images`: files inside folders that Pillow cannot open (skipped); `empty`: inputs in which no
+    image was found; `notes`: other remarks (symlinked folders not entered again, loops).
+    """
+
+    def __init__(self, refs=()):
+        super().__init__(refs)
+        self.not_images: list[str] = []
+        self.empty: list[str] = []
+        self.notes: list[str] = []
+
+    def summary(self, limit: int = 3) -> str:
+        """'N file(s) not images (skipped): a.txt, b.heic, ...', or '' when every file was an image."""
+        if not self.not_images:
+            return ""
+        shown = ", ".join(self.not_images[:limit]) + (", ..." if len(self.not_images) > limit else "")
+        return f"{len(self.not_images)} file(s) not images (skipped): {shown}"
 
 
 def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
@@ -91,50 +114,111 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
     return refs
 
 
-def _walk(folder: Path) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(root, name)
+def _pillow_opens(path: str) -> bool:
+    """Whether Pillow identifies `path` as an image it can decode (reads the header only)."""
+    from PIL import Image, ImageFile
+
+    try:
+        with Image.open(path) as im:
+            return not isinstance(im, ImageFile.StubImageFile)  # HDF5/GRIB/BUFR stubs decode nothing
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image to us
+        return False
+
+
+def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
+    """Images under `folder`: each folder's files sorted, then its sub-folders sorted; hidden names skipped.
+
+    Symlinked sub-folders are followed; a folder already visited (a loop, or two links to one folder)
+    is entered once and the skip noted. A folder that cannot be listed becomes an `ImageRef` with an
+    error (reported like an unreadable file). Files with an image extension are kept; others are kept
+    when Pillow can open them, else counted in `found.not_images`.
+    """
+    visited: set[tuple[int, int]] = set()
+
+    def visit(d: str) -> Iterator[ImageRef]:
+        try:
+            st = os.stat(d)
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                found.notes.append(f"{d}: folder already visited through another path (symlink loop?); not entered again")
+                return
+            visited.add(key)
+            with os.scandir(d) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            yield ImageRef(d, *label_from_layout(os.path.join(d, "x")),
+                           error=f"cannot list folder: {e.strerror or e}")
+            return
+        dirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                dirs.append(e.path)
+            elif Path(e.name).suffix.lower() in IMAGE_EXTENSIONS or (e.is_file() and _pillow_opens(e.path)):
+                yield ImageRef(e.path, *label_from_layout(e.path))
+            else:
+                found.not_images.append(e.path)
+        for sub in dirs:
+            yield from visit(sub)
+
+    yield from visit(str(folder))
 
 
 def discover(
     inputs: Iterable[str], manifest: str | None = None, stdin: Iterable[str] | None = None
-) -> list[ImageRef]:
-    """Expand folders (recursively, image extensions only), files and `-` (paths on stdin) into refs.
+) -> Discovered:
+    """Expand folders (recursively), files and `-` (paths on stdin) into refs (a `Discovered` list).
 
+    Inside folders, files with an image extension are kept, and any other file Pillow can open (say
+    `.avif`, or a PNG without extension); the rest are listed in `.not_images`. Symlinked folders are
+    followed (each folder entered once); a folder that cannot be listed becomes a ref with `.error`.
     Order is stable: inputs in the order given, each folder walked in sorted order; a path seen twice
     is kept once. Files named explicitly are kept whatever their extension (so a bad file is
     reported, not silently ignored). A path that does not exist raises `UsageError`.
+    Inputs that yielded no image are listed in `.empty` (see `require_images`).
     """
     refs: list[ImageRef] = []
+    found = Discovered()
     if manifest:
         refs.extend(read_manifest(manifest))
+        if not refs:
+            found.empty.append(str(manifest))
     for item in inputs:
+        before = len(refs)
         if item == "-":
             lines = stdin if stdin is not None else sys.stdin
             for line in lines:
                 line = line.strip()
                 if line:
                     refs.append(ImageRef(line, *label_from_layout(line)))
+            if len(refs) == before:
+                found.empty.append("- (stdin)")
             continue
         p = Path(item)
         if p.is_dir():
-            refs.extend(ImageRef(f, *label_from_layout(f)) for f in _walk(p))
+            refs.extend(_walk(p, found))
+            if len(refs) == before:
+                found.empty.append(item)
         elif p.exists() or p.is_symlink():
             refs.append(ImageRef(str(p), *label_from_layout(p)))
         else:
             raise UsageError(f"{item}: no such file or folder")
     seen: set[str] = set()
-    unique = []
     for r in refs:
         if r.path not in seen:
             seen.add(r.path)
-            unique.append(r)
-    return unique
+            found.append(r)
+    return found
+
+
+def require_images(refs: list[ImageRef], inputs: Iterable[str] = ()) -> None:
+    """Raise `NoImagesError` ("no images found in PATH", exit code 1) when `refs` is empty."""
+    if not refs:
+        where = list(getattr(refs, "empty", [])) or [str(i) for i in inputs] or ["the inputs"]
+        raise NoImagesError(f"no images found in {', '.join(where)}")
 
 
 def read_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
