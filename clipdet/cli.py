@@ -257,6 +257,8 @@ def score(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads"),
     precision: str = PrecisionOpt,
     quiet: bool = QuietOpt,
+    verdict_out: bool = typer.Option(False, "--verdict", help="Print a readable verdict per image on stdout "
+                                     "(the default for a single FILE argument; otherwise CSV rows)"),
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
     _quiet_warnings(quiet)
@@ -269,33 +271,34 @@ def score(
         det = Detector.load(detector)
         refs = _refs(paths or [], manifest)
         t = det.threshold if threshold is None else threshold
-        single = len(refs) == 1
-        dest = out if (out or single) else "-"  # several images and no --out: CSV rows on stdout
+        # The format follows the options, never the number of images found: verdicts for one FILE
+        # argument or --verdict, else CSV/JSONL rows (on stdout without --out).
+        one_file = (len(paths or []) == 1 and not manifest and paths[0] != "-" and not os.path.isdir(paths[0]))
+        verdicts = (verdict_out or one_file) and out != "-"
+        dest = out if (out or verdicts) else "-"
         writer = RowWriter(dest)
         counts: dict[str, int] = {}
         n = 0
         try:
             for row in score_refs(refs, det, cache=cache, device=device, threshold=threshold, backbone=backbone,
-                                  batch_size=batch_size, workers=workers, quiet=quiet, precision=precision):
+                                  batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
+                                  on_chunk=writer.flush):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1
                 if row["error"]:
                     state["errors"] += 1
-                    if not single:
+                    if not verdicts:
                         err(f"skipped {row['path']}: {row['error']}")
-                if single and dest != "-":
+                if verdicts:
                     typer.echo(verdict(row, t))
-                elif single and row["error"]:
-                    err(f"skipped {row['path']}: {row['error']}")
-                if n % 256 == 0:
-                    writer.flush()
             writer.finish()
         finally:
             writer.close()
-        if not single:
-            line = summarise(counts, state["errors"], n) + (f"; rows in {dest}" if dest != "-" else "")
-            (err if dest == "-" else typer.echo)(line)
+        if not one_file or not verdicts:
+            line = summarise(counts, state["errors"], n) + (f"; rows in {dest}" if dest and dest != "-" else "")
+            (err if dest == "-" or verdicts else typer.echo)(line)
+        _discovery_summary(refs)
 
     _run(go)
     raise typer.Exit(EXIT_PARTIAL if state["errors"] else EXIT_OK)
