@@ -24,8 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is literal: "[default: ...]" must not be eaten as rich markup
 )
-cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 
 BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/weights or ARCH:random "
@@ -35,6 +36,20 @@ ManifestOpt = typer.Option(None, "--manifest", "-m", help="CSV with columns path
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or per-file lines; summary only")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else "
                             "fp32), fp32, bf16, or fp16 (CUDA)")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        typer.echo(f"clipdet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print clipdet's version and exit")) -> None:
+    """Tell AI-generated images from real photographs with frozen CLIP embeddings and few-shot heads."""
 
 
 def err(msg: str) -> None:
@@ -251,10 +266,11 @@ def score(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold on the score "
                                               "[default: the detector's calibrated one]"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
-                                           "spec (e.g. weights moved); must be the same weights"),
+                                           "spec (e.g. weights moved); must be the same weights [default: the detector's]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass "
+                                             "[default: 32 on CPU, 256 on CUDA]"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads [default: by device]"),
     precision: str = PrecisionOpt,
     quiet: bool = QuietOpt,
     verdict_out: bool = typer.Option(False, "--verdict", help="Print a readable verdict per image on stdout "
@@ -320,6 +336,9 @@ def eval_cmd(
                                             "are detector references"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     quiet: bool = QuietOpt,
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
+                                           "spec (e.g. weights moved); must be the same weights "
+                                           "[default: the detector's]"),
 ) -> None:
     """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
     _quiet_warnings(quiet)
@@ -333,7 +352,7 @@ def eval_cmd(
         refs = _refs(paths or [], manifest)
         extra = parse_views(views)[1:] if views else []
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
-                       exclude_references=exclude_references, device=device, quiet=quiet)
+                       exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone)
         if json_out:
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:

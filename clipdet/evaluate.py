@@ -57,8 +57,12 @@ def evaluate(
     quiet: bool = True,
     batch_size: int | None = None,
     workers: int | None = None,
+    backbone: str | None = None,
 ) -> dict:
-    """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict."""
+    """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict.
+
+    `backbone` overrides the detector's backbone spec (e.g. the weights file moved); same weights only.
+    """
     from .metrics import binary_report, confusion_matrix, roc_auc
     from .scoring import score_refs
 
@@ -67,7 +71,7 @@ def evaluate(
     if not any(r.label in ("real", "fake") for r in labelled):
         raise UsageError("eval needs labelled images (layout real/** and fake/<generator>/**, or --manifest)")
     by_path = {r.path: r for r in labelled}
-    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers)
+    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers, backbone=backbone)
     rows = list(score_refs(labelled, detector, **kw))
     ref_shas = detector.reference_shas
     overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}

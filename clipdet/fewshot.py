@@ -362,8 +362,34 @@ def fit(
     }
     det = fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
                         attribute=attribute, extra=extra, meta=meta)
+    short = shots_shortfall(pool, k, per_generator)
+    if short:
+        det.meta.setdefault("notes", []).insert(0, short)
     det.skipped = skipped
     return det
+
+
+def shots_shortfall(pool: Pool, k: int | None, per_generator: bool = False) -> str:
+    """A note when `k` shots per class (or per generator) exceed what `pool` holds, else ''."""
+    if k is None:
+        return ""
+    have = {"real": pool.label.count("real"), "fake": pool.label.count("fake")}
+    want = {"real": k, "fake": k}
+    if per_generator:
+        gens: dict[str, int] = {}
+        for g, lab in zip(pool.generator, pool.label):
+            if lab == "fake":
+                gens[g or "unknown"] = gens.get(g or "unknown", 0) + 1
+        want["real"] = k * max(1, len(gens))
+        have.pop("fake")
+        want.pop("fake")
+        have.update({f"fake/{g}": n for g, n in sorted(gens.items())})
+        want.update({f"fake/{g}": k for g in gens})
+    short = [f"{have[c]} {c}" for c in have if have[c] < want[c]]
+    if not short:
+        return ""
+    return (f"--shots {k} asks for more references than there are ({', '.join(short)} available): "
+            "all of those were used, so this fit has fewer (and unbalanced) references")
 
 
 def parse_params(items: Sequence[str]) -> dict:

@@ -70,6 +70,8 @@ def score_refs(
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = view or detector.view
+    if backbone:
+        check_backbone_override(detector, backbone)
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision)
     for part in growing_chunks(refs, first_chunk, chunk):
@@ -95,6 +97,23 @@ def score_refs(
             on_chunk()
     if cache.shard_count():
         cache.compact()
+
+
+def check_backbone_override(detector, backbone: str) -> None:
+    """Refuse a `backbone` spec whose weights differ from the detector's, before any feature is read.
+
+    Checked up front, not when the model loads: with every image cached no model is ever loaded, and
+    the cached features of the detector's own backbone would be scored under another one's name.
+    """
+    from .backbones import describe_backbone
+
+    info = describe_backbone(backbone)
+    if info.key != detector.backbone_key:
+        want = detector.backbone
+        raise UsageError(
+            f"--backbone {backbone}: different weights from the detector's ({want.get('spec')}, weights id "
+            f"{str(want.get('weights_id', '?'))[:16]}; this one {info.weights_id[:16]}); give the same weights file"
+        )
 
 
 def _fmt(v) -> str:
@@ -142,8 +161,9 @@ class RowWriter:
             return
         self._open()
         if self.jsonl:
-            clean = {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
-                     for k in self.columns if k in row}
+            # every column, null when empty: the same keys as the CSV header, whatever the head
+            clean = {k: (None if (isinstance(row.get(k), float) and math.isnan(row[k])) or row.get(k) == ""
+                         else row.get(k)) for k in self.columns}
             self.fh.write(json.dumps(clean) + "\n")
         else:
             self._csv.writerow([_fmt(row.get(c)) for c in self.columns])
@@ -189,4 +209,4 @@ def summarise(rows_label_counts: dict, errors: int, total: int) -> str:
     return f"{total} images: {parts or 'none scored'}; {errors} could not be read"
 
 
-__all__ = ["COLUMNS", "growing_chunks", "score_refs", "RowWriter", "verdict", "summarise"]
+__all__ = ["COLUMNS", "check_backbone_override", "growing_chunks", "score_refs", "RowWriter", "verdict", "summarise"]
