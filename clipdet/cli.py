@@ -357,6 +357,10 @@ def eval_cmd(
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:
             m = res["metrics"]
+            if res["detector"].get("backbone_weights") == "random":
+                from .report import RANDOM_WEIGHTS_WARNING
+
+                typer.echo(RANDOM_WEIGHTS_WARNING.replace("**", ""))
             typer.echo(f"{m['n']} images ({m['n_real']} real, {m['n_fake']} fake): AUC {m['auc']:.3f}, "
                        f"AP {m['ap']:.3f}, acc {m['accuracy']:.3f}, bal.acc {m['balanced_accuracy']:.3f}, "
                        f"TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}, EER {m['eer']:.3f}, ECE {m['ece']:.3f}, "

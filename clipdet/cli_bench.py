@@ -159,6 +159,10 @@ def register(app: typer.Typer) -> None:
                             formats=info["formats"], config=config, progress=None if quiet else err)
             files = write_bench(res, out)
             c = res.counts
+            if info["backbone"].get("weights") == "random":
+                from .report import RANDOM_WEIGHTS_WARNING
+
+                typer.echo(RANDOM_WEIGHTS_WARNING.replace("**", ""))
             typer.echo(f"{c['real']} real, {c['fake']} fake images ({len(c['generators'])} generators), "
                        f"backbone {config['backbone']}, seeds 0..{seeds - 1}, "
                        f"manifest {res.record['manifest_hash'][:12]}")

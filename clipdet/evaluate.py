@@ -79,6 +79,7 @@ def evaluate(
     if detector.backbone.get("weights") == "random":
         notes.append("the backbone has RANDOM weights: these numbers say nothing about detection quality "
                      "(use pretrained weights, e.g. ViT-L-14:openai)")
+    notes += [n for n in detector.meta.get("notes", []) if n.startswith("calibration")]  # said at fit, said again
     if overlap and not (allow_overlap or exclude_references):
         raise OverlapError(
             f"{len(overlap)} evaluation image(s) are references of the detector (same content); "
@@ -98,6 +99,7 @@ def evaluate(
     notes += report.pop("notes", [])
     result = {
         "detector": {"head": detector.meta.get("head"), "backbone": detector.backbone.get("spec"),
+                     "backbone_weights": detector.backbone.get("weights"),
                      "view": detector.view, "threshold": detector.threshold,
                      "target_fpr": detector.meta.get("target_fpr"), "shots": detector.meta.get("shots"),
                      "seed": detector.meta.get("seed")},
@@ -117,7 +119,10 @@ def evaluate(
         lab, mat = confusion_matrix(true, pred, labels)
         known = [i for i, t in enumerate(true) if t == "real" or t in detector.meta.get("generators", [])]
         acc = float(np.mean([true[i] == pred[i] for i in known])) if known else float("nan")
-        result["attribution"] = {"labels": list(lab), "matrix": np.asarray(mat).tolist(),
+        counts = np.asarray(mat)
+        totals = counts.sum(axis=1, keepdims=True)
+        frac = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+        result["attribution"] = {"labels": list(lab), "matrix": counts.tolist(), "row_normalised": frac.tolist(),
                                  "accuracy_on_known": acc}
     robust = {}
     for v in views:
@@ -156,7 +161,15 @@ def public(result: dict) -> dict:
 
 def write_report(result: dict, directory: str) -> str:
     """Markdown report with ROC curves, score histograms, per-generator bars and attribution matrix."""
-    from .report import markdown_table, plot_bars, plot_confusion, plot_roc, plot_score_hist, write_markdown_report
+    from .report import (
+        markdown_table,
+        plot_bars,
+        plot_confusion,
+        plot_roc,
+        plot_score_hist,
+        random_weights_warning,
+        write_markdown_report,
+    )
 
     os.makedirs(directory, exist_ok=True)
     m = result["metrics"]
@@ -185,13 +198,19 @@ def write_report(result: dict, directory: str) -> str:
         sections.append(("Robustness", markdown_table(rows, ["view", "auc", "accuracy", "n"]), ["robustness.png"]))
     if "attribution" in result:
         a = result["attribution"]
-        plot_confusion(a["labels"], np.array(a["matrix"]), os.path.join(directory, "attribution.png"),
-                       title="Attribution (rows: true, columns: predicted)")
-        sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}",
-                         ["attribution.png"]))
+        counts = np.array(a["matrix"])
+        plot_confusion(a["labels"], counts, os.path.join(directory, "attribution.png"),
+                       title="Attribution (rows: true, row-normalised; counts in brackets)", normalise=True)
+        table = [{"true \\ predicted": t, **{p: f"{f:.2f} ({int(c)})" for p, f, c in zip(a["labels"], fr, row)},
+                  "images": int(row.sum())}
+                 for t, fr, row in zip(a["labels"], a["row_normalised"], counts)]
+        sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}. Each row "
+                         "is row-normalised (the share of that true class given each prediction), with the "
+                         "image count in brackets.\n\n" + markdown_table(table), ["attribution.png"]))
     if result["notes"]:
         sections.append(("Notes", "\n".join(f"- {n}" for n in result["notes"]), []))
-    path = write_markdown_report(directory, "clipdet evaluation", sections)
+    path = write_markdown_report(directory, "clipdet evaluation", sections,
+                                 warning=random_weights_warning({"weights": d.get("backbone_weights")}))
     with open(os.path.join(directory, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(json_safe(public(result)), f, indent=1, allow_nan=False)
     return str(path)

@@ -124,7 +124,7 @@ def fit_from_pool(
     from sklearn.base import clone
 
     from .attribution import OpenSetRule
-    from .calibration import cross_val_decision, fit_platt, threshold_at_fpr
+    from .calibration import cross_val_decision, threshold_at_fpr
     from .detector import Detector
     from .detectors import create_head
 
@@ -155,19 +155,20 @@ def fit_from_pool(
         cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
         cal_y = y
         cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
+    notes = []
     if not calibrate:
-        threshold, platt = 0.0, (1.0, 0.0)
+        threshold, slope = 0.0, 1.0
     else:
         threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
-        platt = fit_platt(cal_scores, cal_y)
-    if platt[0] < 0:  # anti-informative calibration scores: keep p_fake monotone, fall back to the base rate
-        prior = float(np.clip(cal_y.mean(), 1e-3, 1 - 1e-3))
-        platt = (0.0, float(np.log(prior / (1 - prior))))
+        slope, cal_notes = calibration_slope(cal_scores, cal_y, threshold)
+        notes += cal_notes
+    # One mapping, monotone in the score, through 0.5 at the threshold: p_fake >= 0.5 exactly when
+    # the verdict is fake (see Detector.proba_from_scores).
+    platt = (slope, -slope * threshold)
 
     # Attribution: multi-class over real + named generators, with an open-set "unknown" rule.
     attribution = open_set = None
     named = sorted({g for g, lab in zip(pool.generator, pool.label) if lab == "fake" and g})
-    notes = []
     if attribute and len(named) >= 2:
         keep = [i for i in range(len(pool)) if pool.label[i] == "real" or pool.generator[i]]
         classes = np.array(["real" if pool.label[i] == "real" else pool.generator[i] for i in keep], dtype=object)
@@ -202,6 +203,37 @@ def fit_from_pool(
         refs = {k: refs[k] + list(getattr(extra, k)) for k in refs}
     return Detector(head=model, threshold=float(threshold), platt=(float(platt[0]), float(platt[1])), meta=m,
                     attribution=attribution, open_set=open_set, references=refs)
+
+
+#: Fewer calibration scores than this per class and p_fake is called rough (a note in the detector).
+MIN_CALIBRATION_PER_CLASS = 25
+
+
+def calibration_slope(scores, y, threshold: float) -> tuple[float, list[str]]:
+    """Slope `a > 0` of ``p_fake = sigmoid(a * (score - threshold))`` fitted on calibration scores.
+
+    Platt scaling with its intercept pinned so that p_fake is 0.5 at the decision threshold. When
+    the scores do not rank fakes above reals (fitted slope <= 0) a fixed slope of one over the
+    scores' spread keeps p_fake monotone and ordered; either way the notes say when calibration
+    had too little data or no signal.
+    """
+    from .calibration import fit_platt
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y)
+    notes = []
+    n_real, n_fake = int((y == 0).sum()), int((y == 1).sum())
+    if min(n_real, n_fake) < MIN_CALIBRATION_PER_CLASS:
+        notes.append(f"calibration had too little data ({n_real} real and {n_fake} fake scores; "
+                     f"{MIN_CALIBRATION_PER_CLASS}+ per class wanted): p_fake and the threshold are rough "
+                     "(more references, or --calibrate with held-out images)")
+    a, _ = fit_platt(s - threshold, y, fit_intercept=False)
+    if not np.isfinite(a) or a <= 0:
+        spread = float(np.std(s))
+        a = 1.0 / spread if spread > 0 and np.isfinite(spread) else 1.0
+        notes.append("calibration scores do not separate real from fake: p_fake uses a fixed slope "
+                     "(it orders images and agrees with the verdict, but is not a calibrated probability)")
+    return float(a), notes
 
 
 def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tuple[str, dict]:
