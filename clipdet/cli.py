@@ -349,6 +349,10 @@ def eval_cmd(
         from .images import parse_views
 
         det = Detector.load(detector)
+        if report:
+            from .report import prepare_output_dir
+
+            prepare_output_dir(report, "--report")  # before scoring, not after
         refs = _refs(paths or [], manifest)
         extra = parse_views(views)[1:] if views else []
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,

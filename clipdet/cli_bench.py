@@ -142,9 +142,12 @@ def register(app: typer.Typer) -> None:
             from .images import parse_views
             from .protocols import parse_heads, parse_ks, parse_protocols, run_bench, write_bench
 
+            from .report import prepare_output_dir
+
             protos = parse_protocols(protocol)
             head_list, k_list, k = parse_heads(heads), parse_ks(ks), parse_shots(shots)
             view_list = parse_views(views) if "robustness" in protos else ["clean"]
+            prepare_output_dir(out, "--out")  # before any extraction or fit
             pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet)
             summary = info["extract"]
             if summary is not None:

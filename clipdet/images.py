@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -94,7 +95,13 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
         raise UsageError(f"{mpath}: manifest not found")
     base = mpath.parent
     refs: list[ImageRef] = []
-    with open(mpath, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+    raw = mpath.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{mpath}: not UTF-8 (byte 0x{raw[e.start]:02x} at line {line}); save it as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise UsageError(f"{mpath}: manifest needs a 'path' column (got {reader.fieldnames})")
@@ -294,6 +301,24 @@ def _quiet_pil_bomb_warning() -> None:
         _BOMB_FILTER_SET = True
 
 
+_TAG_FILTER: list = []  # the filter entry `_tag_warnings_as_errors` adds, once known
+_TAG_WARNINGS_LOCK = threading.Lock()
+
+
+def _tag_warnings_as_errors() -> None:
+    """Turn Pillow's EXIF/TIFF-tag `UserWarning`s (which name no file) into exceptions, so that
+    `decode_image` can catch them and warn with the file's path instead (see there).
+
+    Checked on every call: the filter must stay first, and the CLI (or a test harness) may have
+    reset or prepended filters since the last call.
+    """
+    if not _TAG_FILTER or warnings.filters[:1] != _TAG_FILTER:
+        with _TAG_WARNINGS_LOCK:
+            if not _TAG_FILTER or warnings.filters[:1] != _TAG_FILTER:
+                warnings.filterwarnings("error", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+                _TAG_FILTER[:] = warnings.filters[:1]
+
+
 def decode_image(
     data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> Decoded:
@@ -301,11 +326,26 @@ def decode_image(
 
     Handles EXIF orientation, CMYK, 16-bit, palette, alpha (composited on white), grayscale and
     animated images (first frame). Truncated files are errors, never silently padded. Images over
-    `max_pixels` are refused from their header, before any pixel is decoded.
+    `max_pixels` are refused from their header, before any pixel is decoded. Damaged EXIF or TIFF
+    tags are not an error: a warning names the file and the tags are skipped.
 
     `draft_size`: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the
     shorter side stays >= `draft_size` (see `extract` for the speed/accuracy trade-off).
     """
+    _tag_warnings_as_errors()
+    try:
+        return _decode(data, path, max_pixels, draft_size)
+    except UserWarning as w:  # raised by the filter above: Pillow found damaged EXIF/TIFF tags
+        warnings.warn(f"{path}: damaged EXIF/TIFF tags ({w}); decoded without them", stacklevel=2)
+        # Decode again with those warnings ignored. catch_warnings swaps the global filter list, so
+        # one thread at a time (only this rare path changes the filters).
+        with _TAG_WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+            return _decode(data, path, max_pixels, draft_size)
+
+
+def _decode(data: bytes, path: str, max_pixels: int, draft_size: int | None) -> Decoded:
+    """`decode_image` without the handling of damaged tags."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -331,7 +371,7 @@ def decode_image(
         if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
-    except ImageError:
+    except (ImageError, UserWarning):
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised format)") from None

@@ -23,6 +23,7 @@ __all__ = [
     "plot_kshot",
     "plot_roc",
     "plot_score_hist",
+    "prepare_output_dir",
     "random_weights_warning",
     "write_markdown_report",
 ]
@@ -318,6 +319,26 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     sep = "|" + "|".join("---:" if numeric(c) else "---" for c in columns) + "|"
     body = ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def prepare_output_dir(path, option: str = "--out") -> Path:
+    """Create folder `path` (if needed) and check that files can be written in it, before any work.
+
+    Raises `UsageError` naming `option`, the path and the remedy: a file in the way, or a folder
+    that cannot be written (permissions, read-only file system).
+    """
+    import tempfile
+
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"{option} {d}: is a file; give a folder name (created if missing), not a file")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".clipdet-write-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {d}: cannot write there ({e.strerror or e}); choose another folder") from None
+    return d
 
 
 RANDOM_WEIGHTS_WARNING = ("**RANDOM backbone weights: these numbers say nothing about detection quality** "
