@@ -266,7 +266,8 @@ def score(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold on the score "
                                               "[default: the detector's calibrated one]"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
-                                           "spec (e.g. weights moved); must be the same weights [default: the detector's]"),
+                                           "spec (e.g. weights moved); must be the same weights "
+                                           "[default: the detector's]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass "
                                              "[default: 32 on CPU, 256 on CUDA]"),
@@ -289,7 +290,7 @@ def score(
         t = det.threshold if threshold is None else threshold
         # The format follows the options, never the number of images found: verdicts for one FILE
         # argument or --verdict, else CSV/JSONL rows (on stdout without --out).
-        one_file = (len(paths or []) == 1 and not manifest and paths[0] != "-" and not os.path.isdir(paths[0]))
+        one_file = len(paths or []) == 1 and not manifest and paths[0] != "-" and not os.path.isdir(paths[0])
         verdicts = (verdict_out or one_file) and out != "-"
         dest = out if (out or verdicts) else "-"
         writer = RowWriter(dest)

@@ -141,7 +141,6 @@ def register(app: typer.Typer) -> None:
             from .fewshot import parse_shots
             from .images import parse_views
             from .protocols import parse_heads, parse_ks, parse_protocols, run_bench, write_bench
-
             from .report import prepare_output_dir
 
             protos = parse_protocols(protocol)

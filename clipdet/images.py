@@ -147,7 +147,8 @@ def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
             st = os.stat(d)
             key = (st.st_dev, st.st_ino)
             if key in visited:
-                found.notes.append(f"{d}: folder already visited through another path (symlink loop?); not entered again")
+                found.notes.append(f"{d}: folder already visited through another path (symlink loop?); "
+                                   "not entered again")
                 return
             visited.add(key)
             with os.scandir(d) as it:

@@ -121,4 +121,5 @@ def test_corrupt_exif_warning_names_the_file_from_the_cli(tmp_path, tiny_spec, s
                        timeout=120)
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "EXIF" in x or "Tag" in x]
-    assert lines and all(x.startswith(f"clipdet: warning: {tmp_path / 'd' / 'bad-exif.jpg'}: ") for x in lines), r.stderr
+    prefix = f"clipdet: warning: {tmp_path / 'd' / 'bad-exif.jpg'}: "
+    assert lines and all(x.startswith(prefix) for x in lines), r.stderr
