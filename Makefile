@@ -11,7 +11,7 @@ HEAD   ?= svm
 CACHE  ?= $(OUT)/cache.h5
 VIEWS  ?= jpeg:75
 
-.PHONY: venv browser test demo clean-demo bench lint
+.PHONY: venv browser test demo demo-data clean-demo bench lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,14 @@ lint: venv
 
 # extract → fit --shots $(SHOTS) → score → eval (with report), on DATA laid out as real/ and fake/<generator>/
 # Exit code 1 from extract/score means "some files skipped" (listed on stderr): the demo goes on.
-demo: venv
+# Exit code 2 from extract is most often weights that cannot be fetched here: name the knob.
+demo: demo-data venv
 	@mkdir -p $(OUT)
 	@echo "== 1/4 extract $(DATA) with $(BACKBONE) (views: clean,$(VIEWS))"
 	@$(BIN)/clipdet extract "$(DATA)" --backbone "$(BACKBONE)" --cache "$(CACHE)" --views "$(VIEWS)" --quiet; \
-	  rc=$$?; [ $$rc -le 1 ] || exit $$rc
+	  rc=$$?; if [ $$rc -eq 2 ]; then echo "make demo: extract failed (message above); if the weights of" \
+	  "$(BACKBONE) cannot be fetched, give local ones: make demo BACKBONE=ARCH:/path/to/weights.safetensors" \
+	  "(clipdet backbones lists architectures)" >&2; fi; [ $$rc -le 1 ] || exit $$rc
 	@echo "== 2/4 fit --head $(HEAD) --shots $(SHOTS)"
 	@$(BIN)/clipdet fit --backbone "$(BACKBONE)" --cache "$(CACHE)" --head $(HEAD) --shots $(SHOTS) --seed 0 \
 	  --out "$(OUT)/detector.clipdet" --quiet
@@ -52,6 +55,11 @@ demo: venv
 	@$(BIN)/clipdet eval "$(DATA)" --detector "$(OUT)/detector.clipdet" --cache "$(CACHE)" --exclude-references \
 	  --views "$(VIEWS)" --report "$(OUT)/report" --quiet; rc=$$?; [ $$rc -le 1 ] || exit $$rc
 	@echo "demo done: cache $(CACHE), detector $(OUT)/detector.clipdet, scores $(OUT)/scores.csv, report $(OUT)/report/report.md"
+
+# Checked before the venv is built: a missing DATA folder should not cost an install first.
+demo-data:
+	@[ -d "$(DATA)" ] || { echo "make demo: DATA folder $(DATA) not found; run make demo DATA=folder" \
+	  "(a folder with real/ and fake/<generator>/ inside)" >&2; exit 2; }
 
 clean-demo:
 	rm -rf $(OUT)

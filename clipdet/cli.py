@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is literal: "[default: ...]" must not be eaten as rich markup
 )
 
 BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/weights or ARCH:random "
@@ -33,6 +34,20 @@ ManifestOpt = typer.Option(None, "--manifest", "-m", help="CSV with columns path
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or per-file lines; summary only")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else "
                             "fp32), fp32, bf16, or fp16 (CUDA)")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        typer.echo(f"clipdet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print clipdet's version and exit")) -> None:
+    """Tell AI-generated images from real photographs with frozen CLIP embeddings and few-shot heads."""
 
 
 def err(msg: str) -> None:
@@ -66,12 +81,26 @@ def _run(fn):
 
 
 def _refs(paths: List[str], manifest: Optional[str]):
+    """Discover the inputs; no image at all is an error (exit 1), an input without images a warning."""
     from .errors import UsageError
-    from .images import discover
+    from .images import discover, require_images
 
     if not paths and not manifest:
         raise UsageError("give at least one PATH (folder, file or - for stdin) or --manifest CSV")
-    return discover(paths, manifest=manifest)
+    refs = discover(paths, manifest=manifest)
+    require_images(refs, paths)
+    for where in refs.empty:
+        err(f"clipdet: warning: no images found in {where}")
+    for note in refs.notes:
+        err(f"note: {note}")
+    return refs
+
+
+def _discovery_summary(refs) -> None:
+    """At the end of a run: how many files inside the folders were not images."""
+    line = refs.summary() if hasattr(refs, "summary") else ""
+    if line:
+        err(f"note: {line}")
 
 
 def _layers(spec: Optional[str]) -> tuple[int, ...]:
@@ -130,6 +159,7 @@ def extract(
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())
+        _discovery_summary(refs)
         return s
 
     s = _run(go)
@@ -238,12 +268,16 @@ def score(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold on the score "
                                               "[default: the detector's calibrated one]"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
-                                           "spec (e.g. weights moved); must be the same weights"),
+                                           "spec (e.g. weights moved); must be the same weights "
+                                           "[default: the detector's]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass "
+                                             "[default: 32 on CPU, 256 on CUDA]"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads [default: by device]"),
     precision: str = PrecisionOpt,
     quiet: bool = QuietOpt,
+    verdict_out: bool = typer.Option(False, "--verdict", help="Print a readable verdict per image on stdout "
+                                     "(the default for a single FILE argument; otherwise CSV rows)"),
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
     _quiet_warnings(quiet)
@@ -257,34 +291,35 @@ def score(
         det = Detector.load(detector)
         refs = _refs(paths or [], manifest)
         t = det.threshold if threshold is None else threshold
-        single = len(refs) == 1
-        dest = out if (out or single) else "-"  # several images and no --out: CSV rows on stdout
+        # The format follows the options, never the number of images found: verdicts for one FILE
+        # argument or --verdict, else CSV/JSONL rows (on stdout without --out).
+        one_file = len(paths or []) == 1 and not manifest and paths[0] != "-" and not os.path.isdir(paths[0])
+        verdicts = (verdict_out or one_file) and out != "-"
+        dest = out if (out or verdicts) else "-"
         writer = RowWriter(dest)
         counts: dict[str, int] = {}
         n = 0
         try:
             fc = FeatureCache(cache, readonly=cache_readonly)
             for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
-                                  batch_size=batch_size, workers=workers, quiet=quiet, precision=precision):
+                                  batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
+                                  on_chunk=writer.flush):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1
                 if row["error"]:
                     state["errors"] += 1
-                    if not single:
+                    if not verdicts:
                         err(f"skipped {row['path']}: {row['error']}")
-                if single and dest != "-":
+                if verdicts:
                     typer.echo(verdict(row, t))
-                elif single and row["error"]:
-                    err(f"skipped {row['path']}: {row['error']}")
-                if n % 256 == 0:
-                    writer.flush()
             writer.finish()
         finally:
             writer.close()
-        if not single:
-            line = summarise(counts, state["errors"], n) + (f"; rows in {dest}" if dest != "-" else "")
-            (err if dest == "-" else typer.echo)(line)
+        if not one_file or not verdicts:
+            line = summarise(counts, state["errors"], n) + (f"; rows in {dest}" if dest and dest != "-" else "")
+            (err if dest == "-" or verdicts else typer.echo)(line)
+        _discovery_summary(refs)
 
     _run(go)
     raise typer.Exit(EXIT_PARTIAL if state["errors"] else EXIT_OK)
@@ -306,6 +341,9 @@ def eval_cmd(
                                             "are detector references"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     quiet: bool = QuietOpt,
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
+                                           "spec (e.g. weights moved); must be the same weights "
+                                           "[default: the detector's]"),
 ) -> None:
     """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
     _quiet_warnings(quiet)
@@ -316,14 +354,22 @@ def eval_cmd(
         from .images import parse_views
 
         det = Detector.load(detector)
+        if report:
+            from .report import prepare_output_dir
+
+            prepare_output_dir(report, "--report")  # before scoring, not after
         refs = _refs(paths or [], manifest)
         extra = parse_views(views)[1:] if views else []
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
-                       exclude_references=exclude_references, device=device, quiet=quiet)
+                       exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone)
         if json_out:
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:
             m = res["metrics"]
+            if res["detector"].get("backbone_weights") == "random":
+                from .report import RANDOM_WEIGHTS_WARNING
+
+                typer.echo(RANDOM_WEIGHTS_WARNING.replace("**", ""))
             typer.echo(f"{m['n']} images ({m['n_real']} real, {m['n_fake']} fake): AUC {m['auc']:.3f}, "
                        f"AP {m['ap']:.3f}, acc {m['accuracy']:.3f}, bal.acc {m['balanced_accuracy']:.3f}, "
                        f"TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}, EER {m['eer']:.3f}, ECE {m['ece']:.3f}, "
@@ -334,6 +380,7 @@ def eval_cmd(
                 typer.echo(f"  view {v:19s} AUC {r['auc']:.3f}")
             for n in res["notes"]:
                 typer.echo(f"note: {n}")
+        _discovery_summary(refs)
         if report:
             path = write_report(res, report)
             if not json_out:

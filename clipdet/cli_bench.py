@@ -32,7 +32,7 @@ def load_pools(
     from .cache import FeatureCache
     from .errors import UsageError
     from .fewshot import load_pool, pool_from_refs, resolve_backbone_key
-    from .images import discover, parse_views
+    from .images import discover, parse_views, require_images
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
@@ -44,6 +44,7 @@ def load_pools(
             specs = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
             backbone = specs.pop() if len(specs) == 1 else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
+        require_images(refs, list(paths or []))
         clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet)
     else:
         if not cache.exists():
@@ -140,10 +141,12 @@ def register(app: typer.Typer) -> None:
             from .fewshot import parse_shots
             from .images import parse_views
             from .protocols import parse_heads, parse_ks, parse_protocols, run_bench, write_bench
+            from .report import prepare_output_dir
 
             protos = parse_protocols(protocol)
             head_list, k_list, k = parse_heads(heads), parse_ks(ks), parse_shots(shots)
             view_list = parse_views(views) if "robustness" in protos else ["clean"]
+            prepare_output_dir(out, "--out")  # before any extraction or fit
             pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet)
             summary = info["extract"]
             if summary is not None:
@@ -158,6 +161,10 @@ def register(app: typer.Typer) -> None:
                             formats=info["formats"], config=config, progress=None if quiet else err)
             files = write_bench(res, out)
             c = res.counts
+            if info["backbone"].get("weights") == "random":
+                from .report import RANDOM_WEIGHTS_WARNING
+
+                typer.echo(RANDOM_WEIGHTS_WARNING.replace("**", ""))
             typer.echo(f"{c['real']} real, {c['fake']} fake images ({len(c['generators'])} generators), "
                        f"backbone {config['backbone']}, seeds 0..{seeds - 1}, "
                        f"manifest {res.record['manifest_hash'][:12]}")

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def register(app: typer.Typer) -> None:

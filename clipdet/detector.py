@@ -60,11 +60,22 @@ class Detector:
         """Raw scores, higher = more likely generated."""
         return np.asarray(self.head.decision_function(np.asarray(X, dtype=np.float32)), dtype=np.float64)
 
-    def proba_from_scores(self, scores) -> np.ndarray:
-        """Calibrated P(fake) from decision values."""
-        from .calibration import apply_platt
+    def proba_from_scores(self, scores, threshold: float | None = None) -> np.ndarray:
+        """Calibrated P(fake) from decision values: ``sigmoid(a * (score - threshold))``, a > 0.
 
-        return apply_platt(np.asarray(scores, dtype=np.float64), *self.platt)
+        One mapping, monotone in the score and 0.5 at the decision threshold (the calibrated one, or
+        `threshold`), so ``p_fake >= 0.5`` exactly when the verdict is fake. `a` is the calibrated
+        slope (`platt[0]`); files whose calibration fell back to a constant get slope 1.
+        """
+        from .calibration import sigmoid
+
+        s = np.asarray(scores, dtype=np.float64)
+        t = self.threshold if threshold is None else float(threshold)
+        a = float(self.platt[0]) if self.platt[0] > 0 else 1.0
+        if not np.isfinite(t):
+            return np.where(s >= t, 1.0, 0.0)
+        p = sigmoid(a * (s - t))
+        return np.where(s >= t, np.maximum(p, 0.5), np.minimum(p, np.nextafter(0.5, 0.0)))
 
     def predict_proba(self, X) -> np.ndarray:
         """Calibrated P(fake), shape (n,)."""
@@ -107,7 +118,7 @@ class Detector:
             return []
         t = self.threshold if threshold is None else threshold
         s = self.decision_function(X)
-        p = self.proba_from_scores(s)
+        p = self.proba_from_scores(s, t)
         gens, gp = self.attribute(X)
         near = self.nearest(X)
         rows = []

@@ -13,6 +13,12 @@ class UsageError(ClipdetError):
     """Bad arguments or options (unknown backbone, malformed view, missing labels)."""
 
 
+class NoImagesError(UsageError):
+    """The inputs hold no image at all (an empty folder, an empty list): exit code 1, nothing written."""
+
+    exit_code = 1
+
+
 class BackboneError(ClipdetError):
     """A backbone could not be built or its weights could not be loaded."""
 

@@ -74,17 +74,21 @@ def evaluate(
     quiet: bool = True,
     batch_size: int | None = None,
     workers: int | None = None,
+    backbone: str | None = None,
 ) -> dict:
-    """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict."""
+    """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict.
+
+    `backbone` overrides the detector's backbone spec (e.g. the weights file moved); same weights only.
+    """
     from .metrics import binary_report, confusion_matrix, roc_auc
     from .scoring import score_refs
 
     refs = list(refs)
-    labelled = [r for r in refs if r.label in ("real", "fake")]
-    if not labelled:
+    labelled = [r for r in refs if r.label in ("real", "fake") or r.error]  # unusable inputs count as errors
+    if not any(r.label in ("real", "fake") for r in labelled):
         raise UsageError("eval needs labelled images (layout real/** and fake/<generator>/**, or --manifest)")
     by_path = {r.path: r for r in labelled}
-    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers)
+    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers, backbone=backbone)
     rows = list(score_refs(labelled, detector, **kw))
     ref_shas = detector.reference_shas
     overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}
@@ -92,6 +96,7 @@ def evaluate(
     if detector.backbone.get("weights") == "random":
         notes.append("the backbone has RANDOM weights: these numbers say nothing about detection quality "
                      "(use pretrained weights, e.g. ViT-L-14:openai)")
+    notes += [n for n in detector.meta.get("notes", []) if n.startswith("calibration")]  # said at fit, said again
     if overlap and not (allow_overlap or exclude_references):
         raise OverlapError(
             f"{len(overlap)} evaluation image(s) are references of the detector (same content); "
@@ -116,6 +121,7 @@ def evaluate(
     notes += report.pop("notes", [])
     result = {
         "detector": {"head": detector.meta.get("head"), "backbone": detector.backbone.get("spec"),
+                     "backbone_weights": detector.backbone.get("weights"),
                      "view": detector.view, "threshold": detector.threshold,
                      "target_fpr": detector.meta.get("target_fpr"), "shots": detector.meta.get("shots"),
                      "seed": detector.meta.get("seed")},
@@ -136,7 +142,10 @@ def evaluate(
         lab, mat = confusion_matrix(true, pred, labels)
         known = [i for i, t in enumerate(true) if t == "real" or t in detector.meta.get("generators", [])]
         acc = float(np.mean([true[i] == pred[i] for i in known])) if known else float("nan")
-        result["attribution"] = {"labels": list(lab), "matrix": np.asarray(mat).tolist(),
+        counts = np.asarray(mat)
+        totals = counts.sum(axis=1, keepdims=True)
+        frac = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+        result["attribution"] = {"labels": list(lab), "matrix": counts.tolist(), "row_normalised": frac.tolist(),
                                  "accuracy_on_known": acc}
     robust = {}
     for v in views:
@@ -175,7 +184,15 @@ def public(result: dict) -> dict:
 
 def write_report(result: dict, directory: str) -> str:
     """Markdown report with ROC curves, score histograms, per-generator bars and attribution matrix."""
-    from .report import markdown_table, plot_bars, plot_confusion, plot_roc, plot_score_hist, write_markdown_report
+    from .report import (
+        markdown_table,
+        plot_bars,
+        plot_confusion,
+        plot_roc,
+        plot_score_hist,
+        random_weights_warning,
+        write_markdown_report,
+    )
 
     os.makedirs(directory, exist_ok=True)
     m = result["metrics"]
@@ -204,13 +221,19 @@ def write_report(result: dict, directory: str) -> str:
         sections.append(("Robustness", markdown_table(rows, ["view", "auc", "accuracy", "n"]), ["robustness.png"]))
     if "attribution" in result:
         a = result["attribution"]
-        plot_confusion(a["labels"], np.array(a["matrix"]), os.path.join(directory, "attribution.png"),
-                       title="Attribution (rows: true, columns: predicted)")
-        sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}",
-                         ["attribution.png"]))
+        counts = np.array(a["matrix"])
+        plot_confusion(a["labels"], counts, os.path.join(directory, "attribution.png"),
+                       title="Attribution (rows: true, row-normalised; counts in brackets)", normalise=True)
+        table = [{"true \\ predicted": t, **{p: f"{f:.2f} ({int(c)})" for p, f, c in zip(a["labels"], fr, row)},
+                  "images": int(row.sum())}
+                 for t, fr, row in zip(a["labels"], a["row_normalised"], counts)]
+        sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}. Each row "
+                         "is row-normalised (the share of that true class given each prediction), with the "
+                         "image count in brackets.\n\n" + markdown_table(table), ["attribution.png"]))
     if result["notes"]:
         sections.append(("Notes", "\n".join(f"- {n}" for n in result["notes"]), []))
-    path = write_markdown_report(directory, "clipdet evaluation", sections)
+    path = write_markdown_report(directory, "clipdet evaluation", sections,
+                                 warning=random_weights_warning({"weights": d.get("backbone_weights")}))
     with open(os.path.join(directory, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(json_safe(public(result)), f, indent=1, allow_nan=False)
     return str(path)

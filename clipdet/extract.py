@@ -91,6 +91,9 @@ def prepare(
     model cannot be loaded) propagates and stops the run.
     """
     out = Prepared(ref)
+    if ref.error:  # discovery already knows this input cannot be used (e.g. a folder it could not list)
+        out.error = ref.error
+        return out
     try:
         data = read_file(ref.path)
         out.sha256 = sha256_bytes(data)

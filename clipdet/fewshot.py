@@ -139,7 +139,7 @@ def fit_from_pool(
     from sklearn.base import clone
 
     from .attribution import OpenSetRule
-    from .calibration import cross_val_decision, fit_platt, threshold_at_fpr
+    from .calibration import cross_val_decision, threshold_at_fpr
     from .detector import Detector
     from .detectors import create_head
 
@@ -170,19 +170,20 @@ def fit_from_pool(
         cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
         cal_y = y
         cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
+    notes = []
     if not calibrate:
-        threshold, platt = 0.0, (1.0, 0.0)
+        threshold, slope = 0.0, 1.0
     else:
         threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
-        platt = fit_platt(cal_scores, cal_y)
-    if platt[0] < 0:  # anti-informative calibration scores: keep p_fake monotone, fall back to the base rate
-        prior = float(np.clip(cal_y.mean(), 1e-3, 1 - 1e-3))
-        platt = (0.0, float(np.log(prior / (1 - prior))))
+        slope, cal_notes = calibration_slope(cal_scores, cal_y, threshold)
+        notes += cal_notes
+    # One mapping, monotone in the score, through 0.5 at the threshold: p_fake >= 0.5 exactly when
+    # the verdict is fake (see Detector.proba_from_scores).
+    platt = (slope, -slope * threshold)
 
     # Attribution: multi-class over real + named generators, with an open-set "unknown" rule.
     attribution = open_set = None
     named = sorted({g for g, lab in zip(pool.generator, pool.label) if lab == "fake" and g})
-    notes = []
     if attribute and len(named) >= 2:
         keep = [i for i in range(len(pool)) if pool.label[i] == "real" or pool.generator[i]]
         classes = np.array(["real" if pool.label[i] == "real" else pool.generator[i] for i in keep], dtype=object)
@@ -217,6 +218,37 @@ def fit_from_pool(
         refs = {k: refs[k] + list(getattr(extra, k)) for k in refs}
     return Detector(head=model, threshold=float(threshold), platt=(float(platt[0]), float(platt[1])), meta=m,
                     attribution=attribution, open_set=open_set, references=refs)
+
+
+#: Fewer calibration scores than this per class and p_fake is called rough (a note in the detector).
+MIN_CALIBRATION_PER_CLASS = 25
+
+
+def calibration_slope(scores, y, threshold: float) -> tuple[float, list[str]]:
+    """Slope `a > 0` of ``p_fake = sigmoid(a * (score - threshold))`` fitted on calibration scores.
+
+    Platt scaling with its intercept pinned so that p_fake is 0.5 at the decision threshold. When
+    the scores do not rank fakes above reals (fitted slope <= 0) a fixed slope of one over the
+    scores' spread keeps p_fake monotone and ordered; either way the notes say when calibration
+    had too little data or no signal.
+    """
+    from .calibration import fit_platt
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y)
+    notes = []
+    n_real, n_fake = int((y == 0).sum()), int((y == 1).sum())
+    if min(n_real, n_fake) < MIN_CALIBRATION_PER_CLASS:
+        notes.append(f"calibration had too little data ({n_real} real and {n_fake} fake scores; "
+                     f"{MIN_CALIBRATION_PER_CLASS}+ per class wanted): p_fake and the threshold are rough "
+                     "(more references, or --calibrate with held-out images)")
+    a, _ = fit_platt(s - threshold, y, fit_intercept=False)
+    if not np.isfinite(a) or a <= 0:
+        spread = float(np.std(s))
+        a = 1.0 / spread if spread > 0 and np.isfinite(spread) else 1.0
+        notes.append("calibration scores do not separate real from fake: p_fake uses a fixed slope "
+                     "(it orders images and agrees with the verdict, but is not a calibrated probability)")
+    return float(a), notes
 
 
 def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tuple[str, dict]:
@@ -304,7 +336,10 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
         mask &= ~((lab == 2) & np.isin(gcode, drop))
     idx = np.flatnonzero(mask)
     is_real, is_fake = lab[idx] == 1, lab[idx] == 2
-    counts = {"real": int(is_real.sum()), "fake": int(is_fake.sum())}
+    per_gen: dict[str, int] = {}
+    for c, n in zip(*np.unique(gcode[idx][is_fake], return_counts=True)):
+        per_gen[vocab[c] or "unknown"] = per_gen.get(vocab[c] or "unknown", 0) + int(n)
+    counts = {"real": int(is_real.sum()), "fake": int(is_fake.sum()), "generators": per_gen}
     if not counts["real"] or not counts["fake"]:
         _need_both_classes(Pool([], ["real"] * counts["real"] + ["fake"] * counts["fake"], [], [],
                                 np.zeros((0, 0))), "fit")
@@ -389,7 +424,7 @@ def fit(
     With them, only those images are candidates (extracted first if not cached).
     """
     from .cache import FeatureCache
-    from .images import canonical_view, discover
+    from .images import canonical_view, discover, require_images
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = canonical_view(view)
@@ -405,6 +440,7 @@ def fit(
                                  "choose one with --backbone")
             backbone = specs.pop() if specs else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
+        require_images(refs, list(paths or []))
         pool, key, rec, summary = pool_from_refs(refs, cache, backbone, view, [view], device, quiet)
         skipped += summary.errors
     else:
@@ -424,7 +460,7 @@ def fit(
             pool = pool.take([i for i in range(len(pool)) if pool.generator[i] not in excluded])
         _need_both_classes(pool, "fit")
         chosen = pool.take(sample_shots(pool.label, pool.generator, k, seed, per_generator, keys=pool.sha256))
-        counts = {"real": pool.label.count("real"), "fake": pool.label.count("fake")}
+        counts = candidate_counts(pool.label, pool.generator)
 
     extra = None
     if augment_views:
@@ -451,12 +487,45 @@ def fit(
     meta = {
         "backbone": rec, "backbone_key": key, "view": view, "shots": "all" if k is None else k,
         "per_generator": per_generator, "exclude_generators": sorted(excluded), "augment_views": augment_views,
-        "candidates": counts,
+        "candidates": {"real": counts["real"], "fake": counts["fake"]},
     }
     det = fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
                         attribute=attribute, extra=extra, meta=meta)
+    short = shots_shortfall(counts, k, per_generator)
+    if short:
+        det.meta.setdefault("notes", []).insert(0, short)
     det.skipped = skipped
     return det
+
+
+def candidate_counts(labels: Sequence[str], generators: Sequence[str]) -> dict:
+    """Candidates per class and fakes per generator ('unknown' when unnamed): shots_shortfall's input."""
+    gens: dict[str, int] = {}
+    for g, lab in zip(generators, labels):
+        if lab == "fake":
+            gens[g or "unknown"] = gens.get(g or "unknown", 0) + 1
+    return {"real": list(labels).count("real"), "fake": list(labels).count("fake"), "generators": gens}
+
+
+def shots_shortfall(counts: dict, k: int | None, per_generator: bool = False) -> str:
+    """A note when `k` shots per class (or per generator) exceed the candidates `counts`
+    (from candidate_counts), else ''."""
+    if k is None:
+        return ""
+    have = {"real": counts["real"], "fake": counts["fake"]}
+    want = {"real": k, "fake": k}
+    if per_generator:
+        gens = counts["generators"]
+        want["real"] = k * max(1, len(gens))
+        have.pop("fake")
+        want.pop("fake")
+        have.update({f"fake/{g}": n for g, n in sorted(gens.items())})
+        want.update({f"fake/{g}": k for g in gens})
+    short = [f"{have[c]} {c}" for c in have if have[c] < want[c]]
+    if not short:
+        return ""
+    return (f"--shots {k} asks for more references than there are ({', '.join(short)} available): "
+            "all of those were used, so this fit has fewer (and unbalanced) references")
 
 
 def parse_params(items: Sequence[str]) -> dict:

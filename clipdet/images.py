@@ -7,15 +7,17 @@ import hashlib
 import io
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError, UsageError
+from .errors import ImageError, NoImagesError, UsageError
 
 IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
+    ".avif",
 }
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -32,6 +34,28 @@ class ImageRef:
     path: str
     label: str | None = None
     generator: str | None = None
+    error: str | None = None  # set by discovery for an input that cannot be used (e.g. an unreadable folder)
+
+
+class Discovered(list):
+    """The `ImageRef`s `discover` found (a plain list), plus what it skipped and why.
+
+    `not_images`: files inside folders that Pillow cannot open (skipped); `empty`: inputs in which no
+    image was found; `notes`: other remarks (symlinked folders not entered again, loops).
+    """
+
+    def __init__(self, refs=()):
+        super().__init__(refs)
+        self.not_images: list[str] = []
+        self.empty: list[str] = []
+        self.notes: list[str] = []
+
+    def summary(self, limit: int = 3) -> str:
+        """'N file(s) not images (skipped): a.txt, b.heic, ...', or '' when every file was an image."""
+        if not self.not_images:
+            return ""
+        shown = ", ".join(self.not_images[:limit]) + (", ..." if len(self.not_images) > limit else "")
+        return f"{len(self.not_images)} file(s) not images (skipped): {shown}"
 
 
 def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
@@ -71,7 +95,13 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
         raise UsageError(f"{mpath}: manifest not found")
     base = mpath.parent
     refs: list[ImageRef] = []
-    with open(mpath, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+    raw = mpath.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{mpath}: not UTF-8 (byte 0x{raw[e.start]:02x} at line {line}); save it as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise UsageError(f"{mpath}: manifest needs a 'path' column (got {reader.fieldnames})")
@@ -91,50 +121,112 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
     return refs
 
 
-def _walk(folder: Path) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(root, name)
+def _pillow_opens(path: str) -> bool:
+    """Whether Pillow identifies `path` as an image it can decode (reads the header only)."""
+    from PIL import Image, ImageFile
+
+    try:
+        with Image.open(path) as im:
+            return not isinstance(im, ImageFile.StubImageFile)  # HDF5/GRIB/BUFR stubs decode nothing
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image to us
+        return False
+
+
+def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
+    """Images under `folder`: each folder's files sorted, then its sub-folders sorted; hidden names skipped.
+
+    Symlinked sub-folders are followed; a folder already visited (a loop, or two links to one folder)
+    is entered once and the skip noted. A folder that cannot be listed becomes an `ImageRef` with an
+    error (reported like an unreadable file). Files with an image extension are kept; others are kept
+    when Pillow can open them, else counted in `found.not_images`.
+    """
+    visited: set[tuple[int, int]] = set()
+
+    def visit(d: str) -> Iterator[ImageRef]:
+        try:
+            st = os.stat(d)
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                found.notes.append(f"{d}: folder already visited through another path (symlink loop?); "
+                                   "not entered again")
+                return
+            visited.add(key)
+            with os.scandir(d) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            yield ImageRef(d, *label_from_layout(os.path.join(d, "x")),
+                           error=f"cannot list folder: {e.strerror or e}")
+            return
+        dirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                dirs.append(e.path)
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS or (e.is_file() and _pillow_opens(e.path)):
+                yield ImageRef(e.path, *label_from_layout(e.path))
+            else:
+                found.not_images.append(e.path)
+        for sub in dirs:
+            yield from visit(sub)
+
+    yield from visit(str(folder))
 
 
 def discover(
     inputs: Iterable[str], manifest: str | None = None, stdin: Iterable[str] | None = None
-) -> list[ImageRef]:
-    """Expand folders (recursively, image extensions only), files and `-` (paths on stdin) into refs.
+) -> Discovered:
+    """Expand folders (recursively), files and `-` (paths on stdin) into refs (a `Discovered` list).
 
+    Inside folders, files with an image extension are kept, and any other file Pillow can open (say
+    `.avif`, or a PNG without extension); the rest are listed in `.not_images`. Symlinked folders are
+    followed (each folder entered once); a folder that cannot be listed becomes a ref with `.error`.
     Order is stable: inputs in the order given, each folder walked in sorted order; a path seen twice
     is kept once. Files named explicitly are kept whatever their extension (so a bad file is
     reported, not silently ignored). A path that does not exist raises `UsageError`.
+    Inputs that yielded no image are listed in `.empty` (see `require_images`).
     """
     refs: list[ImageRef] = []
+    found = Discovered()
     if manifest:
         refs.extend(read_manifest(manifest))
+        if not refs:
+            found.empty.append(str(manifest))
     for item in inputs:
+        before = len(refs)
         if item == "-":
             lines = stdin if stdin is not None else sys.stdin
             for line in lines:
                 line = line.strip()
                 if line:
                     refs.append(ImageRef(line, *label_from_layout(line)))
+            if len(refs) == before:
+                found.empty.append("- (stdin)")
             continue
         p = Path(item)
         if p.is_dir():
-            refs.extend(ImageRef(f, *label_from_layout(f)) for f in _walk(p))
+            refs.extend(_walk(p, found))
+            if len(refs) == before:
+                found.empty.append(item)
         elif p.exists() or p.is_symlink():
             refs.append(ImageRef(str(p), *label_from_layout(p)))
         else:
             raise UsageError(f"{item}: no such file or folder")
     seen: set[str] = set()
-    unique = []
     for r in refs:
         if r.path not in seen:
             seen.add(r.path)
-            unique.append(r)
-    return unique
+            found.append(r)
+    return found
+
+
+def require_images(refs: list[ImageRef], inputs: Iterable[str] = ()) -> None:
+    """Raise `NoImagesError` ("no images found in PATH", exit code 1) when `refs` is empty."""
+    if not refs:
+        where = list(getattr(refs, "empty", [])) or [str(i) for i in inputs] or ["the inputs"]
+        raise NoImagesError(f"no images found in {', '.join(where)}")
 
 
 def read_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -210,6 +302,24 @@ def _quiet_pil_bomb_warning() -> None:
         _BOMB_FILTER_SET = True
 
 
+_TAG_FILTER: list = []  # the filter entry `_tag_warnings_as_errors` adds, once known
+_TAG_WARNINGS_LOCK = threading.Lock()
+
+
+def _tag_warnings_as_errors() -> None:
+    """Turn Pillow's EXIF/TIFF-tag `UserWarning`s (which name no file) into exceptions, so that
+    `decode_image` can catch them and warn with the file's path instead (see there).
+
+    Checked on every call: the filter must stay first, and the CLI (or a test harness) may have
+    reset or prepended filters since the last call.
+    """
+    if not _TAG_FILTER or warnings.filters[:1] != _TAG_FILTER:
+        with _TAG_WARNINGS_LOCK:
+            if not _TAG_FILTER or warnings.filters[:1] != _TAG_FILTER:
+                warnings.filterwarnings("error", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+                _TAG_FILTER[:] = warnings.filters[:1]
+
+
 def decode_image(
     data: bytes, path: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> Decoded:
@@ -217,11 +327,26 @@ def decode_image(
 
     Handles EXIF orientation, CMYK, 16-bit, palette, alpha (composited on white), grayscale and
     animated images (first frame). Truncated files are errors, never silently padded. Images over
-    `max_pixels` are refused from their header, before any pixel is decoded.
+    `max_pixels` are refused from their header, before any pixel is decoded. Damaged EXIF or TIFF
+    tags are not an error: a warning names the file and the tags are skipped.
 
     `draft_size`: for JPEGs, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the
     shorter side stays >= `draft_size` (see `extract` for the speed/accuracy trade-off).
     """
+    _tag_warnings_as_errors()
+    try:
+        return _decode(data, path, max_pixels, draft_size)
+    except UserWarning as w:  # raised by the filter above: Pillow found damaged EXIF/TIFF tags
+        warnings.warn(f"{path}: damaged EXIF/TIFF tags ({w}); decoded without them", stacklevel=2)
+        # Decode again with those warnings ignored. catch_warnings swaps the global filter list, so
+        # one thread at a time (only this rare path changes the filters).
+        with _TAG_WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+            return _decode(data, path, max_pixels, draft_size)
+
+
+def _decode(data: bytes, path: str, max_pixels: int, draft_size: int | None) -> Decoded:
+    """`decode_image` without the handling of damaged tags."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -247,7 +372,7 @@ def decode_image(
         if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
-    except ImageError:
+    except (ImageError, UserWarning):
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised format)") from None

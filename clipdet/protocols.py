@@ -728,10 +728,16 @@ def _nan_to_none(o):
     return o
 
 
-def _fmt_ci(mean: float, half: float) -> str:
+def _fmt_ci(mean: float, half: float, lo: float = 0.0, hi: float = 1.0) -> str:
+    """'mean ± half', or 'mean (lo–hi)' with the interval clipped to the metric's range [lo, hi]
+    (a t-interval over 2 seeds can reach far outside it)."""
     if mean != mean:
         return "n/a"
-    return f"{mean:.3f}" if half != half else f"{mean:.3f} ± {half:.3f}"
+    if half != half:
+        return f"{mean:.3f}"
+    if mean - half < lo or mean + half > hi:
+        return f"{mean:.3f} ({max(lo, mean - half):.3f}–{min(hi, mean + half):.3f})"
+    return f"{mean:.3f} ± {half:.3f}"
 
 
 def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = "clipdet bench",
@@ -739,7 +745,7 @@ def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = 
     """Write kshot.csv, logo.csv, robustness.csv (one row per fit), *_summary.csv, format_shortcut.csv,
     run.json (run record, counts, summaries, notes) and report.md with PNG plots into `directory`
     (created if needed; only these files are replaced). Returns {name: path} of what was written."""
-    from .report import markdown_table, plot_bars, plot_kshot, write_markdown_report
+    from .report import markdown_table, plot_bars, plot_kshot, random_weights_warning, write_markdown_report
 
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
@@ -813,7 +819,7 @@ def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = 
                 imgs.append(fn)
         table = [{"head": s["head"], "fit on": s["fit_view"], "test view": s["view"], "seeds": s["n"],
                   "AUC": _fmt_ci(s["auc_mean"], s["auc_ci95"]), "ΔAUC vs clean": _fmt_ci(s["delta_auc_mean"],
-                                                                                          s["delta_auc_ci95"]),
+                                                                                          s["delta_auc_ci95"], -1.0),
                   "acc": _fmt_ci(s["accuracy_mean"], s["accuracy_ci95"])} for s in summ["robustness"]]
         text = ("Fit on clean features of the references; test on each view of the same non-reference images "
                 "(real and fake perturbed identically). Accuracy uses the clean-calibrated threshold.\n\n"
@@ -839,7 +845,8 @@ def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = 
                         + (" with uncommitted changes" if rec["source"].get("git_dirty") else "")
                         if rec.get("source") else "") + ".\n\n"
                      "Config and manifest hash: `run.json`."))
-    files["report.md"] = str(write_markdown_report(d, title, sections))
+    files["report.md"] = str(write_markdown_report(d, title, sections,
+                                                   warning=random_weights_warning(cfg.get("backbone_record"))))
     for sec in sections:
         files.update({img: os.path.join(d, img) for img in (sec[2] if len(sec) == 3 else [])})
     run = {**rec, "counts": result.counts, "formats": result.formats, "notes": result.notes,

@@ -23,6 +23,8 @@ __all__ = [
     "plot_kshot",
     "plot_roc",
     "plot_score_hist",
+    "prepare_output_dir",
+    "random_weights_warning",
     "write_markdown_report",
 ]
 
@@ -190,8 +192,12 @@ def plot_kshot(
     metric: str = "auc",
     level: float = 0.95,
     title: str | None = None,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
 ) -> Path:
     """k-shot curve: metric vs shots K (log x), one line per head with a confidence band.
+
+    ``bounds`` is the metric's range (AUC, accuracy: [0, 1]): bands are clipped to it and the y
+    axis shows it; ``None`` for an unbounded metric.
 
     Each row is a dict with ``head`` and ``k`` and either per-seed values under ``metric``
     (rows with the same head and k are pooled into a t-interval at ``level``) or one
@@ -207,8 +213,13 @@ def plot_kshot(
         (line,) = ax.plot(ks, means, marker="o", markersize=3, linewidth=1.5, label=head)
         ok = np.isfinite(halves)
         if ok.any():
-            ax.fill_between(ks[ok], (means - halves)[ok], (means + halves)[ok], alpha=0.2,
-                            color=line.get_color(), linewidth=0)
+            lo_band, hi_band = (means - halves)[ok], (means + halves)[ok]
+            if bounds is not None:
+                lo_band, hi_band = np.clip(lo_band, *bounds), np.clip(hi_band, *bounds)
+            ax.fill_between(ks[ok], lo_band, hi_band, alpha=0.2, color=line.get_color(), linewidth=0)
+    if bounds is not None:
+        pad = 0.02 * (bounds[1] - bounds[0])
+        ax.set_ylim(bounds[0] - pad, bounds[1] + pad)
     if all(k > 0 for s in series.values() for k in s[0]):
         ax.set_xscale("log")
     all_k = sorted({float(k) for s in series.values() for k in s[0]})
@@ -223,23 +234,34 @@ def plot_kshot(
     return _save(fig, path)
 
 
-def plot_confusion(labels: Sequence, matrix, path, title: str = "Confusion matrix") -> Path:
-    """Confusion-matrix heat map (rows true, columns predicted) with counts in each cell."""
+def plot_confusion(labels: Sequence, matrix, path, title: str = "Confusion matrix", normalise: bool = False) -> Path:
+    """Confusion-matrix heat map (rows true, columns predicted) with counts in each cell.
+
+    ``normalise=True`` colours and labels each cell by its share of the row (the true class), with
+    the count in brackets, so classes of different sizes read alike.
+    """
     m = np.asarray(matrix)
+    counts = m
     labels = [str(x) for x in labels]
     if m.ndim != 2 or m.shape != (len(labels), len(labels)):
         n = len(labels)
         raise UsageError(f"matrix must be {n}x{n} for {n} labels, got shape {m.shape}")
+    if normalise:
+        totals = m.sum(axis=1, keepdims=True).astype(np.float64)
+        m = np.divide(m, totals, out=np.zeros(m.shape, dtype=np.float64), where=totals > 0)
     size = max(3.5, 0.55 * len(labels) + 2.5)
     fig = _new_figure((size + 0.8, size))
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(m, cmap="Blues", vmin=0)
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1.0 if normalise else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     vmax = float(m.max()) if m.size else 0.0
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             v = m[i, j]
-            txt = f"{v:d}" if np.issubdtype(m.dtype, np.integer) else f"{float(v):.2f}"
+            if normalise:
+                txt = f"{float(v):.2f}\n({int(counts[i, j])})"
+            else:
+                txt = f"{v:d}" if np.issubdtype(m.dtype, np.integer) else f"{float(v):.2f}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                     color="white" if vmax and v > vmax / 2 else "black")
     ax.set_xticks(range(len(labels)))
@@ -299,8 +321,39 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     return "\n".join([head, sep, *body]) + "\n"
 
 
-def write_markdown_report(directory, title: str, sections: Iterable[Sequence]) -> Path:
+def prepare_output_dir(path, option: str = "--out") -> Path:
+    """Create folder `path` (if needed) and check that files can be written in it, before any work.
+
+    Raises `UsageError` naming `option`, the path and the remedy: a file in the way, or a folder
+    that cannot be written (permissions, read-only file system).
+    """
+    import tempfile
+
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"{option} {d}: is a file; give a folder name (created if missing), not a file")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".clipdet-write-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {d}: cannot write there ({e.strerror or e}); choose another folder") from None
+    return d
+
+
+RANDOM_WEIGHTS_WARNING = ("**RANDOM backbone weights: these numbers say nothing about detection quality** "
+                          "(a test or speed run; use pretrained weights such as ViT-L-14:openai)")
+
+
+def random_weights_warning(backbone: Mapping | None) -> str:
+    """The warning line for a backbone record with random weights, else ''."""
+    return RANDOM_WEIGHTS_WARNING if (backbone or {}).get("weights") == "random" else ""
+
+
+def write_markdown_report(directory, title: str, sections: Iterable[Sequence], warning: str = "") -> Path:
     """Write ``report.md`` in ``directory`` and return its path.
+
+    ``warning`` (e.g. `random_weights_warning`) becomes the report's first line, above the title.
 
     ``sections`` are ``(heading, markdown_text)`` or ``(heading, markdown_text, images)`` where
     ``images`` are PNG file names relative to ``directory`` (absolute paths inside it are made
@@ -308,7 +361,7 @@ def write_markdown_report(directory, title: str, sections: Iterable[Sequence]) -
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", ""]
+    parts = ([warning, ""] if warning else []) + [f"# {title}", ""]
     for i, sec in enumerate(sections):
         sec = tuple(sec)
         if len(sec) not in (2, 3):

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from .errors import UsageError
 from .images import ImageRef
@@ -19,15 +19,23 @@ from .images import ImageRef
 COLUMNS = ["path", "sha256", "score", "p_fake", "label", "generator", "generator_p",
            "nearest_path", "nearest_label", "nearest_similarity", "error"]
 DEFAULT_CHUNK = 1024
+FIRST_CHUNK = 16
 
 
-def _chunks(items: Iterable, n: int) -> Iterator[list]:
+def growing_chunks(items: Iterable, first: int = FIRST_CHUNK, largest: int = DEFAULT_CHUNK) -> Iterator[list]:
+    """Lists of consecutive items: `first` items, then twice as many each time, up to `largest`.
+
+    A small first chunk puts the first rows out within seconds; larger later chunks amortise the
+    per-chunk cost (cache look-up, model call) over many images.
+    """
+    n = max(1, min(first, largest))
     buf = []
     for x in items:
         buf.append(x)
         if len(buf) >= n:
             yield buf
             buf = []
+            n = min(2 * n, largest)
     if buf:
         yield buf
 
@@ -45,8 +53,13 @@ def score_refs(
     quiet: bool = True,
     view: str | None = None,
     precision: str = "auto",
+    first_chunk: int = FIRST_CHUNK,
+    on_chunk: Callable[[], None] | None = None,
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
+
+    Inputs are processed in chunks of `first_chunk` images, doubling up to `chunk`; `on_chunk()` is
+    called once the rows of each chunk have been taken (the CLI flushes its output there).
 
     Images already in the cache for the detector's backbone and view are not run through the model;
     new ones are extracted and added. `backbone` overrides the spec stored in the detector (e.g. the
@@ -63,9 +76,11 @@ def score_refs(
                       "not cached (--cache-readonly says so explicitly)", stacklevel=2)
         cache.readonly = True
     view = view or detector.view
+    if backbone:
+        check_backbone_override(detector, backbone)
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision)
-    for part in _chunks(refs, chunk):
+    for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
                           device=device, quiet=quiet, compact=False, lazy=lazy,
                           record_cached=False)
@@ -95,7 +110,26 @@ def score_refs(
             if row["error"]:
                 row["label"] = "unknown"
             yield row
+        if on_chunk is not None:
+            on_chunk()
     cache.compact(wait=False)
+
+
+def check_backbone_override(detector, backbone: str) -> None:
+    """Refuse a `backbone` spec whose weights differ from the detector's, before any feature is read.
+
+    Checked up front, not when the model loads: with every image cached no model is ever loaded, and
+    the cached features of the detector's own backbone would be scored under another one's name.
+    """
+    from .backbones import describe_backbone
+
+    info = describe_backbone(backbone)
+    if info.key != detector.backbone_key:
+        want = detector.backbone
+        raise UsageError(
+            f"--backbone {backbone}: different weights from the detector's ({want.get('spec')}, weights id "
+            f"{str(want.get('weights_id', '?'))[:16]}; this one {info.weights_id[:16]}); give the same weights file"
+        )
 
 
 def _fmt(v) -> str:
@@ -143,8 +177,9 @@ class RowWriter:
             return
         self._open()
         if self.jsonl:
-            clean = {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
-                     for k in self.columns if k in row}
+            # every column, null when empty: the same keys as the CSV header, whatever the head
+            clean = {k: (None if (isinstance(row.get(k), float) and math.isnan(row[k])) or row.get(k) == ""
+                         else row.get(k)) for k in self.columns}
             self.fh.write(json.dumps(clean) + "\n")
         else:
             self._csv.writerow([_fmt(row.get(c)) for c in self.columns])
@@ -190,4 +225,4 @@ def summarise(rows_label_counts: dict, errors: int, total: int) -> str:
     return f"{total} images: {parts or 'none scored'}; {errors} could not be read"
 
 
-__all__ = ["COLUMNS", "score_refs", "RowWriter", "verdict", "summarise"]
+__all__ = ["COLUMNS", "check_backbone_override", "growing_chunks", "score_refs", "RowWriter", "verdict", "summarise"]
