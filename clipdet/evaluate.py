@@ -131,6 +131,11 @@ def evaluate(
                     ("allowed" if allow_overlap else "none")},
         "metrics": report,
         "per_generator_auc": per_generator_auc(y, s, gens),
+        "per_generator_n": {g: int(sum(1 for gg, yy in zip(gens, y) if yy == 1 and gg == g))
+                            for g in sorted({g for g, yy in zip(gens, y) if yy == 1})},
+        "n_real": int((y == 0).sum()),
+        "generators_not_evaluated": sorted(set(detector.meta.get("generators") or [])
+                                           - {g for g, yy in zip(gens, y) if yy == 1}),
         "notes": notes, "errors": errors[:100],
         "clipdet_version": __version__, "python": platform.python_version(),
         "_curves": {"clean": (y, s)}, "_p": p,
@@ -211,7 +216,9 @@ def write_report(result: dict, directory: str) -> str:
     sections.append(("Metrics", markdown_table(rows, ["metric", "value"]), ["roc.png", "scores.png"]))
     if result["per_generator_auc"]:
         plot_bars(result["per_generator_auc"], os.path.join(directory, "per_generator_auc.png"),
-                  title="AUC per generator (vs all real)", ylabel="AUC", chance=0.5)
+                  title=f"AUC per generator (its fakes vs all {result['n_real']:,} real images)", ylabel="AUC",
+                  chance=0.5,
+                  counts=result.get("per_generator_n"), excluded=result.get("generators_not_evaluated", []))
         rows = [{"generator": g, "auc": a} for g, a in result["per_generator_auc"].items()]
         sections.append(("Per generator", markdown_table(rows, ["generator", "auc"]), ["per_generator_auc.png"]))
     if "robustness" in result:

@@ -799,7 +799,12 @@ def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = 
             vals = {s["generator"]: s["auc_mean"] for s in summ["logo"] if s["head"] == h}
             if vals:
                 fn = f"logo_{h}.png"
-                plot_bars(vals, os.path.join(d, fn), title=f"{h}: AUC on a held-out generator", chance=0.5)
+                n_fake = {r["generator"]: r["n_test_fake"] for r in result.logo
+                          if r.get("head") == h and "n_test_fake" in r}
+                skipped = sorted({n.split()[2] for n in result.logo.notes if n.startswith("logo: generator ")}
+                                 - set(vals))
+                plot_bars(vals, os.path.join(d, fn), title=f"{h}: AUC on a held-out generator", chance=0.5,
+                          counts=n_fake, excluded=[f"{g} (skipped: see notes)" for g in skipped])
                 imgs.append(fn)
         table = [{"head": s["head"], "held out": s["generator"], "seeds": s["n"],
                   "AUC (unseen)": _fmt_ci(s["auc_mean"], s["auc_ci95"]),

@@ -121,14 +121,21 @@ def plot_bars(
     title: str = "",
     ylabel: str = "AUC",
     chance: float | None = None,
+    counts: Mapping[str, int] | None = None,
+    excluded: Sequence[str] = (),
 ) -> Path:
     """One bar per name (e.g. AUC per generator), value printed on each bar; NaN shown as "n/a".
 
-    ``chance`` draws a dotted reference line (e.g. 0.5 for AUC).
+    ``chance`` draws a dotted reference line (e.g. 0.5 for AUC). ``counts`` adds "n=..." under each
+    name (how many images the value rests on); ``excluded`` names what is not plotted, under the axes.
+    Long titles are wrapped, never clipped.
     """
+    import textwrap
+
     if not values:
         raise UsageError("plot_bars needs at least one value")
     names = [str(k) for k in values]
+    labels = [f"{n}\n(n={counts[n]:,})" if counts and n in counts else n for n in names]
     vals = [float(v) if v is not None else math.nan for v in values.values()]
     fig = _new_figure((max(4.0, 0.6 * len(names) + 2.0), 4.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -142,11 +149,16 @@ def plot_bars(
         ax.axhline(float(chance), color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(x)
     many = len(names) > 4
-    ax.set_xticklabels(names, rotation=30 if many else 0, ha="right" if many else "center")
+    ax.set_xticklabels(labels, rotation=30 if many else 0, ha="right" if many else "center")
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
+    width_chars = int(fig.get_figwidth() * 11)
     if title:
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, width_chars), fontsize=10)
+    if excluded:
+        fig.text(0.01, 0.01, textwrap.fill("not shown: " + ", ".join(excluded), width_chars), fontsize=7,
+                 ha="left", va="bottom", color="dimgrey")
+        fig.subplots_adjust(bottom=0.25)
     return _save(fig, path)
 
 

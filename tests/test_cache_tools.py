@@ -321,6 +321,7 @@ def test_eval_excludes_conflicting_images_and_counts_them(tmp_path, tiny_spec, m
     res = json.loads(r.stdout)
     assert res["n_conflicting"] == 1 and any("conflicting labels were excluded" in n for n in res["notes"])
     assert (res["metrics"]["n_real"], res["metrics"]["n_fake"]) == (3, 4)  # r0 and its copy dropped
+    assert res["per_generator_n"] == {"g": 4} and res["generators_not_evaluated"] == []
 
 
 @pytest.mark.parametrize("per_generator", [False, True])

@@ -126,3 +126,24 @@ def test_markdown_report_links_existing_images(tmp_path, data):
 def test_markdown_report_missing_image(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         report.write_markdown_report(tmp_path, "t", [("h", "x", ["missing.png"])])
+
+
+def test_plot_bars_shows_counts_lists_excluded_and_wraps_long_titles(tmp_path, monkeypatch):
+    from clipdet import report
+
+    captured = []
+
+    def keep(fig, path):
+        captured.append(fig)
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    title = "a very long title that would be clipped at the edge of a small figure " * 2
+    report.plot_bars({"sdxl": 0.9, "mj": float("nan")}, tmp_path / "x.png", title=title, chance=0.5,
+                     counts={"sdxl": 1234, "mj": 3}, excluded=["dalle (no test fakes)"])
+    fig = captured[0]
+    ax = fig.axes[0]
+    assert "\n" in ax.get_title() and ax.get_title().replace("\n", " ").split() == title.split()
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["sdxl\n(n=1,234)", "mj\n(n=3)"]
+    assert any("not shown: dalle (no test fakes)" in t.get_text() for t in fig.texts)
