@@ -135,7 +135,7 @@ def plot_bars(
     if not values:
         raise UsageError("plot_bars needs at least one value")
     names = [str(k) for k in values]
-    labels = [f"{n}\n(n={counts[n]:,})" if counts and n in counts else n for n in names]
+    ns = [f"\nn={counts[n]:,}" if counts and n in counts else "" for n in names]
     vals = [float(v) if v is not None else math.nan for v in values.values()]
     fig = _new_figure((max(4.0, 0.6 * len(names) + 2.0), 4.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -143,15 +143,17 @@ def plot_bars(
     heights = [0.0 if math.isnan(v) else v for v in vals]
     ax.bar(x, heights, color="tab:blue")
     top = max(heights + [1e-12])
-    for xi, v, h in zip(x, vals, heights, strict=True):
-        ax.text(xi, h, "n/a" if math.isnan(v) else f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    for xi, v, h, n in zip(x, vals, heights, ns, strict=True):
+        ax.text(xi, h, ("n/a" if math.isnan(v) else f"{v:.3f}") + n, ha="center", va="bottom", fontsize=8)
     if chance is not None:
         ax.axhline(float(chance), color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(x)
     many = len(names) > 4
-    ax.set_xticklabels(labels, rotation=30 if many else 0, ha="right" if many else "center")
+    ax.set_xticklabels(names, rotation=30 if many else 0, ha="right" if many else "center")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
+    ax.set_ylim(0, top * (1.22 if counts else 1.12) if top > 0 else 1.0)
+    if top <= 1.0:  # headroom for the labels, but no tick beyond 1 for a metric that stops there
+        ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 1.0])
     width_chars = int(fig.get_figwidth() * 11)
     if title:
         ax.set_title(textwrap.fill(title, width_chars), fontsize=10)

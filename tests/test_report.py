@@ -144,6 +144,6 @@ def test_plot_bars_shows_counts_lists_excluded_and_wraps_long_titles(tmp_path, m
     fig = captured[0]
     ax = fig.axes[0]
     assert "\n" in ax.get_title() and ax.get_title().replace("\n", " ").split() == title.split()
-    ticks = [t.get_text() for t in ax.get_xticklabels()]
-    assert ticks == ["sdxl\n(n=1,234)", "mj\n(n=3)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sdxl", "mj"]
+    assert [t.get_text() for t in ax.texts] == ["0.900\nn=1,234", "n/a\nn=3"]
     assert any("not shown: dalle (no test fakes)" in t.get_text() for t in fig.texts)
