@@ -144,6 +144,9 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                         self._warn(f"{p}: damaged cache segment skipped ({e}); run clipdet cache verify --repair")
                         continue
                     segs.append(_Seg(p, idx, f))
+                live = {id(s.index) for s in segs}
+                if len(self._index) > len(live):  # forget segments merged away (long-lived processes)
+                    self._index = {k: v for k, v in self._index.items() if id(v) in live}
                 yield segs
             finally:
                 for s in segs:
