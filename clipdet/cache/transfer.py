@@ -45,17 +45,32 @@ class ImportSummary:
 
 def backbone_attrs(spec: str) -> tuple[str, dict]:
     """Cache key and group attrs (backbone, layers, dim) for `spec`, without loading the model."""
-    import open_clip
-
     from ..backbones import describe_backbone
 
     info = describe_backbone(spec)
-    cfg = open_clip.get_model_config(info.arch) or {}
-    dim = int(cfg.get("embed_dim") or 0)
+    dim = _embed_dim(info.arch)
     if not dim:
         raise UsageError(f"--backbone {spec}: unknown embedding size for {info.arch}")
     return info.key, {"backbone": json.loads(info.to_json()), "layers": [], "dim": dim,
                       "clipdet_version": __version__}
+
+
+def _embed_dim(arch: str) -> int:
+    """Embedding size of an open_clip architecture, from its config file (without importing torch)."""
+    import importlib.util
+
+    dirs = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "backbones", "configs")]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [os.path.join(p, "model_configs") for p in spec.submodule_search_locations]
+    for d in dirs:
+        p = os.path.join(d, f"{arch}.json")
+        if os.path.exists(p):
+            with open(p) as fh:
+                return int(json.load(fh).get("embed_dim") or 0)
+    import open_clip  # an architecture registered some other way
+
+    return int((open_clip.get_model_config(arch) or {}).get("embed_dim") or 0)
 
 
 def _sha_of_file(path: str) -> str | None:
