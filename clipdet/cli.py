@@ -247,7 +247,7 @@ def fit(
         det.save(out)
         for path, reason in getattr(det, "skipped", []):
             err(f"skipped {path}: {reason}")
-        for note in det.meta.get("notes", []):
+        for note in det.meta.get("notes", []) + getattr(det, "input_notes", []):
             err(f"note: {note}")
         typer.echo(f"wrote {out}: {det.summary()}")
         return det

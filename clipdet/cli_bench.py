@@ -60,9 +60,11 @@ def load_pools(
             raise UsageError(f"{cache.path}: no '{v}' features for {rec.get('spec', key)}; pass PATHs to extract them "
                              f"(or clipdet extract --views {v})")
         pools[v] = p
-    images = cache.images()
+    images = cache.image_metas(clean.sha256)  # the pool's rows only, not the whole cache
     formats = {s: images[s].format for s in clean.sha256 if s in images}
-    return pools, {"backbone": rec, "backbone_key": key, "formats": formats, "extract": summary}
+    notes = [refs.summary()] if (paths or manifest) and hasattr(refs, "summary") and refs.summary() else []
+    return pools, {"backbone": rec, "backbone_key": key, "formats": formats, "extract": summary,
+                   "input_notes": notes}
 
 
 def _summary_lines(res) -> list[str]:
@@ -154,6 +156,8 @@ def register(app: typer.Typer) -> None:
                     err(f"skipped {path}: {reason}")
                 if not quiet:
                     err(summary.line())
+            for note in info.get("input_notes", []):
+                err(f"note: {note}")
             config = {"backbone": info["backbone"].get("spec"), "backbone_key": info["backbone_key"],
                       "backbone_record": info["backbone"], "paths": list(paths or []), "manifest": manifest,
                       "command": "clipdet " + " ".join(shlex.quote(a) for a in sys.argv[1:])}

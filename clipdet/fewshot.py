@@ -495,6 +495,7 @@ def fit(
     if short:
         det.meta.setdefault("notes", []).insert(0, short)
     det.skipped = skipped
+    det.input_notes = [refs.summary()] if (paths or manifest) and hasattr(refs, "summary") and refs.summary() else []
     return det
 
 

@@ -93,6 +93,21 @@ def test_cli_says_how_many_files_were_not_images(tmp_path, make_image, tiny_spec
     assert "1 file(s) not images" in r.stderr and "notes.txt" in r.stderr
 
 
+def test_fit_and_bench_with_paths_say_how_many_files_were_not_images(tmp_path, make_image, tiny_spec, run_cli):
+    for i in range(4):
+        make_image(tmp_path / "d" / "real" / f"r{i}.png", seed=i)
+        make_image(tmp_path / "d" / "fake" / "g" / f"f{i}.png", seed=10 + i)
+    (tmp_path / "d" / "real" / "notes.txt").write_text("not an image")
+    r = run_cli("fit", str(tmp_path / "d"), "-b", tiny_spec, "-c", str(tmp_path / "c.h5"), "--shots", "2",
+                "--out", str(tmp_path / "x.clipdet"), "-q")
+    assert r.exit_code == 0, r.output
+    assert "note: 1 file(s) not images" in r.stderr and "notes.txt" in r.stderr
+    r = run_cli("bench", str(tmp_path / "d"), "-b", tiny_spec, "-c", str(tmp_path / "c.h5"), "--protocol", "kshot",
+                "--shots", "1", "--seeds", "1", "--heads", "centroid", "--out", str(tmp_path / "bench"), "-q")
+    assert r.exit_code == 0, r.output
+    assert "note: 1 file(s) not images" in r.stderr
+
+
 def test_extract_of_an_empty_folder_exits_1(tmp_path, tiny_spec, run_cli):
     (tmp_path / "empty").mkdir()
     r = run_cli("extract", str(tmp_path / "empty"), "--backbone", tiny_spec, "--cache", str(tmp_path / "c.h5"))
