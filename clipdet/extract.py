@@ -338,6 +338,7 @@ def extract(
                        draft_size=lazy.image_size if draft else None)
 
     abs_paths = [_abs(r.path) for r in refs]
+    stat_ns = time.time_ns()  # before the stats: a file changed after this is never trusted unread
     stats = stat_all(abs_paths)
     known_files = {} if rehash else _unchanged(cache, refs, abs_paths, stats, cached, views, record_cached)
 
@@ -370,12 +371,11 @@ def extract(
     finally:
         progress.close()
     cache.stat_index().record(
-        (abs_paths[i], stats[i], sha, record_cached)
-        for i, (path, sha, error) in enumerate(summary.records)
-        if not error and sha and stats[i] is not None and i not in known_files)
+        ((abs_paths[i], stats[i], sha, record_cached) for i, (path, sha, error) in enumerate(summary.records)
+         if not error and sha and stats[i] is not None and i not in known_files), stat_ns=stat_ns)
     summary.embedded = writer.embedded
     if compact and writer.segments:
-        cache.compact(wait=False)
+        cache.auto_compact()
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -343,13 +343,18 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
     if not counts["real"] or not counts["fake"]:
         _need_both_classes(Pool([], ["real"] * counts["real"] + ["fake"] * counts["fake"], [], [],
                                 np.zeros((0, 0))), "fit")
-    order = hex_order(cand["raw"][idx])
     names = [v or "unknown" for v in vocab]
-    pick = idx[draw_shots(order, is_real, is_fake, gcode[idx], names, k, seed, per_generator)]
-    shas = raw_to_hex(cand["raw"][pick])
-    labels = {s: ("real" if lab[i] == 1 else "fake", vocab[gcode[i]] if lab[i] == 2 else "")
-              for s, i in zip(shas, pick)}
-    chosen = load_pool(cache, key, view, shas=shas, labels=labels)
+    for _ in range(8):  # a drawn row found damaged on reading leaves the candidates; draw again
+        order = hex_order(cand["raw"][idx])
+        pick = idx[draw_shots(order, lab[idx] == 1, lab[idx] == 2, gcode[idx], names, k, seed, per_generator)]
+        shas = raw_to_hex(cand["raw"][pick])
+        labels = {s: ("real" if lab[i] == 1 else "fake", vocab[gcode[i]] if lab[i] == 2 else "")
+                  for s, i in zip(shas, pick)}
+        chosen = load_pool(cache, key, view, shas=shas, labels=labels)
+        if len(chosen) == len(shas):
+            break
+        bad = set(shas) - set(chosen.sha256)
+        idx = np.array([i for i, s in zip(idx, raw_to_hex(cand["raw"][idx])) if s not in bad], dtype=np.int64)
     return chosen, counts
 
 

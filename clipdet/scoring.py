@@ -112,7 +112,7 @@ def score_refs(
             yield row
         if on_chunk is not None:
             on_chunk()
-    cache.compact(wait=False)
+    cache.auto_compact()
 
 
 def check_backbone_override(detector, backbone: str) -> None:

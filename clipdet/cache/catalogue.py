@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import CacheError
 from .files import atomic_write_bytes
@@ -28,6 +28,7 @@ class Catalogue:
     legacy: bool = False
     generation: int = 0
     exists: bool = False
+    retired: list[str] = field(default_factory=list)  # merged away: to delete, never to adopt
 
 
 def seg_dir(path: str) -> str:
@@ -63,13 +64,18 @@ def read(path: str) -> Catalogue:
         if version < 2:
             return Catalogue([path] + _v1_shards(path), legacy=True, exists=True)
         names = decode(f["segment_names"][()]) if "segment_names" in f else []
+        retired = decode(f["retired_names"][()]) if "retired_names" in f else []
         gen = int(f.attrs.get("generation", 0))
     d = seg_dir(path)
-    return Catalogue([os.path.join(d, n) for n in names], generation=gen, exists=True)
+    return Catalogue([os.path.join(d, n) for n in names], generation=gen, exists=True,
+                     retired=[os.path.join(d, n) for n in retired])
 
 
-def write(path: str, segments: list[str], generation: int) -> None:
-    """Atomically replace the catalogue at `path` with `segments` (paths inside seg_dir(path))."""
+def write(path: str, segments: list[str], generation: int, retired: list[str] = ()) -> None:
+    """Atomically replace the catalogue at `path` with `segments` (paths inside seg_dir(path)).
+
+    `retired`: segments this update merged away, deleted right after; a process killed before deleting
+    them leaves them named here, so the next writer deletes them instead of adopting them as orphans."""
     import h5py
 
     from .segment import str_dtype
@@ -81,6 +87,7 @@ def write(path: str, segments: list[str], generation: int) -> None:
         write_header(f, kind="catalogue")
         f.attrs["generation"] = int(generation)
         f.create_dataset("segment_names", data=names, dtype=str_dtype())
+        f.create_dataset("retired_names", data=[os.path.basename(s) for s in retired], dtype=str_dtype())
         g = f.create_group("segments")
         for n in names:
             g[n] = h5py.ExternalLink(f"{rel}/{n}", "/")

@@ -231,6 +231,9 @@ class ShaSet(Set):
         perm, starts = group_ids(k64, raw, np.arange(len(k64)))
         return raw[perm[starts]]
 
+    def __bool__(self) -> bool:
+        return bool(self._extra) or any(len(t) for t in self._tables)
+
     def __len__(self) -> int:
         if self._len is None:
             self._len = len(self._distinct_raw()) + len(self._extra)
@@ -263,7 +266,7 @@ def group_ids(k64: np.ndarray, raw: np.ndarray, order: np.ndarray) -> tuple[np.n
     same = k[1:] == k[:-1]
     if same.any() and (raw[s[1:]][same] != raw[s[:-1]][same]).any():
         # two digests share their first 8 bytes (astronomically rare): sort by the full digest
-        s = np.lexsort((order,) + tuple(raw[:, i] for i in range(31, -1, -1)))
+        s = np.lexsort((order,) + tuple(raw[:, i] for i in range(31, -1, -1)) + (k64,))  # key first, then digest
         new = np.ones(len(s), bool)
         new[1:] = (raw[s[1:]] != raw[s[:-1]]).any(axis=1)
         return s, np.flatnonzero(new)

@@ -20,22 +20,32 @@ class MaintainMixin:
     """FeatureCache methods that change which segments are live."""
 
     def _update_catalogue(self, add: list[str] = (), replace: tuple[list[str], str] | None = None) -> list[str]:
-        """Under the exclusive lock: upgrade a v1 cache, adopt orphan segments of dead writers, set aside
-        damaged ones, append `add`, or swap `replace` = (inputs, output). Returns the new segment list."""
+        """Under the exclusive lock: upgrade a v1 cache, adopt orphan segments of dead writers, append
+        `add`, or swap `replace` = (inputs, merge output named mrg-...): the output gets its seg- name here,
+        under the lock, and the catalogue names the inputs as retired until they are deleted, so a kill at
+        any point neither loses nor duplicates rows. Returns the new segment list."""
         with flock(self.lock_path, exclusive=True, create_dir=True):
             cat = catalogue.read(self.path)
             segs = self._upgrade_in_place(cat) if cat.legacy else list(cat.segments)
-            segs += [p for p in self._orphans(segs) if p not in add]
+            segs += [p for p in self._orphans(segs, cat.retired) if p not in add]
+            retired: list[str] = []
             if replace is not None:
                 inputs, output = replace
-                at = segs.index(inputs[0])
-                segs = segs[:at] + [output] + [s for s in segs[at:] if s not in inputs]
-            segs += list(add)
-            catalogue.write(self.path, segs, cat.generation + 1)
-            if replace is not None:
-                for s in replace[0]:
+                if not all(s in segs for s in inputs):  # changed meanwhile (a repair): drop this merge
                     with contextlib.suppress(OSError):
-                        os.remove(s)
+                        os.remove(output)
+                    catalogue.write(self.path, segs, cat.generation + 1)
+                    return segs
+                final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-m00000.h5")
+                os.replace(output, final)
+                at = segs.index(inputs[0])
+                segs = segs[:at] + [final] + [s for s in segs[at:] if s not in inputs]
+                retired = list(inputs)
+            segs += list(add)
+            catalogue.write(self.path, segs, cat.generation + 1, retired=retired)
+            for s in retired:
+                with contextlib.suppress(OSError):
+                    os.remove(s)
             return segs
 
     def _upgrade_in_place(self, cat) -> list[str]:
@@ -51,22 +61,33 @@ class MaintainMixin:
                 except OSError:
                     import shutil
 
-                    shutil.copyfile(src, dst + ".tmp")
-                    os.replace(dst + ".tmp", dst)
+                    tmp = f"{dst}.{os.getpid()}.tmp"
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, dst)
             out.append(dst)
         fsync_dir(self.seg_dir)
         return out
 
-    def _scan_orphans(self, live: list[str]) -> tuple[list[str], list[str]]:
-        """(segments of dead writers missing from the catalogue, leftovers of dead processes: merge
-        outputs and temp files)."""
+    def _scan_orphans(self, live: list[str], retired: list[str] = ()) -> tuple[list[str], list[str]]:
+        """(segments of dead writers missing from the catalogue, leftovers: segments the catalogue names as
+        merged away, merge outputs and temp files of dead processes)."""
+        junk = []
+        parent = os.path.dirname(os.path.abspath(self.path))
+        prefix = f".{os.path.basename(self.path)}."
+        with contextlib.suppress(OSError):  # the catalogue's own temp file lives beside it
+            for n in os.listdir(parent):
+                pid = n[len(prefix):-len(".tmp")] if n.startswith(prefix) and n.endswith(".tmp") else ""
+                if pid.isdigit() and not pid_alive(int(pid)):
+                    junk.append(os.path.join(parent, n))
         if not os.path.isdir(self.seg_dir):
-            return [], []
-        live_set, adopt, junk = set(live), [], []
+            return [], junk
+        live_set, retired_set, adopt = set(live), set(retired), []
         for n in sorted(os.listdir(self.seg_dir)):
             p = os.path.join(self.seg_dir, n)
             parts = n.lstrip(".").split("-")
-            if n.startswith("seg-") and n.endswith(".h5") and p not in live_set:
+            if p in retired_set and p not in live_set:
+                junk.append(p)
+            elif n.startswith("seg-") and n.endswith(".h5") and p not in live_set:
                 if len(parts) >= 3 and parts[2].isdigit() and not pid_alive(int(parts[2])):
                     adopt.append(p)
             elif n.startswith("mrg-") and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
@@ -77,12 +98,13 @@ class MaintainMixin:
                     junk.append(p)
         return adopt, junk
 
-    def _orphans(self, live: list[str]) -> list[str]:
+    def _orphans(self, live: list[str], retired: list[str] = ()) -> list[str]:
         """Adopt segments of killed writers (killed between writing and the catalogue update); remove
-        dead processes' merge outputs and temp files; set aside damaged orphans as *.bad."""
+        merged-away segments and dead processes' merge outputs and temp files; set aside damaged orphans
+        as *.bad."""
         import h5py
 
-        adopt, junk = self._scan_orphans(live)
+        adopt, junk = self._scan_orphans(live, retired)
         for p in junk:
             with contextlib.suppress(OSError):
                 os.remove(p)
@@ -130,15 +152,23 @@ class MaintainMixin:
                     segs = self._set_aside(bad)
                     continue
                 out = self._merge(inputs)
-                final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-m{merged:05d}.h5")
-                os.replace(out, final)
-                segs = self._update_catalogue(replace=(inputs, final))
+                segs = self._update_catalogue(replace=(inputs, out))
                 merged += len(inputs)
                 if full:
                     break
         with contextlib.suppress(OSError):
             os.rmdir(self.pending_dir)
         return merged
+
+    def auto_compact(self) -> int:
+        """The merges a run does on its own: a failure (full disk, damaged segment) is a warning, never the
+        end of a run whose batches are already safe."""
+        try:
+            return self.compact(wait=False)
+        except (CacheError, OSError) as e:
+            self._warn(f"{self.path}: merging segments failed ({e}); the cache stays readable as it is "
+                       "(clipdet cache verify --repair, then clipdet cache compact)")
+            return 0
 
     def _upgrade_full(self) -> int:
         """v1 → one v2 segment: merge the v1 file and shards into a new segment, then replace the v1
@@ -150,6 +180,11 @@ class MaintainMixin:
             out = self._merge(cat.segments)
             final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-u00000.h5")
             with flock(self.lock_path, exclusive=True, create_dir=True):
+                now = catalogue.read(self.path)
+                if not now.legacy or now.segments != cat.segments:  # a writer got in first: start again
+                    with contextlib.suppress(OSError):
+                        os.remove(out)
+                    return 0
                 os.replace(out, final)
                 catalogue.write(self.path, [final], 1)
                 for s in cat.segments[1:]:
@@ -170,7 +205,10 @@ class MaintainMixin:
         try:
             with removed_on_failure(out):
                 files = [h5py.File(p, "r") for p in inputs]
-                merge_files(files, out)
+                dropped = merge_files(files, out)
+            if dropped:
+                self._warn(f"{self.seg_dir}: {dropped} damaged feature row(s) left out while merging; their "
+                           "images are re-extracted when next met")
         finally:
             for f in files:
                 f.close()
@@ -198,10 +236,11 @@ class MaintainMixin:
         with flock(self.lock_path, exclusive=True, create_dir=True):
             cat = catalogue.read(self.path)
             segs = [s for s in cat.segments if s not in bad]
+            for s in bad:  # renamed before the catalogue drops it: never re-adopted as an orphan
+                with contextlib.suppress(OSError):
+                    os.replace(s, s + ".bad")
             catalogue.write(self.path, segs, cat.generation + 1)
         for s in bad:
-            with contextlib.suppress(OSError):
-                os.replace(s, s + ".bad")
             self._warn(f"{s}: unreadable cache segment set aside as {os.path.basename(s)}.bad")
         return segs
 

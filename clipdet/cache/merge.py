@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CacheMismatchError
 from .files import check_free_space
-from .index import group_ids, hex_to_raw, raw_to_k64, unique_first
+from .index import group_ids, hex_to_raw, raw_to_k64
 from .model import ImageMeta
 from .segment import (
     create_feature_datasets,
@@ -64,8 +64,9 @@ def plan(sizes: list[int], full: bool = False) -> tuple[int, int] | None:
     return None
 
 
-def merge_files(files: list, out_path: str) -> None:
-    """Write the union of the open segment files `files` (oldest first) to `out_path` (a new file)."""
+def merge_files(files: list, out_path: str) -> int:
+    """Write the union of the open segment files `files` (oldest first) to `out_path` (a new file);
+    returns how many damaged feature rows were left out."""
     import h5py
 
     need = sum(os.path.getsize(f.filename) for f in files if os.path.exists(f.filename))
@@ -85,10 +86,12 @@ def merge_files(files: list, out_path: str) -> None:
         for f in files:
             for key, view in feature_groups(f):
                 groups.setdefault((key, view), []).append(f[f"features/{key}/{view}"])
+        dropped = 0
         for (key, view), srcs in groups.items():
-            _merge_group(srcs, fg.require_group(key).create_group(view), key, view)
+            dropped += _merge_group(srcs, fg.require_group(key).create_group(view), key, view)
     with open(out_path, "rb") as fh:
         os.fsync(fh.fileno())
+    return dropped
 
 
 def _image_columns(f, vocab_code: dict) -> dict:
@@ -149,7 +152,43 @@ def _merge_images(files: list, out) -> None:
     write_conflicts(out, recorded)
 
 
-def _merge_group(srcs: list, g, key: str, view: str) -> None:
+def _rows_ok(src, rows: np.ndarray, has_layers: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Embeddings (float16) of `rows` (sorted) of one source group, their layers, and which rows are whole:
+    checksums pass, finite, unit length (the same checks as FeatureCache.load)."""
+    from .store import NORM_TOLERANCE
+
+    def read(name: str):
+        ds = src[name]
+        try:
+            return ds[int(rows[0]):int(rows[-1]) + 1][rows - rows[0]], np.ones(len(rows), bool)
+        except OSError:  # a chunk fails its checksum: row by row, the bad ones dropped
+            out = np.zeros((len(rows),) + ds.shape[1:], ds.dtype)
+            ok = np.zeros(len(rows), bool)
+            for j, r in enumerate(rows):
+                try:
+                    out[j] = ds[int(r)]
+                    ok[j] = True
+                except OSError:
+                    pass
+            return out, ok
+
+    e, ok = read("embedding")
+    lay = None
+    if has_layers:
+        lay, lok = read("layers")
+        ok &= lok
+    x = e.astype(np.float32)
+    fin = np.isfinite(x).all(axis=1)
+    ok &= fin & (np.abs(np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=1) - 1) <= NORM_TOLERANCE)
+    return e, ok, lay
+
+
+def _merge_group(srcs: list, g, key: str, view: str) -> int:
+    """Copy the distinct rows of one feature group; the oldest *whole* row of an image wins and damaged
+    rows are left out (their images are re-extracted by the next run that meets them). Returns how many
+    damaged rows were dropped."""
+    from .index import KeyTable, group_ids
+
     first = srcs[0]
     ref = (json.loads(first.attrs["backbone"]).get("weights_id"), first.attrs["layers"], int(first.attrs["dim"]))
     has_layers = "layers" in first
@@ -162,26 +201,44 @@ def _merge_group(srcs: list, g, key: str, view: str) -> None:
     shas = [s["sha256"][()] for s in srcs]
     allsha = np.concatenate(shas) if shas else np.zeros(0, "S64")
     raw = hex_to_raw(allsha)
-    keep_idx = unique_first(raw_to_k64(raw), raw, np.arange(len(allsha)))
+    perm, starts = group_ids(raw_to_k64(raw), raw, np.arange(len(allsha)))
+    counts = np.diff(np.append(starts, len(perm)))
     keep = np.zeros(len(allsha), bool)
-    keep[keep_idx] = True
+    keep[perm[starts[counts == 1]]] = True
+    offsets = np.cumsum([0] + [len(s) for s in shas])
+    for gi in np.flatnonzero(counts > 1):  # an image in several rows: the oldest whole one wins
+        members = np.sort(perm[starts[gi]:starts[gi] + counts[gi]])
+        chosen = members[0]
+        for mbr in members:
+            si = int(np.searchsorted(offsets, mbr, side="right") - 1)
+            if _rows_ok(srcs[si], np.array([mbr - offsets[si]]), has_layers)[1][0]:
+                chosen = mbr
+                break
+        keep[chosen] = True
     dim = int(first.attrs["dim"])
     ds_s, ds_e, ds_l = create_feature_datasets(g, int(keep.sum()), dim, first["layers"].shape[1:] if has_layers
                                                else None)
-    from .index import KeyTable
-
-    KeyTable.build(allsha[keep]).save(g)
-    m, off = 0, 0
-    for src, s in zip(srcs, shas):
+    written, m, dropped = [], 0, 0
+    for si, (src, s) in enumerate(zip(srcs, shas)):
         n = len(s)
         for start in range(0, n, COPY_ROWS):
-            k = keep[off + start: off + min(n, start + COPY_ROWS)]
-            c = int(k.sum())
+            k = keep[offsets[si] + start: offsets[si] + min(n, start + COPY_ROWS)]
+            rows = start + np.flatnonzero(k)
+            if not len(rows):
+                continue
+            e, ok, lay = _rows_ok(src, rows, has_layers)
+            dropped += int((~ok).sum())
+            c = int(ok.sum())
             if not c:
                 continue
-            ds_s[m:m + c] = s[start:start + COPY_ROWS][k]
-            ds_e[m:m + c] = src["embedding"][start:start + COPY_ROWS][k]
+            written.append(s[rows[ok]])
+            ds_s[m:m + c] = s[rows[ok]]
+            ds_e[m:m + c] = e[ok]
             if ds_l is not None:
-                ds_l[m:m + c] = src["layers"][start:start + COPY_ROWS][k]
+                ds_l[m:m + c] = lay[ok]
             m += c
-        off += n
+    for ds in (ds_s, ds_e, ds_l):
+        if ds is not None and ds.shape[0] != m:
+            ds.resize(m, axis=0)
+    KeyTable.build(np.concatenate(written) if written else np.zeros(0, "S64")).save(g)
+    return dropped

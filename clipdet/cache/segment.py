@@ -168,7 +168,7 @@ def write_features(f, features: dict[tuple[str, str], tuple[FeatureRows, dict]])
 
 
 def segment_bytes(images: list[ImageMeta] | dict, errors: list[dict],
-                  features: dict[tuple[str, str], tuple[FeatureRows, dict]]) -> bytes:
+                  features: dict[tuple[str, str], tuple[FeatureRows, dict]], conflicts=()) -> bytes:
     """A complete segment file, built in memory. `images`: ImageMeta records, or a dict of the
     write_images columns (for bulk writers that never make one object per image)."""
     import h5py
@@ -182,6 +182,10 @@ def segment_bytes(images: list[ImageMeta] | dict, errors: list[dict],
             write_image_metas(f, images)
         write_errors(f, errors)
         write_features(f, features)
+        if conflicts:
+            from .conflicts import write_conflicts
+
+            write_conflicts(f, conflicts)
     return bio.getvalue()
 
 

@@ -71,11 +71,15 @@ class StatIndex:
             con.close()
         return out
 
-    def record(self, entries: Iterable[tuple[str, os.stat_result, str, bool]]) -> None:
-        """Remember (path, stat taken before hashing, sha256, metadata recorded) after a run's data is durable."""
+    def record(self, entries: Iterable[tuple[str, os.stat_result, str, bool]], stat_ns: int | None = None) -> None:
+        """Remember (path, stat taken before hashing, sha256, metadata recorded) after a run's data is durable.
+
+        `stat_ns`: when the stats were taken (before the files were read); the racy check compares the
+        file's mtime with it, not with the end of the run."""
         if self.readonly:
             return
-        rows = [(p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha, time.time_ns(), int(meta))
+        when = time.time_ns() if stat_ns is None else int(stat_ns)
+        rows = [(p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha, when, int(meta))
                 for p, st, sha, meta in entries]
         if not rows:
             return

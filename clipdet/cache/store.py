@@ -114,7 +114,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             cat = catalogue.read(self.path)
             segs: list[_Seg] = []
             try:
-                orphans = self._scan_orphans(cat.segments)[0] if not cat.legacy else []  # adopted at next write
+                # segments of killed writers are read (and adopted by the next writer); merged-away ones not
+                orphans = self._scan_orphans(cat.segments, cat.retired)[0] if not cat.legacy else []
                 sources = [(p, None) for p in cat.segments + orphans] + [(n, b) for n, b in self._memory]
                 for p, data in sources:
                     try:
@@ -241,12 +242,13 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 if emb is None:
                     emb = np.zeros((len(wanted), e.shape[1]), np.float32)
                 e, ok = e[inv], ok[inv]
-                emb[todo[ok]] = e[ok]
-                if with_layers:
+                if with_layers:  # a row is whole only if its layer tokens read back too
                     lv, lok = self._read_checked(g, "layers", uniq, s.path, check_norm=False)
+                    ok &= lok[inv]
                     if lay is None:
                         lay = np.zeros((len(wanted),) + lv.shape[1:], np.float32)
                     lay[todo[ok]] = lv[inv][ok]
+                emb[todo[ok]] = e[ok]
                 have[todo[ok]] = True
                 for i in todo[~ok]:
                     self.damaged.add(wanted[i])
@@ -414,7 +416,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
         self._update_catalogue(add=[final])
         self._written += 1
         if self._written % MERGE_EVERY == 0:
-            self.compact(wait=False)
+            self.auto_compact()
         return final
 
     # ------------------------------------------------------------------ summary

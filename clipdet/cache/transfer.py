@@ -158,7 +158,8 @@ def import_embeddings(cache, sources: list[str], backbone: str, view: str = "cle
     key, attrs = backbone_attrs(backbone)
     dim = attrs["dim"]
     summary = ImportSummary()
-    seen = set(cache.cached_shas(key, view)) if cache.exists() else set()
+    cached = cache.cached_shas(key, view) if cache.exists() else None
+    seen: set[str] = set()  # imported in this run
     for where, start, d in _batches(sources):
         n = len(d["embedding_np"]) if "embedding_np" in d else len(d["embedding"])
         if "embedding_np" in d:
@@ -205,9 +206,12 @@ def import_embeddings(cache, sources: list[str], backbone: str, view: str = "cle
             ok &= ~bad_lab
         gens = d.get("generator") or [""] * n
         keep_rows = []
-        for i in np.flatnonzero(ok):
+        cand = np.flatnonzero(ok)
+        in_cache = cached.contains_many([shas[i] for i in cand]) if cached is not None and len(cand) else \
+            np.zeros(len(cand), bool)
+        for i, old in zip(cand, in_cache):
             s = shas[i]
-            if s in seen:
+            if old or s in seen:
                 summary.reject(f"{where} row {start + i}", f"duplicate sha256 {s} (already imported or cached)")
                 continue
             seen.add(s)
@@ -229,7 +233,7 @@ def import_embeddings(cache, sources: list[str], backbone: str, view: str = "cle
         }
         cache.write_shard({(key, view): (rows, attrs)}, images=metas)
         summary.rows += len(idx)
-    cache.compact(wait=False)
+    cache.auto_compact()
     return summary
 
 

@@ -62,6 +62,17 @@ def _bad_rows(g) -> np.ndarray:
 def verify(cache, repair: bool = False) -> VerifyReport:
     """Check every live segment of `cache`; with `repair`, drop damaged rows and set aside unreadable
     segments (their images are re-extracted by the next run that meets them)."""
+
+
+    if repair:  # one merger at a time: a repair must not race a merge of the same segment
+        from .files import flock
+
+        with flock(cache.merge_lock_path, exclusive=True, create_dir=True):
+            return _verify(cache, repair)
+    return _verify(cache, repair)
+
+
+def _verify(cache, repair: bool) -> VerifyReport:
     import h5py
 
     from .segment import feature_groups
@@ -108,7 +119,10 @@ def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
     from .segment import errors_table, feature_groups, image_rows, segment_bytes
 
     with h5py.File(path, "r") as f:
+        from .conflicts import read_conflicts
+
         images = image_rows(f, np.arange(len(f["images/sha256"])))
+        conflicts = read_conflicts([f])
         errors = errors_table(f)
         features = {}
         for key, view in feature_groups(f):
@@ -121,7 +135,7 @@ def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
                 lay = np.stack([g["layers"][int(i)] for i in keep]) if len(keep) else None
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
             features[(key, view)] = (FeatureRows([s.decode() for s in g["sha256"][()][keep]], emb, lay), attrs)
-    data = segment_bytes(images, errors, features)
-    out = os.path.join(cache.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-r00000.h5")
+    data = segment_bytes(images, errors, features, conflicts=conflicts)
+    out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # named seg- under the lock
     atomic_write_bytes(out, data)
     cache._update_catalogue(replace=([path], out))
