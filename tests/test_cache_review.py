@@ -12,9 +12,9 @@ import time
 import h5py
 import numpy as np
 import pytest
+from test_cache import KEY, attrs, emb, sha, shard
 
 from clipdet.cache import FeatureCache, FeatureRows, ImageMeta
-from test_cache import KEY, attrs, emb, sha, shard
 
 
 def _flip(path: str, dataset: str, offset: int = 4) -> None:
