@@ -41,7 +41,7 @@ def load_pools(
         if not backbone:
             from .backbones import DEFAULT_BACKBONE
 
-            specs = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
+            specs = {g.backbone.get("spec") for g in cache.groups(count=False)} if cache.exists() else set()
             backbone = specs.pop() if len(specs) == 1 else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
         require_images(refs, list(paths or []))

@@ -439,7 +439,7 @@ def fit(
         if not backbone:
             from .backbones import DEFAULT_BACKBONE
 
-            specs = {g.backbone.get("spec") for g in cache.groups()} if cache.exists() else set()
+            specs = {g.backbone.get("spec") for g in cache.groups(count=False)} if cache.exists() else set()
             if len(specs) > 1:
                 raise UsageError(f"{cache.path} holds several backbones ({', '.join(sorted(specs))}); "
                                  "choose one with --backbone")
@@ -469,7 +469,7 @@ def fit(
 
     extra = None
     if augment_views:
-        other = sorted({g.view for g in cache.groups() if g.key == key} - {view})
+        other = sorted({g.view for g in cache.groups(count=False) if g.key == key} - {view})
         parts = []
         labels = {s: (lab, g) for s, lab, g in zip(chosen.sha256, chosen.label, chosen.generator)}
         pths = dict(zip(chosen.sha256, chosen.path))

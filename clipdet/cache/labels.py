@@ -61,7 +61,7 @@ class LabelsMixin:
             found.setdefault(sha, [])
             if (lab, gen, path) not in found[sha]:
                 found[sha].append((lab, gen, path))
-        groups = self.groups()
+        groups = self.groups(count=False)
         live = set()
         for g in groups:
             lab = self.labelled(g.key, g.view)

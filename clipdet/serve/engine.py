@@ -74,7 +74,8 @@ class Engine:
         key = self.detector.backbone_key
         if self.cache is not None and self.cache.exists():
             if self.cache_write:  # keep the layer set the cache stores, as `clipdet extract` does
-                stored = [g.layers for g in self.cache.groups() if g.key == key and g.view == self.view and g.layers]
+                stored = [g.layers for g in self.cache.groups(count=False)
+                          if g.key == key and g.view == self.view and g.layers]
                 if stored:
                     self.lazy.layers = tuple(stored[0])
             cache = self.cache
