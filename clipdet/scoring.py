@@ -112,6 +112,8 @@ def score_refs(
             yield row
         if on_chunk is not None:
             on_chunk()
+        if cache.readonly:
+            cache.drop_memory_segments()
     cache.auto_compact()
 
 

@@ -146,3 +146,27 @@ def test_stat_entry_is_racy_relative_to_when_the_files_were_stated(tmp_path):
     idx = StatIndex(str(tmp_path / "s.sqlite"))
     idx.record([(str(p), stats[0], "a" * 64, True)], stat_ns=stat_ns)
     assert idx.lookup([str(p)], stat_all([str(p)])) == {}  # not trusted: hashed again next run
+
+
+def test_read_only_scoring_keeps_memory_bounded(tmp_path, make_image, tiny_spec, tiny_weights):
+    """With a read-only cache, each chunk's new features are dropped once the chunk is scored."""
+    from clipdet.fewshot import fit
+    from clipdet.images import discover
+    from clipdet.scoring import score_refs
+
+    for i in range(3):
+        make_image(tmp_path / "refs" / "real" / f"r{i}.png", seed=i)
+        make_image(tmp_path / "refs" / "fake" / "g" / f"f{i}.png", seed=10 + i)
+    for i in range(40):
+        make_image(tmp_path / "new" / f"n{i:02d}.png", seed=100 + i)
+    cache = str(tmp_path / "c.h5")
+    det = fit([str(tmp_path / "refs")], backbone=tiny_spec, cache=cache, shots="all", device="cpu")
+    ro = FeatureCache(cache, readonly=True)
+    seen_memory = []
+    rows = []
+    for row in score_refs(discover([str(tmp_path / "new")]), det, cache=ro, device="cpu", first_chunk=8, chunk=8,
+                          on_chunk=lambda: seen_memory.append(len(ro._memory))):
+        rows.append(row)
+    assert len(rows) == 40 and not any(r["error"] for r in rows)
+    assert ro._memory == [] and max(seen_memory) <= 2  # per chunk, never the whole run
+    assert len(FeatureCache(cache).cached_shas(det.backbone_key, "clean")) == 6  # nothing written

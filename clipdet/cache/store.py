@@ -162,6 +162,11 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             return False
         return not os.path.isdir(self.seg_dir) or os.access(self.seg_dir, os.W_OK)
 
+    def drop_memory_segments(self) -> None:
+        """Forget the batches a read-only cache keeps in memory (scoring does so after each chunk, so a
+        long run over uncached images neither grows nor slows down)."""
+        self._memory.clear()
+
     def segments(self) -> list[str]:
         """Paths of the live segment files, oldest first."""
         return catalogue.read(self.path).segments
