@@ -168,3 +168,23 @@ def single_segment(cache_path, mode: str = "r"):
     segs = fc.segments()
     assert len(segs) == 1, segs
     return h5py.File(segs[0], mode)
+
+
+def fit_tree(labelled_tree, tiny_spec, tiny_backbone, tmp_path, head: str = "svm"):
+    """Extract the labelled tree into tmp_path/c.h5 and save a `head` detector fitted on 4+4 references;
+    returns (cache path, detector path)."""
+    import clipdet
+    from clipdet.extract import LazyBackbone
+    from clipdet.images import discover
+
+    cache = str(tmp_path / "c.h5")
+    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
+                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
+    return cache, clipdet.fit(head=head, shots=4, seed=0, cache=cache).save(tmp_path / "det.clipdet")
+
+
+@pytest.fixture
+def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
+    """(tree, cache path, detector path as str): an svm detector fitted on 4+4 references of the tree."""
+    cache, path = fit_tree(labelled_tree, tiny_spec, tiny_backbone, tmp_path)
+    return labelled_tree, cache, str(path)

@@ -13,19 +13,8 @@ import sys
 
 import pytest
 
-import clipdet
 from clipdet.cache import FeatureCache
-from clipdet.extract import LazyBackbone
-from clipdet.images import discover, read_manifest
-
-
-@pytest.fixture
-def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
-    cache = str(tmp_path / "c.h5")
-    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
-                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    path = clipdet.fit(head="svm", shots=4, seed=0, cache=cache).save(tmp_path / "det.clipdet")
-    return labelled_tree, cache, str(path)
+from clipdet.images import read_manifest
 
 
 def test_failed_score_leaves_earlier_output_untouched(fitted, tmp_path, tiny_weights, run_cli, make_image):

@@ -9,17 +9,6 @@ import re
 import pytest
 
 import clipdet
-from clipdet.extract import LazyBackbone
-from clipdet.images import discover
-
-
-@pytest.fixture
-def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
-    cache = str(tmp_path / "c.h5")
-    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
-                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    path = clipdet.fit(head="svm", shots=4, seed=0, cache=cache).save(tmp_path / "det.clipdet")
-    return labelled_tree, cache, str(path)
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import warnings
 
 import pytest
 
-import clipdet
 from clipdet.errors import UsageError
-from clipdet.extract import LazyBackbone
-from clipdet.images import decode_image, discover, read_manifest
+from clipdet.images import decode_image, read_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,15 +48,6 @@ def test_latin1_manifest_is_one_line_from_the_cli(tmp_path, run_cli, tiny_spec):
     m.write_bytes("path,label\nr\xe9el.png,real\n".encode("latin-1"))
     r = run_cli("extract", "--manifest", str(m), "--backbone", tiny_spec, "--cache", str(tmp_path / "c.h5"))
     assert r.exit_code == 2 and "not UTF-8 (byte 0xe9 at line 2)" in r.stderr and r.stderr.count("\n") == 1
-
-
-@pytest.fixture
-def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
-    cache = str(tmp_path / "c.h5")
-    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
-                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    path = clipdet.fit(head="svm", shots=4, seed=0, cache=cache).save(tmp_path / "det.clipdet")
-    return labelled_tree, cache, str(path)
 
 
 def test_eval_report_on_a_file_says_what_to_do_before_scoring(fitted, tmp_path, run_cli, monkeypatch):

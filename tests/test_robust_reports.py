@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import fit_tree
 
-import clipdet
 from clipdet.detector import Detector
 from clipdet.evaluate import evaluate, write_report
-from clipdet.extract import LazyBackbone
 from clipdet.fewshot import Pool, fit_from_pool
 from clipdet.images import discover
 
@@ -69,10 +68,7 @@ def test_intervals_are_clipped_to_the_metric_range():
 
 @pytest.fixture
 def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
-    cache = str(tmp_path / "c.h5")
-    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
-                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    path = clipdet.fit(head="logreg", shots=4, seed=0, cache=cache).save(tmp_path / "det.clipdet")
+    cache, path = fit_tree(labelled_tree, tiny_spec, tiny_backbone, tmp_path, head="logreg")
     return labelled_tree, cache, str(path)
 
 

@@ -9,22 +9,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import clipdet
 from clipdet.cache import FeatureCache
-from clipdet.extract import LazyBackbone
-from clipdet.images import discover
 from clipdet.scoring import COLUMNS
-
-
-@pytest.fixture
-def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
-    cache = str(tmp_path / "c.h5")
-    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
-                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    path = clipdet.fit(head="svm", shots=4, seed=0, cache=cache).save(tmp_path / "det.clipdet")
-    return labelled_tree, cache, str(path)
 
 
 def test_folder_with_one_image_gives_csv_not_a_verdict(fitted, tmp_path, run_cli):

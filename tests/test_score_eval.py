@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fit_tree
 from PIL import Image
 
-import clipdet
 from clipdet.detector import Detector
 from clipdet.errors import OverlapError
 from clipdet.evaluate import evaluate, per_generator_auc, write_report
-from clipdet.extract import LazyBackbone
 from clipdet.images import discover
 from clipdet.metrics import roc_auc
 from clipdet.scoring import COLUMNS, RowWriter, score_refs
@@ -24,11 +23,7 @@ from clipdet.scoring import COLUMNS, RowWriter, score_refs
 @pytest.fixture
 def fitted(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
     """(tree, cache path, detector path): a knn detector fitted on 4+4 references of the tree."""
-    cache = str(tmp_path / "c.h5")
-    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
-                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    det = clipdet.fit(head="knn", shots=4, seed=0, cache=cache)
-    path = det.save(tmp_path / "det.clipdet")
+    cache, path = fit_tree(labelled_tree, tiny_spec, tiny_backbone, tmp_path, head="knn")
     return labelled_tree, cache, path
 
 
