@@ -24,6 +24,7 @@ from .segment import (
     errors_table,
     feature_groups,
     group_attrs,
+    group_rows_checked,
     write_errors,
     write_header,
     write_images,
@@ -152,37 +153,6 @@ def _merge_images(files: list, out) -> None:
     write_conflicts(out, recorded)
 
 
-def _rows_ok(src, rows: np.ndarray, has_layers: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Embeddings (float16) of `rows` (sorted) of one source group, their layers, and which rows are whole:
-    checksums pass, finite, unit length (the same checks as FeatureCache.load)."""
-    from .store import NORM_TOLERANCE
-
-    def read(name: str):
-        ds = src[name]
-        try:
-            return ds[int(rows[0]):int(rows[-1]) + 1][rows - rows[0]], np.ones(len(rows), bool)
-        except OSError:  # a chunk fails its checksum: row by row, the bad ones dropped
-            out = np.zeros((len(rows),) + ds.shape[1:], ds.dtype)
-            ok = np.zeros(len(rows), bool)
-            for j, r in enumerate(rows):
-                try:
-                    out[j] = ds[int(r)]
-                    ok[j] = True
-                except OSError:
-                    pass
-            return out, ok
-
-    e, ok = read("embedding")
-    lay = None
-    if has_layers:
-        lay, lok = read("layers")
-        ok &= lok
-    x = e.astype(np.float32)
-    fin = np.isfinite(x).all(axis=1)
-    ok &= fin & (np.abs(np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=1) - 1) <= NORM_TOLERANCE)
-    return e, ok, lay
-
-
 def _merge_group(srcs: list, g, key: str, view: str) -> int:
     """Copy the distinct rows of one feature group; the oldest *whole* row of an image wins and damaged
     rows are left out (their images are re-extracted by the next run that meets them). Returns how many
@@ -211,7 +181,7 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
         chosen = members[0]
         for mbr in members:
             si = int(np.searchsorted(offsets, mbr, side="right") - 1)
-            if _rows_ok(srcs[si], np.array([mbr - offsets[si]]), has_layers)[1][0]:
+            if group_rows_checked(srcs[si], np.array([mbr - offsets[si]]), has_layers)[1][0]:
                 chosen = mbr
                 break
         keep[chosen] = True
@@ -226,7 +196,7 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
             rows = start + np.flatnonzero(k)
             if not len(rows):
                 continue
-            e, ok, lay = _rows_ok(src, rows, has_layers)
+            e, ok, lay = group_rows_checked(src, rows, has_layers)
             dropped += int((~ok).sum())
             c = int(ok.sum())
             if not c:

@@ -250,6 +250,46 @@ def read_rows(ds, rows: np.ndarray) -> np.ndarray:
     return _reader(rows)(ds)
 
 
+#: tolerance on the L2 norm of a stored (float16, L2-normalised) embedding before it counts as damaged
+NORM_TOLERANCE = 0.02
+
+
+def read_checked(ds, rows: np.ndarray, check_norm: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (sorted) of a dataset as stored, and which are whole: their chunk passes its checksum
+    (on a failure the span is read row by row), their values are finite and, with `check_norm`,
+    of unit length."""
+    rows = np.asarray(rows, dtype=np.int64)
+    try:
+        x = read_rows(ds, rows)
+        ok = np.ones(len(rows), bool)
+    except OSError:  # a fletcher32 failure somewhere in the span
+        x = np.zeros((len(rows),) + ds.shape[1:], ds.dtype)
+        ok = np.zeros(len(rows), bool)
+        for j, r in enumerate(rows):
+            try:
+                x[j] = ds[int(r)]
+                ok[j] = True
+            except OSError:
+                pass
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    finite = np.isfinite(flat)
+    ok &= finite.all(axis=1)
+    if check_norm:
+        ok &= np.abs(np.linalg.norm(np.where(finite, flat, 0), axis=1) - 1) <= NORM_TOLERANCE
+    return x, ok
+
+
+def group_rows_checked(g, rows: np.ndarray, with_layers: bool):
+    """(embeddings, whole-row mask, layer tokens or None) of `rows` of a feature group: a row is whole
+    when its embedding and, with `with_layers`, its layer tokens pass read_checked."""
+    emb, ok = read_checked(g["embedding"], rows)
+    lay = None
+    if with_layers:
+        lay, lok = read_checked(g["layers"], rows, check_norm=False)
+        ok &= lok
+    return emb, ok, lay
+
+
 def errors_table(f) -> list[dict]:
     """The /errors rows as dicts (sha256, path, reason)."""
     g = f.get("errors")

@@ -36,10 +36,16 @@ from .index import (
 from .labels import LabelsMixin
 from .maintain import MaintainMixin
 from .model import LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path
-from .segment import check_header, errors_table, feature_groups, image_columns, image_rows, read_rows, segment_bytes
+from .segment import (
+    check_header,
+    errors_table,
+    feature_groups,
+    group_rows_checked,
+    image_columns,
+    image_rows,
+    segment_bytes,
+)
 
-#: tolerance on the L2 norm of a stored (float16, L2-normalised) embedding before it counts as damaged
-NORM_TOLERANCE = 0.02
 #: merge check every this many segments written by one process
 MERGE_EVERY = 64
 
@@ -243,13 +249,11 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 if with_layers and not gi.has_layers:
                     raise CacheError(f"{self.path}: features {key}/{view} were extracted without --layers")
                 uniq, inv = np.unique(rows, return_inverse=True)
-                e, ok = self._read_checked(g, "embedding", uniq, s.path)
+                e, ok, lv = group_rows_checked(g, uniq, with_layers)  # a row is whole with its layer tokens
+                e, ok = e[inv].astype(np.float32), ok[inv]
                 if emb is None:
                     emb = np.zeros((len(wanted), e.shape[1]), np.float32)
-                e, ok = e[inv], ok[inv]
-                if with_layers:  # a row is whole only if its layer tokens read back too
-                    lv, lok = self._read_checked(g, "layers", uniq, s.path, check_norm=False)
-                    ok &= lok[inv]
+                if lv is not None:
                     if lay is None:
                         lay = np.zeros((len(wanted),) + lv.shape[1:], np.float32)
                     lay[todo[ok]] = lv[inv][ok]
@@ -265,25 +269,6 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             if emb is None:
                 return FeatureRows([], np.zeros((0, 0), np.float32), None)
             return FeatureRows([wanted[i] for i in idx], emb[idx], None if lay is None else lay[idx])
-
-    def _read_checked(self, g, name: str, rows: np.ndarray, path: str, check_norm: bool = True):
-        """Rows of dataset `name` as float32 and a mask of the undamaged ones."""
-        ds = g[name]
-        try:
-            x = read_rows(ds, rows).astype(np.float32)
-            ok = np.ones(len(rows), bool)
-        except OSError:  # a checksum (fletcher32) failure somewhere in the span: read row by row
-            x = np.zeros((len(rows),) + ds.shape[1:], np.float32)
-            ok = np.zeros(len(rows), bool)
-            for j, r in enumerate(rows):
-                with contextlib.suppress(OSError):
-                    x[j] = ds[int(r)]
-                    ok[j] = True
-        flat = x.reshape(len(x), -1)
-        ok &= np.isfinite(flat).all(axis=1)
-        if check_norm:
-            ok &= np.abs(np.linalg.norm(np.where(np.isfinite(flat), flat, 0), axis=1) - 1) <= NORM_TOLERANCE
-        return x, ok
 
     def _load_all(self, segs: list[_Seg], key: str, view: str, with_layers: bool) -> FeatureRows:
         parts = []

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .store import NORM_TOLERANCE
+from .segment import group_rows_checked
 
 CHUNK = 4096
 
@@ -32,30 +32,10 @@ class VerifyReport:
 
 def _bad_rows(g) -> np.ndarray:
     """Row numbers of a feature group that fail their checksum or are not finite unit vectors."""
-    ds = g["embedding"]
-    n = len(ds)
-    bad = []
+    n, has_layers, bad = len(g["embedding"]), "layers" in g, []
     for s in range(0, n, CHUNK):
-        try:
-            x = ds[s:s + CHUNK].astype(np.float32)
-            ok = np.ones(len(x), bool)
-        except OSError:
-            x = np.zeros((min(CHUNK, n - s), ds.shape[1]), np.float32)
-            ok = np.zeros(len(x), bool)
-            for j in range(len(x)):
-                try:
-                    x[j] = ds[s + j]
-                    ok[j] = True
-                except OSError:
-                    pass
-        ok &= np.isfinite(x).all(axis=1)
-        ok &= np.abs(np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=1) - 1) <= NORM_TOLERANCE
-        if "layers" in g:
-            try:
-                g["layers"][s:s + CHUNK]
-            except OSError:
-                ok[:] = False
-        bad.extend((s + np.flatnonzero(~ok)).tolist())
+        rows = np.arange(s, min(n, s + CHUNK))
+        bad.extend(rows[~group_rows_checked(g, rows, has_layers)[1]].tolist())
     return np.array(bad, dtype=np.int64)
 
 
