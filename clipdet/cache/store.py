@@ -230,45 +230,49 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             wanted = list(shas)
             if not wanted:
                 return FeatureRows([], np.zeros((0, 0), np.float32), None)
-            k64, raw = keys_of(wanted)
-            have = np.zeros(len(wanted), bool)
-            emb = lay = None
-            for s in segs:
-                gi = s.index.groups.get((key, view))
-                if gi is None:
-                    continue
-                todo = np.flatnonzero(~have)
-                if not len(todo):
-                    break
-                rows = gi.keys.find(k64[todo], raw[todo])
-                sel = rows >= 0
-                if not sel.any():
-                    continue
-                todo, rows = todo[sel], rows[sel]
-                g = s.file[f"features/{key}/{view}"]
-                if with_layers and not gi.has_layers:
-                    raise CacheError(f"{self.path}: features {key}/{view} were extracted without --layers")
-                uniq, inv = np.unique(rows, return_inverse=True)
-                e, ok, lv = group_rows_checked(g, uniq, with_layers)  # a row is whole with its layer tokens
-                e, ok = e[inv].astype(np.float32), ok[inv]
-                if emb is None:
-                    emb = np.zeros((len(wanted), e.shape[1]), np.float32)
-                if lv is not None:
-                    if lay is None:
-                        lay = np.zeros((len(wanted),) + lv.shape[1:], np.float32)
-                    lay[todo[ok]] = lv[inv][ok]
-                emb[todo[ok]] = e[ok]
-                have[todo[ok]] = True
-                for i in todo[~ok]:
-                    self.damaged.add(wanted[i])
-            if self.damaged.intersection(wanted):
-                bad = sorted(self.damaged.intersection(wanted))
-                self._warn(f"{self.path}: {len(bad)} cached feature row(s) damaged (first: {bad[0]}); "
-                           "they are re-extracted where the file is available; run clipdet cache verify --repair")
-            idx = np.flatnonzero(have)
+            return self._load_keys(segs, key, view, wanted, *keys_of(wanted), with_layers)
+
+    def _load_keys(self, segs: list[_Seg], key: str, view: str, wanted: list[str], k64: np.ndarray,
+                   raw: np.ndarray, with_layers: bool) -> FeatureRows:
+        """load() of `wanted` (hex digests, with their keys k64/raw) from the open segments."""
+        have = np.zeros(len(wanted), bool)
+        emb = lay = None
+        for s in segs:
+            gi = s.index.groups.get((key, view))
+            if gi is None:
+                continue
+            todo = np.flatnonzero(~have)
+            if not len(todo):
+                break
+            rows = gi.keys.find(k64[todo], raw[todo])
+            sel = rows >= 0
+            if not sel.any():
+                continue
+            todo, rows = todo[sel], rows[sel]
+            g = s.file[f"features/{key}/{view}"]
+            if with_layers and not gi.has_layers:
+                raise CacheError(f"{self.path}: features {key}/{view} were extracted without --layers")
+            uniq, inv = np.unique(rows, return_inverse=True)
+            e, ok, lv = group_rows_checked(g, uniq, with_layers)  # a row is whole with its layer tokens
+            e, ok = e[inv].astype(np.float32), ok[inv]
             if emb is None:
-                return FeatureRows([], np.zeros((0, 0), np.float32), None)
-            return FeatureRows([wanted[i] for i in idx], emb[idx], None if lay is None else lay[idx])
+                emb = np.zeros((len(wanted), e.shape[1]), np.float32)
+            if lv is not None:
+                if lay is None:
+                    lay = np.zeros((len(wanted),) + lv.shape[1:], np.float32)
+                lay[todo[ok]] = lv[inv][ok]
+            emb[todo[ok]] = e[ok]
+            have[todo[ok]] = True
+            for i in todo[~ok]:
+                self.damaged.add(wanted[i])
+        if self.damaged.intersection(wanted):
+            bad = sorted(self.damaged.intersection(wanted))
+            self._warn(f"{self.path}: {len(bad)} cached feature row(s) damaged (first: {bad[0]}); "
+                       "they are re-extracted where the file is available; run clipdet cache verify --repair")
+        idx = np.flatnonzero(have)
+        if emb is None:
+            return FeatureRows([], np.zeros((0, 0), np.float32), None)
+        return FeatureRows([wanted[i] for i in idx], emb[idx], None if lay is None else lay[idx])
 
     def _load_all(self, segs: list[_Seg], key: str, view: str, with_layers: bool) -> FeatureRows:
         parts = []
@@ -284,8 +288,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
         raw = np.concatenate([gi.keys.raw for _, gi in parts])
         order = np.concatenate([(np.int64(i) << 40) + gi.keys.row for i, (_, gi) in enumerate(parts)])
         first = unique_first(k64, raw, order)
-        shas = raw_to_hex(raw[first])
-        return self.load(key, view, shas=shas, with_layers=with_layers)
+        return self._load_keys(segs, key, view, raw_to_hex(raw[first]), k64[first], raw[first], with_layers)
 
     def image_metas(self, shas: Iterable[str]) -> dict[str, ImageMeta]:
         """Metadata (paths, label, generator, size) of the given images, folded over all segments."""
