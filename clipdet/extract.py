@@ -407,8 +407,7 @@ def _unchanged(cache: FeatureCache, refs: list[ImageRef], abs_paths: list[str], 
     shas = [hits[i][0] for i in pos]
     ok = np.ones(len(pos), bool)
     for v in views:
-        ok &= cached[v].contains_many(shas) if hasattr(cached[v], "contains_many") else \
-            np.array([s in cached[v] for s in shas], bool)
+        ok &= cached[v].contains_many(shas)
     if record_cached:
         labs, gens = cache.index_labels(shas)
         for j, i in enumerate(pos):
