@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .segment import group_rows_checked
+from .segment import group_extras, group_rows_checked
 
 CHUNK = 4096
 
@@ -32,10 +32,10 @@ class VerifyReport:
 
 def _bad_rows(g) -> np.ndarray:
     """Row numbers of a feature group that fail their checksum or are not finite unit vectors."""
-    n, has_layers, bad = len(g["embedding"]), "layers" in g, []
+    n, extras, bad = len(g["embedding"]), group_extras(g), []
     for s in range(0, n, CHUNK):
         rows = np.arange(s, min(n, s + CHUNK))
-        bad.extend(rows[~group_rows_checked(g, rows, has_layers)[1]].tolist())
+        bad.extend(rows[~group_rows_checked(g, rows, extras)[1]].tolist())
     return np.array(bad, dtype=np.int64)
 
 
@@ -110,11 +110,10 @@ def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
             keep = np.setdiff1d(np.arange(len(g["sha256"])), bad_groups.get((key, view), []))
             emb = (np.stack([g["embedding"][int(i)] for i in keep]) if len(keep)
                    else np.zeros((0, g["embedding"].shape[1])))
-            lay = None
-            if "layers" in g:
-                lay = np.stack([g["layers"][int(i)] for i in keep]) if len(keep) else None
+            xs = {x: (np.stack([g[x][int(i)] for i in keep]) if len(keep) else np.zeros((0,) + g[x].shape[1:]))
+                  for x in group_extras(g)}
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
-            features[(key, view)] = (FeatureRows([s.decode() for s in g["sha256"][()][keep]], emb, lay), attrs)
+            features[(key, view)] = (FeatureRows([s.decode() for s in g["sha256"][()][keep]], emb, **xs), attrs)
     data = segment_bytes(images, errors, features, conflicts=conflicts)
     out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # named seg- under the lock
     atomic_write_bytes(out, data)
