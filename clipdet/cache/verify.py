@@ -81,40 +81,25 @@ def _verify(cache, repair: bool) -> VerifyReport:
             rep.unreadable.append(path)
             continue
         if repair and bad_groups:
-            _rewrite_without(cache, path, bad_groups)
+            _rewrite_without(cache, path)
             rep.repaired.append(path)
     if repair and rep.unreadable:
         cache._set_aside(rep.unreadable)
     return rep
 
 
-def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
-    """Replace segment `path` by a copy without the damaged rows (atomic catalogue swap)."""
+def _rewrite_without(cache, path: str) -> None:
+    """Replace segment `path` by a copy without its damaged rows (atomic catalogue swap). The copy is a
+    one-segment merge: it streams the segment in slices and leaves out every row that fails its checks."""
     import time
 
     import h5py
 
-    from .files import atomic_write_bytes
-    from .model import FeatureRows
-    from .segment import errors_table, feature_groups, image_rows, segment_bytes
+    from .files import removed_on_failure
+    from .merge import merge_files
 
-    with h5py.File(path, "r") as f:
-        from .conflicts import read_conflicts
-
-        images = image_rows(f, np.arange(len(f["images/sha256"])))
-        conflicts = read_conflicts([f])
-        errors = errors_table(f)
-        features = {}
-        for key, view in feature_groups(f):
-            g = f[f"features/{key}/{view}"]
-            keep = np.setdiff1d(np.arange(len(g["sha256"])), bad_groups.get((key, view), []))
-            emb = (np.stack([g["embedding"][int(i)] for i in keep]) if len(keep)
-                   else np.zeros((0, g["embedding"].shape[1])))
-            xs = {x: (np.stack([g[x][int(i)] for i in keep]) if len(keep) else np.zeros((0,) + g[x].shape[1:]))
-                  for x in group_extras(g)}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
-            features[(key, view)] = (FeatureRows([s.decode() for s in g["sha256"][()][keep]], emb, **xs), attrs)
-    data = segment_bytes(images, errors, features, conflicts=conflicts)
     out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # named seg- under the lock
-    atomic_write_bytes(out, data)
+    with removed_on_failure(out):
+        with h5py.File(path, "r") as f:
+            merge_files([f], out)
     cache._update_catalogue(replace=([path], out))
