@@ -448,10 +448,11 @@ def _new_information(meta: ImageMeta, known: ImageMeta | None) -> bool:
             or bool(meta.generator and meta.generator != known.generator))
 
 
-def feature_attrs(model, layers: Sequence[int], dim: int) -> dict:
-    """The attributes a feature group is written with (backbone record, layer set, dim, version)."""
+def feature_attrs(model, layers: Sequence[int], dim: int, heads: dict | None = None) -> dict:
+    """The attributes a feature group is written with (backbone record, layer set, dim, version, and
+    with --heads the head set {"blocks": [absolute block indices], "n_heads": H})."""
     return {"backbone": json.loads(model.info.to_json()), "layers": list(layers), "dim": int(dim),
-            "clipdet_version": __version__}
+            "clipdet_version": __version__, "heads": heads}
 
 
 class _BatchWriter:

@@ -296,8 +296,8 @@ def test_score_reextracts_damaged_cached_rows(tmp_path, tiny_spec, make_image, r
     assert r.exit_code == 0, r.output
     import csv
 
-    a = {row["sha256"]: row for row in csv.DictReader(out1.open())}
-    b = {row["sha256"]: row for row in csv.DictReader(out2.open())}
+    a = {row["sha256"]: row for row in csv.DictReader(out1.read_text().splitlines())}
+    b = {row["sha256"]: row for row in csv.DictReader(out2.read_text().splitlines())}
     assert set(a) == set(b) and not any(row["error"] for row in b.values())
     for s in a:
         assert abs(float(a[s]["score"]) - float(b[s]["score"])) < 1e-3

@@ -140,7 +140,7 @@ class GroupIndex:
 
     keys: KeyTable
     attrs: dict
-    has_layers: bool
+    extras: tuple[str, ...]   # the EXTRAS datasets the group holds (layers, heads, heads_rest)
     n: int
 
 

@@ -24,6 +24,8 @@ from .segment import (
     errors_table,
     feature_groups,
     group_attrs,
+    group_extras,
+    group_heads,
     group_rows_checked,
     write_errors,
     write_header,
@@ -160,11 +162,15 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
     from .index import KeyTable, group_ids
 
     first = srcs[0]
-    ref = (json.loads(first.attrs["backbone"]).get("weights_id"), first.attrs["layers"], int(first.attrs["dim"]))
-    has_layers = "layers" in first
+
+    def layout(g):
+        return (json.loads(g.attrs["backbone"]).get("weights_id"), g.attrs["layers"], int(g.attrs["dim"]),
+                group_heads(g.attrs), group_extras(g))
+
+    ref = layout(first)
+    extras = group_extras(first)
     for src in srcs:
-        this = (json.loads(src.attrs["backbone"]).get("weights_id"), src.attrs["layers"], int(src.attrs["dim"]))
-        if this != ref or ("layers" in src) != has_layers:
+        if layout(src) != ref:
             raise CacheMismatchError(f"{src.file.filename}: features for {key}/{view} do not match the cache's; "
                                      "move that segment away to compact")
     group_attrs(g, {k: first.attrs[k] for k in first.attrs})
@@ -181,13 +187,12 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
         chosen = members[0]
         for mbr in members:
             si = int(np.searchsorted(offsets, mbr, side="right") - 1)
-            if group_rows_checked(srcs[si], np.array([mbr - offsets[si]]), has_layers)[1][0]:
+            if group_rows_checked(srcs[si], np.array([mbr - offsets[si]]), extras)[1][0]:
                 chosen = mbr
                 break
         keep[chosen] = True
     dim = int(first.attrs["dim"])
-    ds_s, ds_e, ds_l = create_feature_datasets(g, int(keep.sum()), dim, first["layers"].shape[1:] if has_layers
-                                               else None)
+    ds_s, ds_e, ds_x = create_feature_datasets(g, int(keep.sum()), dim, {x: first[x].shape[1:] for x in extras})
     written, m, dropped = [], 0, 0
     for si, (src, s) in enumerate(zip(srcs, shas)):
         n = len(s)
@@ -196,7 +201,7 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
             rows = start + np.flatnonzero(k)
             if not len(rows):
                 continue
-            e, ok, lay = group_rows_checked(src, rows, has_layers)
+            e, ok, xv = group_rows_checked(src, rows, extras)
             dropped += int((~ok).sum())
             c = int(ok.sum())
             if not c:
@@ -204,11 +209,11 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
             written.append(s[rows[ok]])
             ds_s[m:m + c] = s[rows[ok]]
             ds_e[m:m + c] = e[ok]
-            if ds_l is not None:
-                ds_l[m:m + c] = lay[ok]
+            for name, ds in ds_x.items():
+                ds[m:m + c] = xv[name][ok]
             m += c
-    for ds in (ds_s, ds_e, ds_l):
-        if ds is not None and ds.shape[0] != m:
+    for ds in (ds_s, ds_e, *ds_x.values()):
+        if ds.shape[0] != m:
             ds.resize(m, axis=0)
     KeyTable.build(np.concatenate(written) if written else np.zeros(0, "S64")).save(g)
     return dropped

@@ -45,13 +45,26 @@ class ImageMeta:
             self.width, self.height = other.width, other.height
 
 
+#: per-row arrays a feature group may hold beside its embedding → the extract option that stores them.
+#: layers: CLS tokens of the --layers blocks (n, L, width); heads: direct contributions of each attention
+#: head of the last --heads blocks to the embedding (n, blocks × heads, dim); heads_rest: the rest of that
+#: decomposition (n, dim), so that heads.sum(1) + heads_rest is the embedding before normalisation.
+EXTRAS = {"layers": "--layers", "heads": "--heads", "heads_rest": "--heads"}
+
+
 @dataclass
 class FeatureRows:
-    """Rows of one (backbone, view) feature group: hashes, embeddings, optional layer CLS tokens."""
+    """Rows of one (backbone, view) feature group: hashes, embeddings and the optional EXTRAS arrays."""
 
     sha256: list[str]
     embedding: np.ndarray
     layers: np.ndarray | None = None
+    heads: np.ndarray | None = None
+    heads_rest: np.ndarray | None = None
+
+    def extras(self) -> dict[str, np.ndarray]:
+        """The EXTRAS arrays these rows carry, by name."""
+        return {name: getattr(self, name) for name in EXTRAS if getattr(self, name) is not None}
 
 
 @dataclass
@@ -64,3 +77,4 @@ class GroupInfo:
     layers: list[int]
     dim: int
     count: int
+    heads: dict | None = None   # {"blocks": [...], "n_heads": H} when extracted with --heads

@@ -11,7 +11,9 @@ Layout (format_version 2; version-1 files, written by clipdet 0.1, are read too)
     /features/<key>/<view>/sha256     S64
     /features/<key>/<view>/embedding  float16 (n, dim), L2-normalised, chunked + fletcher32 checksums
     /features/<key>/<view>/layers     float16 (n, L, width), when extracted with --layers
-           attrs: backbone (JSON), layers (JSON), dim, clipdet_version
+    /features/<key>/<view>/heads      float16 (n, N × H, dim), per-head contributions, with --heads N
+    /features/<key>/<view>/heads_rest float16 (n, dim), the rest of that decomposition
+           attrs: backbone (JSON), layers (JSON), dim, clipdet_version[, heads (JSON)]
     /errors/{sha256,path,reason}      strings
 
 Small segments are built in memory and written with plain file I/O (see files.atomic_write_bytes), so
@@ -28,7 +30,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import CacheError
-from .model import FORMAT, FORMAT_VERSION, LABELS, FeatureRows, ImageMeta
+from .model import EXTRAS, FORMAT, FORMAT_VERSION, LABELS, FeatureRows, ImageMeta
 
 #: rows per chunk of embedding datasets: a random read of one row costs one chunk (≈256 KiB)
 CHUNK_BYTES = 2**18
@@ -119,10 +121,13 @@ def write_errors(f, errors: list[dict]) -> None:
 
 
 def group_attrs(g, attrs: dict) -> None:
-    """Record a feature group's backbone, layers and dim (attrs as given by the extractor)."""
+    """Record a feature group's backbone, layers, dim and head set (attrs as given by the extractor)."""
     for name, value in attrs.items():
-        if name not in ("backbone", "layers", "dim"):
+        if name not in ("backbone", "layers", "dim", "heads"):
             g.attrs[name] = value
+    if attrs.get("heads") is not None:
+        h = attrs["heads"]
+        g.attrs["heads"] = h if isinstance(h, str) else json.dumps(h, sort_keys=True)
     b = attrs["backbone"]
     g.attrs["backbone"] = json.dumps(b, sort_keys=True) if isinstance(b, dict) else b
     g.attrs["layers"] = attrs["layers"] if isinstance(attrs.get("layers"), str) else \
@@ -131,19 +136,35 @@ def group_attrs(g, attrs: dict) -> None:
     g.attrs.setdefault("clipdet_version", __version__)
 
 
-def create_feature_datasets(g, n: int, dim: int, layer_shape: tuple | None):
-    """Create a group's sha256 / embedding (/ layers) datasets for `n` rows; returns them."""
+def group_heads(attrs) -> dict | None:
+    """A feature group's recorded head set ({"blocks", "n_heads"}), or None without --heads."""
+    h = attrs.get("heads")
+    if h is None:
+        return None
+    return json.loads(h.decode() if isinstance(h, bytes) else h) if isinstance(h, (str, bytes)) else h
+
+
+def group_extras(g) -> tuple[str, ...]:
+    """The EXTRAS datasets an open feature group holds."""
+    return tuple(name for name in EXTRAS if name in g)
+
+
+def create_feature_datasets(g, n: int, dim: int, extra_shapes: dict[str, tuple] | None = None):
+    """Create a group's sha256 / embedding datasets and its EXTRAS datasets (name → per-row shape) for
+    `n` rows; returns (sha256, embedding, {name: dataset})."""
     rows = _chunk_rows(2 * dim, n)
     ds_s = g.create_dataset("sha256", shape=(n,), maxshape=(None,), dtype="S64", chunks=(min(rows * 16, 1 << 16),))
     ds_e = g.create_dataset("embedding", shape=(n, dim), maxshape=(None, dim), dtype=np.float16,
                             chunks=(rows, dim), fletcher32=True)
-    ds_l = None
-    if layer_shape is not None:
-        layer_shape = tuple(int(x) for x in layer_shape)
-        lrows = _chunk_rows(2 * int(np.prod(layer_shape)), n)
-        ds_l = g.create_dataset("layers", shape=(n,) + layer_shape, maxshape=(None,) + layer_shape,
-                                dtype=np.float16, chunks=(lrows,) + layer_shape, fletcher32=True)
-    return ds_s, ds_e, ds_l
+    extra = {}
+    for name, shape in (extra_shapes or {}).items():
+        if name not in EXTRAS:
+            raise CacheError(f"unknown feature array {name!r}")
+        shape = tuple(int(x) for x in shape)
+        xrows = _chunk_rows(2 * int(np.prod(shape)), n)
+        extra[name] = g.create_dataset(name, shape=(n,) + shape, maxshape=(None,) + shape,
+                                       dtype=np.float16, chunks=(xrows,) + shape, fletcher32=True)
+    return ds_s, ds_e, extra
 
 
 def write_features(f, features: dict[tuple[str, str], tuple[FeatureRows, dict]]) -> None:
@@ -153,9 +174,12 @@ def write_features(f, features: dict[tuple[str, str], tuple[FeatureRows, dict]])
         g = fg.require_group(key).create_group(view)
         group_attrs(g, attrs)
         emb = np.asarray(rows.embedding, dtype=np.float16)
-        lay = None if rows.layers is None else np.asarray(rows.layers, dtype=np.float16)
-        ds_s, ds_e, ds_l = create_feature_datasets(g, len(rows.sha256), int(emb.shape[1]) if emb.ndim == 2 else
-                                                   int(attrs["dim"]), None if lay is None else lay.shape[1:])
+        extras = {name: np.asarray(a, dtype=np.float16) for name, a in rows.extras().items()}
+        for name, a in extras.items():
+            if len(a) != len(rows.sha256):
+                raise CacheError(f"{name}: {len(a)} rows for {len(rows.sha256)} images")
+        ds_s, ds_e, ds_x = create_feature_datasets(g, len(rows.sha256), int(emb.shape[1]) if emb.ndim == 2 else
+                                                   int(attrs["dim"]), {n: a.shape[1:] for n, a in extras.items()})
         from .index import KeyTable
 
         sha = np.array([s.encode() for s in rows.sha256], dtype="S64")
@@ -163,8 +187,8 @@ def write_features(f, features: dict[tuple[str, str], tuple[FeatureRows, dict]])
         if len(rows.sha256):
             ds_s[:] = sha
             ds_e[:] = emb
-            if ds_l is not None:
-                ds_l[:] = lay
+            for name, ds in ds_x.items():
+                ds[:] = extras[name]
 
 
 def segment_bytes(images: list[ImageMeta] | dict, errors: list[dict],
@@ -279,15 +303,15 @@ def read_checked(ds, rows: np.ndarray, check_norm: bool = True) -> tuple[np.ndar
     return x, ok
 
 
-def group_rows_checked(g, rows: np.ndarray, with_layers: bool):
-    """(embeddings, whole-row mask, layer tokens or None) of `rows` of a feature group: a row is whole
-    when its embedding and, with `with_layers`, its layer tokens pass read_checked."""
+def group_rows_checked(g, rows: np.ndarray, extras: tuple[str, ...] = ()):
+    """(embeddings, whole-row mask, {name: array} of the `extras` datasets) of `rows` of a feature group:
+    a row is whole when its embedding and every requested extra pass read_checked."""
     emb, ok = read_checked(g["embedding"], rows)
-    lay = None
-    if with_layers:
-        lay, lok = read_checked(g["layers"], rows, check_norm=False)
-        ok &= lok
-    return emb, ok, lay
+    out = {}
+    for name in extras:
+        out[name], xok = read_checked(g[name], rows, check_norm=False)
+        ok &= xok
+    return emb, ok, out
 
 
 def errors_table(f) -> list[dict]:

@@ -35,11 +35,13 @@ from .index import (
 )
 from .labels import LabelsMixin
 from .maintain import MaintainMixin
-from .model import LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path
+from .model import EXTRAS, LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path
 from .segment import (
     check_header,
     errors_table,
     feature_groups,
+    group_extras,
+    group_heads,
     group_rows_checked,
     image_columns,
     image_rows,
@@ -82,7 +84,7 @@ def build_index(name: str, f, size: int) -> SegmentIndex:
 
         n = len(g["sha256"])
         tab = KeyTable.load(g, n) or KeyTable.build(g["sha256"][()])
-        idx.groups[(key, view)] = GroupIndex(tab, _attrs(g), "layers" in g, n)
+        idx.groups[(key, view)] = GroupIndex(tab, _attrs(g), group_extras(g), n)
     e = f.get("errors/path")
     idx.n_errors = 0 if e is None else len(e)
     return idx
@@ -201,7 +203,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 k64 = np.concatenate([t.k64 for t in tables])
                 n = len(unique_first(k64, np.concatenate([t.raw for t in tables]), np.arange(len(k64))))
             out.append(GroupInfo(key, view, json.loads(attrs["backbone"]), json.loads(attrs["layers"]),
-                                 int(attrs["dim"]), n))
+                                 int(attrs["dim"]), n, group_heads(attrs)))
         return out
 
     def cached_shas(self, key: str, view: str) -> ShaSet:
@@ -217,26 +219,36 @@ class FeatureCache(LabelsMixin, MaintainMixin):
 
     # ------------------------------------------------------------------ reading: rows
     def load(
-        self, key: str, view: str, shas: Iterable[str] | None = None, with_layers: bool = False
+        self, key: str, view: str, shas: Iterable[str] | None = None, with_layers: bool = False,
+        with_heads: bool = False,
     ) -> FeatureRows:
-        """Features of (key, view) as float32, in the order of `shas` (those found) or cache order.
+        """Features of (key, view) as float32, in the order of `shas` (those found) or cache order;
+        `with_layers` adds the --layers CLS tokens, `with_heads` the --heads decomposition (heads,
+        heads_rest). CacheError when the group was extracted without them.
 
         Only the requested rows are read. A row that fails its checksum, is not finite or is not unit
-        length is damaged: it is skipped (a later copy is used if one exists), its hash is added to
-        `self.damaged`, and a warning says so."""
+        length (or whose requested extras fail theirs) is damaged: it is skipped (a later copy is used if
+        one exists), its hash is added to `self.damaged`, and a warning says so."""
+        extras = ("layers",) * with_layers + ("heads", "heads_rest") * with_heads
         with self._session() as segs:
             if shas is None:
-                return self._load_all(segs, key, view, with_layers)
+                return self._load_all(segs, key, view, extras)
             wanted = list(shas)
             if not wanted:
-                return FeatureRows([], np.zeros((0, 0), np.float32), None)
-            return self._load_keys(segs, key, view, wanted, *keys_of(wanted), with_layers)
+                return FeatureRows([], np.zeros((0, 0), np.float32))
+            return self._load_keys(segs, key, view, wanted, *keys_of(wanted), extras)
+
+    def _require_extras(self, gi, key: str, view: str, extras: tuple[str, ...]) -> None:
+        missing = [x for x in extras if x not in gi.extras]
+        if missing:
+            raise CacheError(f"{self.path}: features {key}/{view} were extracted without {EXTRAS[missing[0]]}")
 
     def _load_keys(self, segs: list[_Seg], key: str, view: str, wanted: list[str], k64: np.ndarray,
-                   raw: np.ndarray, with_layers: bool) -> FeatureRows:
+                   raw: np.ndarray, extras: tuple[str, ...]) -> FeatureRows:
         """load() of `wanted` (hex digests, with their keys k64/raw) from the open segments."""
         have = np.zeros(len(wanted), bool)
-        emb = lay = None
+        emb = None
+        xs: dict[str, np.ndarray] = {}
         for s in segs:
             gi = s.index.groups.get((key, view))
             if gi is None:
@@ -250,17 +262,16 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 continue
             todo, rows = todo[sel], rows[sel]
             g = s.file[f"features/{key}/{view}"]
-            if with_layers and not gi.has_layers:
-                raise CacheError(f"{self.path}: features {key}/{view} were extracted without --layers")
+            self._require_extras(gi, key, view, extras)
             uniq, inv = np.unique(rows, return_inverse=True)
-            e, ok, lv = group_rows_checked(g, uniq, with_layers)  # a row is whole with its layer tokens
+            e, ok, xv = group_rows_checked(g, uniq, extras)  # a row is whole with its extras
             e, ok = e[inv].astype(np.float32), ok[inv]
             if emb is None:
                 emb = np.zeros((len(wanted), e.shape[1]), np.float32)
-            if lv is not None:
-                if lay is None:
-                    lay = np.zeros((len(wanted),) + lv.shape[1:], np.float32)
-                lay[todo[ok]] = lv[inv][ok]
+            for name, v in xv.items():
+                if name not in xs:
+                    xs[name] = np.zeros((len(wanted),) + v.shape[1:], np.float32)
+                xs[name][todo[ok]] = v[inv][ok]
             emb[todo[ok]] = e[ok]
             have[todo[ok]] = True
             for i in todo[~ok]:
@@ -271,24 +282,23 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                        "they are re-extracted where the file is available; run clipdet cache verify --repair")
         idx = np.flatnonzero(have)
         if emb is None:
-            return FeatureRows([], np.zeros((0, 0), np.float32), None)
-        return FeatureRows([wanted[i] for i in idx], emb[idx], None if lay is None else lay[idx])
+            return FeatureRows([], np.zeros((0, 0), np.float32))
+        return FeatureRows([wanted[i] for i in idx], emb[idx], **{n: v[idx] for n, v in xs.items()})
 
-    def _load_all(self, segs: list[_Seg], key: str, view: str, with_layers: bool) -> FeatureRows:
+    def _load_all(self, segs: list[_Seg], key: str, view: str, extras: tuple[str, ...]) -> FeatureRows:
         parts = []
         for s in segs:
             gi = s.index.groups.get((key, view))
             if gi is not None and gi.n:
-                if with_layers and not gi.has_layers:
-                    raise CacheError(f"{self.path}: features {key}/{view} were extracted without --layers")
+                self._require_extras(gi, key, view, extras)
                 parts.append((s, gi))
         if not parts:
-            return FeatureRows([], np.zeros((0, 0), np.float32), None)
+            return FeatureRows([], np.zeros((0, 0), np.float32))
         k64 = np.concatenate([gi.keys.k64 for _, gi in parts])
         raw = np.concatenate([gi.keys.raw for _, gi in parts])
         order = np.concatenate([(np.int64(i) << 40) + gi.keys.row for i, (_, gi) in enumerate(parts)])
         first = unique_first(k64, raw, order)
-        return self._load_keys(segs, key, view, raw_to_hex(raw[first]), k64[first], raw[first], with_layers)
+        return self._load_keys(segs, key, view, raw_to_hex(raw[first]), k64[first], raw[first], extras)
 
     def image_metas(self, shas: Iterable[str]) -> dict[str, ImageMeta]:
         """Metadata (paths, label, generator, size) of the given images, folded over all segments."""
@@ -354,17 +364,18 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                         out.append(e)
         return out
 
-    def check_compatible(self, info, view: str, layers: Iterable[int]) -> None:
-        """Refuse (CacheMismatchError) when (info.key, view) holds features made differently."""
+    def check_compatible(self, info, view: str, layers: Iterable[int], heads: dict | None = None) -> None:
+        """Refuse (CacheMismatchError) when (info.key, view) holds features made differently: another
+        backbone, layer set or head set (`heads` as recorded: {"blocks", "n_heads"}, None without)."""
         import json
 
-        want = {"backbone": info.fingerprint(), "layers": list(layers)}
+        want = {"backbone": info.fingerprint(), "layers": list(layers), "heads": heads}
         with self._session() as segs:
             attrs = [s.index.groups[(info.key, view)].attrs for s in segs if (info.key, view) in s.index.groups]
         for a in attrs:
             b = json.loads(a["backbone"])
             have = {"backbone": {k: b.get(k) for k in ("arch", "weights_id", "preprocess")},
-                    "layers": list(json.loads(a["layers"]))}
+                    "layers": list(json.loads(a["layers"])), "heads": group_heads(a)}
             if not b.get("preprocess"):
                 have["backbone"]["preprocess"] = want["backbone"]["preprocess"]
             if have != want:
@@ -372,6 +383,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                         if have["backbone"].get(k) != want["backbone"].get(k)]
                 if have["layers"] != want["layers"]:
                     diff.append(f"layers {have['layers']} vs {want['layers']}")
+                if have["heads"] != want["heads"]:
+                    diff.append(f"heads {_heads_text(have['heads'])} vs {_heads_text(want['heads'])}")
                 raise CacheMismatchError(
                     f"{self.path}: features for {info.key}/{view} were made differently "
                     f"({', '.join(diff)} differ); use another --cache or the same settings"
@@ -439,6 +452,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 feats.append({
                     "backbone_key": g.key, "backbone": g.backbone.get("spec"),
                     "weights_id": g.backbone.get("weights_id"), "view": g.view, "dim": g.dim, "layers": g.layers,
+                    "heads": g.heads,
                     "images": g.count, "labels": dict(sorted(by_label.items())),
                     "generators": dict(sorted(by_gen.items())),
                 })
@@ -447,3 +461,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             "segments": len(cat.segments), "pending_shards": self.shard_count() if cat.segments else 0,
             "images": n_images, "errors": n_errors, "conflicts": n_conflicts, "features": feats,
         }
+
+
+def _heads_text(heads: dict | None) -> str:
+    """A head set for messages: "none" or "blocks [8, 9, 10, 11] × 12 heads"."""
+    return "none" if not heads else f"blocks {heads.get('blocks')} × {heads.get('n_heads')} heads"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .segment import group_rows_checked
+from .segment import group_extras, group_rows_checked
 
 CHUNK = 4096
 
@@ -32,10 +32,10 @@ class VerifyReport:
 
 def _bad_rows(g) -> np.ndarray:
     """Row numbers of a feature group that fail their checksum or are not finite unit vectors."""
-    n, has_layers, bad = len(g["embedding"]), "layers" in g, []
+    n, extras, bad = len(g["embedding"]), group_extras(g), []
     for s in range(0, n, CHUNK):
         rows = np.arange(s, min(n, s + CHUNK))
-        bad.extend(rows[~group_rows_checked(g, rows, has_layers)[1]].tolist())
+        bad.extend(rows[~group_rows_checked(g, rows, extras)[1]].tolist())
     return np.array(bad, dtype=np.int64)
 
 
@@ -81,41 +81,25 @@ def _verify(cache, repair: bool) -> VerifyReport:
             rep.unreadable.append(path)
             continue
         if repair and bad_groups:
-            _rewrite_without(cache, path, bad_groups)
+            _rewrite_without(cache, path)
             rep.repaired.append(path)
     if repair and rep.unreadable:
         cache._set_aside(rep.unreadable)
     return rep
 
 
-def _rewrite_without(cache, path: str, bad_groups: dict) -> None:
-    """Replace segment `path` by a copy without the damaged rows (atomic catalogue swap)."""
+def _rewrite_without(cache, path: str) -> None:
+    """Replace segment `path` by a copy without its damaged rows (atomic catalogue swap). The copy is a
+    one-segment merge: it streams the segment in slices and leaves out every row that fails its checks."""
     import time
 
     import h5py
 
-    from .files import atomic_write_bytes
-    from .model import FeatureRows
-    from .segment import errors_table, feature_groups, image_rows, segment_bytes
+    from .files import removed_on_failure
+    from .merge import merge_files
 
-    with h5py.File(path, "r") as f:
-        from .conflicts import read_conflicts
-
-        images = image_rows(f, np.arange(len(f["images/sha256"])))
-        conflicts = read_conflicts([f])
-        errors = errors_table(f)
-        features = {}
-        for key, view in feature_groups(f):
-            g = f[f"features/{key}/{view}"]
-            keep = np.setdiff1d(np.arange(len(g["sha256"])), bad_groups.get((key, view), []))
-            emb = (np.stack([g["embedding"][int(i)] for i in keep]) if len(keep)
-                   else np.zeros((0, g["embedding"].shape[1])))
-            lay = None
-            if "layers" in g:
-                lay = np.stack([g["layers"][int(i)] for i in keep]) if len(keep) else None
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
-            features[(key, view)] = (FeatureRows([s.decode() for s in g["sha256"][()][keep]], emb, lay), attrs)
-    data = segment_bytes(images, errors, features, conflicts=conflicts)
     out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # named seg- under the lock
-    atomic_write_bytes(out, data)
+    with removed_on_failure(out):
+        with h5py.File(path, "r") as f:
+            merge_files([f], out)
     cache._update_catalogue(replace=([path], out))
