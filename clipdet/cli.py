@@ -133,6 +133,9 @@ def extract(
                                         "jpeg:75,jpeg:50,resize:0.5,blur:1.0,crop:224"),
     layers: Optional[str] = typer.Option(None, "--layers", help="Also store the CLS token of these transformer "
                                          "blocks, e.g. -1,-4,-8"),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="Also store the direct contribution of "
+                                        "every attention head of the last N blocks (ViT backbones; for fit "
+                                        "--head heads)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass "
                                              "[default: 32 on CPU, 256 on CUDA]"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads (0: decode in the "
@@ -155,7 +158,7 @@ def extract(
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
                         workers=workers, device=device, layers=_layers(layers) or None, quiet=quiet, draft=draft,
-                        precision=precision, rehash=rehash)
+                        precision=precision, rehash=rehash, heads=heads)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())
