@@ -70,6 +70,22 @@ def load_kwargs(kinds: Iterable[str]) -> dict:
     return kw
 
 
+def extract_kwargs(cache, detector, view: str) -> dict:
+    """LazyBackbone arguments that make new images carry what `detector` reads: none when the cache's
+    group already stores it (extraction keeps a group's layers and heads), else the detector's layout."""
+    lay = detector.features
+    kind = lay.get("kind", "embedding")
+    if kind == "embedding":
+        return {}
+    g = next((g for g in cache.groups(count=False) if g.key == detector.backbone_key and g.view == view), None) \
+        if cache.exists() else None
+    if g is not None and (getattr(g, "heads", None) if kind == "heads" else g.layers):
+        return {}
+    if kind == "heads":
+        return {"heads": len(lay["blocks"])}
+    return {"layers": tuple(lay["blocks"])}
+
+
 def matrix(rows, kind: str, keep=None) -> np.ndarray:
     """The flat (n, F) float32 matrix of `kind` from `FeatureRows` (rows `keep` only, if given)."""
     src = {"embedding": rows.embedding, "heads": getattr(rows, "heads", None),

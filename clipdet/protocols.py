@@ -365,8 +365,8 @@ def align_views(pools_by_view: Mapping[str, Pool], clean_view: str = "clean") ->
     base = clean.take(keep)
     out = {}
     for v, p in pools_by_view.items():
-        rows = [index[v][s] for s in base.sha256]
-        out[v] = Pool(list(base.sha256), list(base.label), list(base.generator), list(base.path), p.X[rows])
+        q = p.take([index[v][s] for s in base.sha256])
+        out[v] = Pool(list(base.sha256), list(base.label), list(base.generator), list(base.path), q.X, q.feats)
     return out, notes
 
 
