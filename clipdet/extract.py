@@ -129,6 +129,9 @@ class LazyBackbone:
         self.spec, self.device, self.layers, self.precision = spec, device, tuple(layers), precision
         self.heads = int(heads or 0)  # --heads N: decompose the last N blocks' attention heads
         self.heads_spec: dict | None = None  # {"blocks", "n_heads"} once the model is loaded
+        # asked for by the caller (not copied from a cache group): checked against the cache even when
+        # nothing is new
+        self.explicit = bool(self.layers) or bool(self.heads)
         self._key = key if key is not None else (loaded.info.key if loaded is not None else None)
         self._model = None
         self._lock = threading.RLock()
@@ -320,8 +323,7 @@ def extract(
     refs = list(refs)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
-    explicit_layers = bool(layers) or (lazy is not None and bool(lazy.layers))
-    explicit_layers = explicit_layers or bool(heads) or (lazy is not None and bool(lazy.heads))
+    explicit_layers = bool(layers) or bool(heads) or (lazy is not None and lazy.explicit)
     lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision,
                                                       heads=heads or 0)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))

@@ -111,20 +111,24 @@ def fit_pruner(X, y, generators: Sequence[str], k: int, basis: str = "coord", se
         w = centroid_direction(Xs[tr], y[tr])
         per_fold.append((Xs[te] @ w, T[te] * (B @ w)[None, :], y[te]))
 
-    def mean_auc(removed: np.ndarray) -> np.ndarray:
-        """Mean fold AUC after removing `removed` and then each candidate in turn (column j)."""
-        total = 0.0
+    def criteria(removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean fold AUC and class separation (mean gap / std of the scores) after removing `removed`
+        and then each candidate in turn (column j)."""
+        auc = sep = 0.0
         for s0, contrib, yt in per_fold:
-            base = s0 - contrib[:, removed].sum(axis=1)
-            total = total + column_auc(base[:, None] - contrib, yt)
-        return total / len(per_fold)
+            S = (s0 - contrib[:, removed].sum(axis=1))[:, None] - contrib
+            auc = auc + column_auc(S, yt)
+            gap = S[yt == 1].mean(axis=0) - S[yt == 0].mean(axis=0)
+            sep = sep + gap / np.maximum(S.std(axis=0), 1e-12)
+        return auc / len(per_fold), sep / len(per_fold)
 
     removed: list[int] = []
     before = _auc_now(per_fold, [])
     for _ in range(int(k)):
-        scores = mean_auc(np.array(removed, np.int64))
-        scores[removed] = -np.inf
-        removed.append(int(np.argmax(scores)))  # first best: deterministic
+        auc, sep = criteria(np.array(removed, np.int64))
+        auc[removed], sep[removed] = -np.inf, -np.inf
+        # best AUC; among equal AUCs (few references make many) the best separated; then the first
+        removed.append(int(np.lexsort((np.arange(len(auc)), -sep, -np.round(auc, 9)))[0]))
     info = {"cv": kind, "folds": len(folds), "auc_before": before, "auc_after": _auc_now(per_fold, removed),
             "k": int(k)}
     if basis == "coord":
