@@ -165,3 +165,25 @@ def test_missing_heads_or_layers_is_a_one_line_error(run_cli, fitted):
 def test_extract_heads_beyond_the_blocks_is_a_usage_error(run_cli, tiny_spec, labelled_tree, tmp_path):
     r = run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", tmp_path / "x.h5", "--heads", "3", "-q")
     assert r.exit_code == 2 and "--heads 3" in r.output and "Traceback" not in r.output
+
+
+def test_bench_runs_the_new_heads_with_pruning(run_cli, heads_cache, tmp_path):
+    out = tmp_path / "bench"
+    r = run_cli("bench", "-c", heads_cache, "--heads", "heads,layers,svm", "--ks", "3", "--seeds", "1", "--shots", "3",
+                "--protocol", "kshot,logo", "--prune", "1", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    for head in ("heads", "layers", "svm"):
+        assert f"k-shot {head}" in r.output and f"logo   {head}" in r.output
+    import json
+
+    assert json.loads((out / "run.json").read_text())["config"]["fit_options"] == {"prune": 1, "prune_basis": "coord"}
+
+
+def test_serve_refuses_a_heads_detector_in_one_line(heads_cache, tmp_path):
+    from clipdet.errors import UsageError
+    from clipdet.fewshot import fit
+    from clipdet.serve.engine import Engine
+
+    det = fit(head="heads", shots=4, cache=heads_cache)
+    with pytest.raises(UsageError, match="clipdet score instead"):
+        Engine(det)

@@ -55,8 +55,13 @@ class Engine:
                  precision: str = "auto", threshold: float | None = None, backbone: str | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         from ..cache import FeatureCache
+        from ..errors import UsageError
         from ..extract import LazyBackbone
 
+        kind = detector.features.get("kind", "embedding")
+        if kind != "embedding":
+            raise UsageError(f"clipdet serve scores from the final embedding; this detector's head reads {kind} "
+                             "features (fit --head heads/layers): score with clipdet score instead")
         self.detector = detector
         self.threshold = detector.threshold if threshold is None else float(threshold)
         self.view = detector.view
