@@ -51,12 +51,28 @@ def centroid_direction(X, y) -> np.ndarray:
     return X[y == 1].mean(axis=0) - X[y == 0].mean(axis=0)
 
 
+def average_ranks(S) -> np.ndarray:
+    """1-based ranks of each column of `S` (n, m), ties sharing their average rank (scipy's rankdata
+    with method="average", axis=0, without importing scipy.stats)."""
+    S = np.asarray(S, dtype=np.float64)
+    n = len(S)
+    order = np.argsort(S, axis=0, kind="stable")
+    s = np.take_along_axis(S, order, axis=0)
+    first = np.ones(s.shape, bool)
+    first[1:] = s[1:] != s[:-1]  # position starts a run of equal values
+    last = np.ones(s.shape, bool)
+    last[:-1] = first[1:]
+    idx = np.arange(n)[:, None]
+    start = np.maximum.accumulate(np.where(first, idx, 0), axis=0)
+    end = np.minimum.accumulate(np.where(last, idx, n - 1)[::-1], axis=0)[::-1]
+    ranks = np.empty(s.shape)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=0)
+    return ranks
+
+
 def column_auc(S, y) -> np.ndarray:
     """ROC AUC of every column of the scores `S` (n, m) against labels `y` (1 positive), ties halved."""
-    from scipy.stats import rankdata
-
-    S = np.asarray(S, dtype=np.float64)
     y = np.asarray(y).astype(bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
-    r = rankdata(S, axis=0)
+    r = average_ranks(S)
     return (r[y].sum(axis=0) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)

@@ -187,3 +187,16 @@ def test_serve_refuses_a_heads_detector_in_one_line(heads_cache, tmp_path):
     det = fit(head="heads", shots=4, cache=heads_cache)
     with pytest.raises(UsageError, match="clipdet score instead"):
         Engine(det)
+
+
+def test_column_auc_ranks_ties_like_scipy():
+    from scipy.stats import rankdata
+
+    from clipdet.refcv import average_ranks, column_auc
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 30):
+        S = rng.integers(0, 4, size=(n, 5)).astype(float)  # many ties
+        np.testing.assert_allclose(average_ranks(S), rankdata(S, axis=0))
+    y = np.array([0, 0, 1, 1])
+    np.testing.assert_allclose(column_auc(np.array([[0, 1, 1.0], [1, 0, 1], [2, 0, 1], [3, 1, 1]]), y), [1, 0.5, 0.5])
