@@ -481,10 +481,10 @@ def fit(
     `prune_basis`: see `fit_from_pool`.
     """
     from .cache import FeatureCache
-    from .features import head_kind
+    from .features import kinds_for
     from .images import canonical_view, discover, require_images
 
-    kinds = ["embedding"] + [k for k in [head_kind(head)] if k != "embedding"]
+    kinds = kinds_for([head])
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = canonical_view(view)
