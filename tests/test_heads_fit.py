@@ -200,3 +200,23 @@ def test_column_auc_ranks_ties_like_scipy():
         np.testing.assert_allclose(average_ranks(S), rankdata(S, axis=0))
     y = np.array([0, 0, 1, 1])
     np.testing.assert_allclose(column_auc(np.array([[0, 1, 1.0], [1, 0, 1], [2, 0, 1], [3, 1, 1]]), y), [1, 0.5, 0.5])
+
+
+def test_serve_with_a_cache_that_stores_heads(heads_cache, tmp_path, make_image):
+    """Read-only serving only needs the backbone to match; --cache-write keeps the group's heads and layers."""
+    from clipdet.cache import FeatureCache
+    from clipdet.fewshot import fit
+    from clipdet.images import sha256_bytes
+    from clipdet.serve.engine import Engine
+
+    det = fit(head="svm", shots=4, cache=heads_cache)
+    data = make_image(tmp_path / "up.png", size=(80, 60), seed=91).read_bytes()
+    scores = []
+    for write in (False, True):
+        engine = Engine(det, cache=heads_cache, cache_write=write, device="cpu")
+        engine.load()
+        scores.append(engine.run_batch([engine.prepare("up.png", data)])[0]["score"])
+    assert scores[0] == pytest.approx(scores[1])
+    rows = FeatureCache(heads_cache).load(det.backbone_key, "clean", shas=[sha256_bytes(data)], with_heads=True,
+                                          with_layers=True)
+    assert rows.heads.shape == (1, 4, 32) and rows.layers.shape[1] == 2
