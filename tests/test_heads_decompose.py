@@ -91,14 +91,7 @@ def test_backbone_embed_returns_heads(tiny_backbone):
         tiny_backbone.resolve_heads(3)
 
 
-def test_heads_on_resnet_is_a_usage_error():
-    import torch
-
-    from clipdet.backbones.decompose import resolve_heads
-    from clipdet.backbones.openclip import _open_clip
-
-    with torch.random.fork_rng(devices=[]):
-        model = _open_clip().create_model("RN50", pretrained=None)
-    with pytest.raises(UsageError, match="not a ViT") as e:
-        resolve_heads(model.visual, 4, "RN50:random")
-    assert "\n" not in str(e.value)
+def test_heads_on_resnet_is_a_one_line_usage_error(run_cli, labelled_tree, tmp_path):
+    r = run_cli("extract", labelled_tree, "-b", "RN50:random", "-c", tmp_path / "c.h5", "--heads", "4", "-q")
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("clipdet: error")]
+    assert r.exit_code == 2 and len(errors) == 1 and "not a ViT" in errors[0] and "Traceback" not in r.output
