@@ -133,6 +133,9 @@ def extract(
                                         "jpeg:75,jpeg:50,resize:0.5,blur:1.0,crop:224"),
     layers: Optional[str] = typer.Option(None, "--layers", help="Also store the CLS token of these transformer "
                                          "blocks, e.g. -1,-4,-8"),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="Also store the direct contribution of "
+                                        "every attention head of the last N blocks (ViT backbones; for fit "
+                                        "--head heads)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass "
                                              "[default: 32 on CPU, 256 on CUDA]"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding threads (0: decode in the "
@@ -155,7 +158,7 @@ def extract(
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
                         workers=workers, device=device, layers=_layers(layers) or None, quiet=quiet, draft=draft,
-                        precision=precision, rehash=rehash)
+                        precision=precision, rehash=rehash, heads=heads)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())
@@ -231,6 +234,10 @@ def fit(
                                    "when references name >= 2 generators"),
     device: str = typer.Option("auto", "--device", help="For extracting images not yet cached"),
     quiet: bool = QuietOpt,
+    prune: int = typer.Option(0, "--prune", min=0, help="Remove the K embedding components whose removal most "
+                              "improves leave-one-generator-out AUC on the references (greedy; 0: off)"),
+    prune_basis: str = typer.Option("coord", "--prune-basis", help="Components --prune removes: coord "
+                                    "(coordinates) or pca (principal directions of the references)"),
 ) -> None:
     """Fit a few-shot detector from cached features (images not yet cached are extracted first)."""
     _quiet_warnings(quiet)
@@ -243,13 +250,15 @@ def fit(
                       manifest=manifest, view=view, augment_views=augment_views, per_generator=per_generator,
                       exclude_generators=exclude_generator or (), params=parse_params(param or []),
                       calibrate=calibrate or None, target_fpr=target_fpr, attribute=attribute, device=device,
-                      quiet=quiet)
+                      quiet=quiet, prune=prune, prune_basis=prune_basis)
         det.save(out)
         for path, reason in getattr(det, "skipped", []):
             err(f"skipped {path}: {reason}")
         for note in det.meta.get("notes", []) + getattr(det, "input_notes", []):
             err(f"note: {note}")
         typer.echo(f"wrote {out}: {det.summary()}")
+        for line in det.explain():
+            typer.echo(line)
         return det
 
     det = _run(go)

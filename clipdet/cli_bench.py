@@ -23,11 +23,13 @@ def load_pools(
     views: Sequence[str],
     device: str = "auto",
     quiet: bool = True,
+    kinds: Sequence[str] = ("embedding",),
 ) -> tuple[dict, dict]:
     """Labelled pools per view ("clean" first) and info (backbone record/key, formats, extraction summary).
 
     With `paths`/`manifest` their images are extracted for every view the cache lacks (labels from the
     layout or manifest); without them, every labelled image already cached for the backbone is used.
+    `kinds`: the feature kinds the heads read (`clipdet.features.kinds_for`).
     """
     from .cache import FeatureCache
     from .errors import UsageError
@@ -45,17 +47,17 @@ def load_pools(
             backbone = specs.pop() if len(specs) == 1 else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
         require_images(refs, list(paths or []))
-        clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet)
+        clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet, kinds)
     else:
         if not cache.exists():
             raise UsageError(f"{cache.path}: no feature cache; pass PATHs to extract, or run clipdet extract first")
         key, rec = resolve_backbone_key(cache, backbone, "clean")
-        clean = load_pool(cache, key, "clean")
+        clean = load_pool(cache, key, "clean", kinds=kinds)
     pools = {"clean": clean}
     labels = {s: (lab, g) for s, lab, g in zip(clean.sha256, clean.label, clean.generator)}
     paths_by_sha = dict(zip(clean.sha256, clean.path))
     for v in views[1:]:
-        p = load_pool(cache, key, v, shas=clean.sha256, labels=labels, paths=paths_by_sha)
+        p = load_pool(cache, key, v, shas=clean.sha256, labels=labels, paths=paths_by_sha, kinds=kinds)
         if len(p) == 0:
             raise UsageError(f"{cache.path}: no '{v}' features for {rec.get('spec', key)}; pass PATHs to extract them "
                              f"(or clipdet extract --views {v})")
@@ -130,6 +132,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="For extracting images not yet cached: auto, cpu, "
                                    "cuda or cuda:N"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or stage lines; summary only"),
+        prune: int = typer.Option(0, "--prune", min=0, help="Every fit first prunes K embedding components "
+                                  "(as fit --prune)"),
+        prune_basis: str = typer.Option("coord", "--prune-basis", help="coord or pca (as fit --prune-basis)"),
     ) -> None:
         """Benchmark heads on labelled images: k-shot curves over seeds, leave-one-generator-out, robustness.
 
@@ -149,7 +154,10 @@ def register(app: typer.Typer) -> None:
             head_list, k_list, k = parse_heads(heads), parse_ks(ks), parse_shots(shots)
             view_list = parse_views(views) if "robustness" in protos else ["clean"]
             prepare_output_dir(out, "--out")  # before any extraction or fit
-            pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet)
+            from .features import kinds_for
+
+            pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet,
+                                     kinds_for(head_list))
             summary = info["extract"]
             if summary is not None:
                 for path, reason in summary.errors:
@@ -162,7 +170,8 @@ def register(app: typer.Typer) -> None:
                       "backbone_record": info["backbone"], "paths": list(paths or []), "manifest": manifest,
                       "command": "clipdet " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
             res = run_bench(pools, protos, head_list, k_list, seeds, k, target_fpr, per_generator,
-                            formats=info["formats"], config=config, progress=None if quiet else err)
+                            formats=info["formats"], config=config, progress=None if quiet else err,
+                            fit_options={"prune": prune, "prune_basis": prune_basis} if prune else None)
             files = write_bench(res, out)
             c = res.counts
             if info["backbone"].get("weights") == "random":

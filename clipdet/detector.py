@@ -32,6 +32,7 @@ class Detector:
     attribution: Any = None
     open_set: Any = None
     references: dict = field(default_factory=dict)  # sha256/path/label/generator lists, aligned with head rows
+    transform: Any = None  # clipdet.prune.Pruner applied to feature rows before the head (fit --prune)
     skipped: list = field(default_factory=list)  # (path, reason) of reference files that could not be read; not saved
 
     # ------------------------------------------------------------------ properties
@@ -51,6 +52,19 @@ class Detector:
         return self.meta.get("view", "clean")
 
     @property
+    def features(self) -> dict:
+        """Layout of the feature rows the head reads (clipdet.features): kind, units, blocks..."""
+        return self.meta.get("features") or {"kind": "embedding", "units": 1}
+
+    def explain(self) -> list[str]:
+        """Lines saying what the detector relies on: the head's choices (e.g. attention heads)."""
+        return self.head.describe_fit(self.features) if hasattr(self.head, "describe_fit") else []
+
+    def _head_input(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        return X if self.transform is None else self.transform.transform(X)
+
+    @property
     def reference_shas(self) -> set[str]:
         """SHA-256 of every reference image used to fit or calibrate (for overlap checks)."""
         return set(self.meta.get("reference_sha256", [])) | set(self.meta.get("calibration_sha256", []))
@@ -58,7 +72,7 @@ class Detector:
     # ------------------------------------------------------------------ scoring
     def decision_function(self, X) -> np.ndarray:
         """Raw scores, higher = more likely generated."""
-        return np.asarray(self.head.decision_function(np.asarray(X, dtype=np.float32)), dtype=np.float64)
+        return np.asarray(self.head.decision_function(self._head_input(X)), dtype=np.float64)
 
     def proba_from_scores(self, scores, threshold: float | None = None) -> np.ndarray:
         """Calibrated P(fake) from decision values: ``sigmoid(a * (score - threshold))``, a > 0.
@@ -91,7 +105,7 @@ class Detector:
         n = len(X)
         if self.attribution is None:
             return np.array([""] * n, dtype=object), np.full(n, np.nan)
-        X = np.asarray(X, dtype=np.float32)
+        X = self._head_input(X)
         proba = self.attribution.predict_proba(X)
         classes = [str(c) for c in self.attribution.classes_]
         gen_cols = [i for i, c in enumerate(classes) if c != "real"]
@@ -107,7 +121,7 @@ class Detector:
         """Nearest reference (path, label, similarity) per row for k-NN heads; None for other heads."""
         if not hasattr(self.head, "nearest") or not self.references:
             return None
-        idx, sim = self.head.nearest(np.asarray(X, dtype=np.float32))
+        idx, sim = self.head.nearest(self._head_input(X))
         paths, labels = self.references["path"], self.references["label"]
         return [{"path": paths[i], "label": labels[i], "similarity": float(s)} for i, s in zip(idx, sim)]
 
@@ -157,6 +171,10 @@ class Detector:
             m, a = self.open_set.get_state()
             meta["open_set_state"] = m
             arrays.update({f"open_set/{k}": v for k, v in a.items()})
+        if self.transform is not None:
+            m, a = self.transform.get_state()
+            meta["transform_state"] = m
+            arrays.update({f"transform/{k}": v for k, v in a.items()})
         save_bundle(path, meta, arrays, kind=BUNDLE_KIND, version=FORMAT_VERSION)
         return str(path)
 
@@ -166,6 +184,7 @@ class Detector:
         from .attribution import OpenSetRule
         from .detectors import head_from_state
         from .persist import load_bundle
+        from .prune import Pruner
 
         meta, arrays = load_bundle(path, kind=BUNDLE_KIND, max_version=FORMAT_VERSION)
 
@@ -178,9 +197,11 @@ class Detector:
                            if "attribution_state" in meta else None)
             open_set = (OpenSetRule.from_state(meta["open_set_state"], part("open_set"))
                         if "open_set_state" in meta else None)
+            transform = (Pruner.from_state(meta["transform_state"], part("transform"))
+                         if "transform_state" in meta else None)
             det = cls(head=head, threshold=float(meta["threshold"]), platt=tuple(meta["platt"]),
                       meta=meta["detector"], attribution=attribution, open_set=open_set,
-                      references=meta.get("references") or {})
+                      references=meta.get("references") or {}, transform=transform)
         except DetectorFileError as e:
             raise DetectorFileError(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:

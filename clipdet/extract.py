@@ -125,8 +125,13 @@ class LazyBackbone:
     """
 
     def __init__(self, spec: str, device: str = "auto", layers: Sequence[int] = (), key: str | None = None,
-                 loaded=None, precision: str = "auto"):
+                 loaded=None, precision: str = "auto", heads: int = 0):
         self.spec, self.device, self.layers, self.precision = spec, device, tuple(layers), precision
+        self.heads = int(heads or 0)  # --heads N: decompose the last N blocks' attention heads
+        self.heads_spec: dict | None = None  # {"blocks", "n_heads"} once the model is loaded
+        # asked for by the caller (not copied from a cache group): checked against the cache even when
+        # nothing is new
+        self.explicit = bool(self.layers) or bool(self.heads)
         self._key = key if key is not None else (loaded.info.key if loaded is not None else None)
         self._model = None
         self._lock = threading.RLock()
@@ -159,6 +164,10 @@ class LazyBackbone:
             )
         self._key = model.info.key
         self.absolute_layers = model.resolve_layers(self.layers) if hasattr(model, "resolve_layers") else self.layers
+        if self.heads:
+            if not hasattr(model, "resolve_heads"):
+                raise UsageError(f"--heads: backbone {self.spec} cannot decompose its embedding into attention heads")
+            self.heads_spec = model.resolve_heads(self.heads)
         self._model = model
         for check in self._checks:
             check(model, self.absolute_layers)
@@ -293,6 +302,7 @@ def extract(
     compact: bool = True,
     lazy: LazyBackbone | None = None,
     rehash: bool = False,
+    heads: int | None = None,
 ) -> ExtractSummary:
     """Embed `refs` with `backbone` into the feature cache; returns an `ExtractSummary`.
 
@@ -306,24 +316,30 @@ def extract(
     Without `layers`, the layer set the cache already stores for this backbone is kept, so adding
     images (from extract, fit PATH or score) never changes a group's layout.
     Files unchanged since an earlier run (the cache's stat index) are not read at all; `rehash=True`
-    hashes every file regardless.
+    hashes every file regardless. `heads` N also stores the attention-head decomposition of the last N
+    blocks (`Backbone.embed(heads=N)`); like `layers`, without it a group's stored head set is kept.
     """
     t0 = time.perf_counter()
     refs = list(refs)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     views = parse_views(views)
-    explicit_layers = bool(layers) or (lazy is not None and bool(lazy.layers))
-    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision)
+    explicit_layers = bool(layers) or bool(heads) or (lazy is not None and lazy.explicit)
+    lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision,
+                                                      heads=heads or 0)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
     if not lazy.layers and not lazy.loaded and cache.exists():
         stored = [g.layers for g in cache.groups(count=False) if g.key == lazy.key and g.view in views and g.layers]
         if stored:
             lazy.layers = tuple(stored[0])
+    if not lazy.heads and not lazy.loaded and cache.exists():
+        stored_h = [g.heads for g in cache.groups(count=False) if g.key == lazy.key and g.view in views and g.heads]
+        if stored_h:
+            lazy.heads = len(stored_h[0]["blocks"])
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
 
     def check(model, abs_layers) -> None:
         for v in views:
-            cache.check_compatible(model.info, v, abs_layers)
+            cache.check_compatible(model.info, v, abs_layers, lazy.heads_spec)
 
     lazy.on_load(check, key=(cache.path, tuple(views)))
     if explicit_layers and any(cached.values()):
@@ -480,10 +496,12 @@ class _BatchWriter:
     def _flush(self, view: str) -> None:
         items, self.pending[view] = self.pending[view], []
         model = self.lazy.get()
-        out = model.embed(model.collate([t for _, t in items]), layers=self.lazy.absolute_layers)
+        kw = {"heads": self.lazy.heads} if self.lazy.heads else {}
+        out = model.embed(model.collate([t for _, t in items]), layers=self.lazy.absolute_layers, **kw)
         emb = out["embedding"]
-        attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb.shape[1]))
-        rows = FeatureRows([s for s, _ in items], emb.astype(np.float16), out.get("layers"))
+        attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb.shape[1]), self.lazy.heads_spec)
+        rows = FeatureRows([s for s, _ in items], emb.astype(np.float16), out.get("layers"),
+                           heads=out.get("heads"), heads_rest=out.get("heads_rest"))
         self.cache.write_shard({(model.info.key, view): (rows, attrs)}, images=self.metas, errors=self.errors)
         self.metas, self.errors = [], []
         self.embedded += len(items)

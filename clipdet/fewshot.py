@@ -8,7 +8,7 @@ Platt parameters behind `p_fake` come from out-of-fold decision values on the re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -28,12 +28,24 @@ class Pool:
     generator: list[str]
     path: list[str]
     X: np.ndarray
+    #: other feature kinds (clipdet.features: "heads", "layers") → (flat matrix aligned with X, its layout)
+    feats: dict = field(default_factory=dict)
 
     def take(self, idx: Sequence[int]) -> Pool:
         """The sub-pool at `idx`."""
         idx = list(idx)
         return Pool([self.sha256[i] for i in idx], [self.label[i] for i in idx], [self.generator[i] for i in idx],
-                    [self.path[i] for i in idx], self.X[idx])
+                    [self.path[i] for i in idx], self.X[idx], {k: (m[idx], lay) for k, (m, lay) in self.feats.items()})
+
+    def matrix(self, kind: str = "embedding") -> tuple[np.ndarray, dict]:
+        """(features of `kind` as a flat matrix, their layout); UsageError when the pool lacks them."""
+        if kind == "embedding":
+            return self.X, {"kind": "embedding", "units": 1, "dim": int(self.X.shape[1]) if self.X.ndim == 2 else 0}
+        if kind not in self.feats:
+            from .features import HINTS
+
+            raise UsageError(f"these references have no {kind!r} features; {HINTS.get(kind, '')}")
+        return self.feats[kind]
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -128,6 +140,8 @@ def fit_from_pool(
     extra: Pool | None = None,
     meta: dict | None = None,
     calibrate: bool = True,
+    prune: int = 0,
+    prune_basis: str = "coord",
 ):
     """Fit a `Detector` on the references in `pool` (already sampled); returns it.
 
@@ -135,6 +149,8 @@ def fit_from_pool(
     head only. `calibration`: held-out labelled images for threshold and Platt; without it, both come
     from out-of-fold decision values on `pool`. `calibrate=False` skips calibration (threshold 0.0,
     Platt (1.0, 0.0), method "none"), so even 1-shot fits work for ranking metrics such as AUC.
+    The head reads the pools' features of its kind (`clipdet.features`); `prune` K > 0 first removes
+    K components chosen on `pool` (`clipdet.prune`), and the detector applies the same removal.
     """
     from sklearn.base import clone
 
@@ -152,15 +168,33 @@ def fit_from_pool(
         base.set_params(random_state=seed)
     if "calibration_cv" in base.get_params():
         base.set_params(calibration_cv=0)  # the detector calibrates once, below
-    X, y = pool.X, pool.y
-    Xfit, yfit = (X, y) if extra is None or len(extra) == 0 else (np.vstack([X, extra.X]), np.concatenate([y, extra.y]))
-    model = clone(base).fit(Xfit, yfit)
+    kind = getattr(base, "needs", "embedding")
+    X, layout = pool.matrix(kind)
+    base.set_params(**base.layout_params(layout))
+    transform = None
+    if prune:
+        from .prune import fit_pruner
+
+        transform = fit_pruner(X, pool.y, pool.generator, prune, prune_basis, seed,
+                               unit_dim=layout.get("dim") if kind != "embedding" else None)
+        X = transform.transform(X)
+
+    def features(p: Pool) -> np.ndarray:
+        m = p.matrix(kind)[0]
+        return m if transform is None else transform.transform(m)
+
+    y = pool.y
+    Xfit, yfit, gfit = X, y, list(pool.generator)
+    if extra is not None and len(extra):
+        Xfit, yfit, gfit = np.vstack([X, features(extra)]), np.concatenate([y, extra.y]), gfit + list(extra.generator)
+    fit_kw = {"groups": np.array(gfit, dtype=object)} if getattr(base, "uses_groups", False) else {}
+    model = clone(base).fit(Xfit, yfit, **fit_kw)
 
     if not calibrate:
         cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none"
     elif calibration is not None:
         _need_both_classes(calibration, "--calibrate")
-        cal_scores = np.asarray(model.decision_function(calibration.X), dtype=np.float64)
+        cal_scores = np.asarray(model.decision_function(features(calibration)), dtype=np.float64)
         cal_y = calibration.y
         cal_method = "held-out"
     else:
@@ -189,6 +223,7 @@ def fit_from_pool(
         classes = np.array(["real" if pool.label[i] == "real" else pool.generator[i] for i in keep], dtype=object)
         counts = {c: int((classes == c).sum()) for c in set(classes)}
         attr_head = create_head(head, **params)
+        attr_head.set_params(**attr_head.layout_params(layout))
         if "random_state" in attr_head.get_params() and "random_state" not in params:
             attr_head.set_params(random_state=seed)
         if min(counts.values()) < 5 and "calibration_cv" in attr_head.get_params():
@@ -210,14 +245,17 @@ def fit_from_pool(
                    "extra_rows": 0 if extra is None else int(len(extra))},
         "generators": named, "reference_sha256": sorted(set(pool.sha256)),
         "calibration_sha256": sorted(set(calibration.sha256)) if calibration is not None else [],
-        "clipdet_version": __version__, "notes": notes,
+        "clipdet_version": __version__, "notes": notes, "features": layout,
     })
+    if transform is not None:
+        m["prune"] = {"k": int(prune), "basis": prune_basis, **transform.info}
+        notes.append(transform.describe())
     refs = {"sha256": list(pool.sha256), "path": list(pool.path), "label": list(pool.label),
             "generator": list(pool.generator)}
     if extra is not None and len(extra):
         refs = {k: refs[k] + list(getattr(extra, k)) for k in refs}
     return Detector(head=model, threshold=float(threshold), platt=(float(platt[0]), float(platt[1])), meta=m,
-                    attribution=attribution, open_set=open_set, references=refs)
+                    attribution=attribution, open_set=open_set, references=refs, transform=transform)
 
 
 #: Fewer calibration scores than this per class and p_fake is called rough (a note in the detector).
@@ -277,12 +315,18 @@ def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tu
 
 
 def load_pool(cache, key: str, view: str, shas: Iterable[str] | None = None,
-              labels: dict[str, tuple[str, str]] | None = None, paths: dict[str, str] | None = None) -> Pool:
+              labels: dict[str, tuple[str, str]] | None = None, paths: dict[str, str] | None = None,
+              kinds: Sequence[str] = ("embedding",)) -> Pool:
     """Labelled cached features of (key, view); labels/paths from the arguments, else cache metadata.
 
     Without `shas`, every image of the group is read: for whole-cache tools on small caches. `fit`
-    samples from the index instead (`sample_from_cache`) and reads only the chosen rows."""
-    rows = cache.load(key, view, shas=shas)
+    samples from the index instead (`sample_from_cache`) and reads only the chosen rows. `kinds`
+    beyond "embedding" (clipdet.features: "heads", "layers") are loaded into `Pool.feats`."""
+    from . import features
+
+    others = [k for k in kinds if k != "embedding"]
+    layouts = {k: features.group_layout(cache, key, view, k) for k in others}
+    rows = cache.load(key, view, shas=shas, **features.load_kwargs(others))
     need = [s for s in rows.sha256 if labels is None or s not in labels or not (paths or {}).get(s)]
     images = cache.image_metas(need) if need else {}
     out_s, out_l, out_g, out_p, keep = [], [], [], [], []
@@ -303,11 +347,15 @@ def load_pool(cache, key: str, view: str, shas: Iterable[str] | None = None,
         keep.append(i)
     X = rows.embedding[keep] if keep else np.zeros((0, rows.embedding.shape[1] if rows.embedding.ndim == 2 else 0),
                                                    np.float32)
-    return Pool(out_s, out_l, out_g, out_p, X)
+    feats = {}
+    for k in others:
+        m = features.matrix(rows, k, keep) if keep else np.zeros((0, 0), np.float32)
+        feats[k] = (m, dict(layouts[k], dim=layouts[k].get("dim") or m.shape[1] // max(1, layouts[k]["units"])))
+    return Pool(out_s, out_l, out_g, out_p, X, feats)
 
 
 def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_generator: bool = False,
-                      excluded: set[str] = frozenset()) -> tuple[Pool, dict]:
+                      excluded: set[str] = frozenset(), kinds: Sequence[str] = ("embedding",)) -> tuple[Pool, dict]:
     """Draw the shots from the cache's index (no per-image objects) and read only their rows.
 
     Candidates are the group's images labelled real or fake, without conflicting labels (warned) or
@@ -350,7 +398,7 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
         shas = raw_to_hex(cand["raw"][pick])
         labels = {s: ("real" if lab[i] == 1 else "fake", vocab[gcode[i]] if lab[i] == 2 else "")
                   for s, i in zip(shas, pick)}
-        chosen = load_pool(cache, key, view, shas=shas, labels=labels)
+        chosen = load_pool(cache, key, view, shas=shas, labels=labels, kinds=kinds)
         if len(chosen) == len(shas):
             break
         bad = set(shas) - set(chosen.sha256)
@@ -383,7 +431,7 @@ def drop_conflicts(labels: dict, seen_as: dict[str, list], cache=None) -> set[st
 
 
 def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequence[str], device: str,
-                   quiet: bool = True):
+                   quiet: bool = True, kinds: Sequence[str] = ("embedding",)):
     """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs)."""
     from .extract import extract
 
@@ -400,7 +448,8 @@ def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequ
         seen_as.setdefault(sha, []).append((r.label, r.generator or "", r.path))
     drop_conflicts(labels, seen_as, cache)
     key, rec = resolve_backbone_key(cache, backbone, view)
-    return load_pool(cache, key, view, shas=sorted(labels), labels=labels, paths=paths), key, rec, summary
+    pool = load_pool(cache, key, view, shas=sorted(labels), labels=labels, paths=paths, kinds=kinds)
+    return pool, key, rec, summary
 
 
 def fit(
@@ -422,14 +471,20 @@ def fit(
     attribute: bool = True,
     device: str = "auto",
     quiet: bool = True,
+    prune: int = 0,
+    prune_basis: str = "coord",
 ):
     """Fit a few-shot detector; the library form of `clipdet fit`. Returns a `Detector`.
 
     Without `paths`/`manifest`, every labelled image in the cache for the backbone is a candidate.
-    With them, only those images are candidates (extracted first if not cached).
+    With them, only those images are candidates (extracted first if not cached). `prune`,
+    `prune_basis`: see `fit_from_pool`.
     """
     from .cache import FeatureCache
+    from .features import kinds_for
     from .images import canonical_view, discover, require_images
+
+    kinds = kinds_for([head])
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = canonical_view(view)
@@ -446,7 +501,7 @@ def fit(
             backbone = specs.pop() if specs else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
         require_images(refs, list(paths or []))
-        pool, key, rec, summary = pool_from_refs(refs, cache, backbone, view, [view], device, quiet)
+        pool, key, rec, summary = pool_from_refs(refs, cache, backbone, view, [view], device, quiet, kinds)
         skipped += summary.errors
     else:
         if not cache.exists():
@@ -455,7 +510,7 @@ def fit(
         pool = None
     excluded = set(exclude_generators)
     if pool is None:  # the whole cache: sample from the index, read only the chosen rows
-        chosen, counts = sample_from_cache(cache, key, view, k, seed, per_generator, excluded)
+        chosen, counts = sample_from_cache(cache, key, view, k, seed, per_generator, excluded, kinds)
     else:
         if excluded:
             unknown = excluded - set(pool.generator)
@@ -474,17 +529,19 @@ def fit(
         labels = {s: (lab, g) for s, lab, g in zip(chosen.sha256, chosen.label, chosen.generator)}
         pths = dict(zip(chosen.sha256, chosen.path))
         for v in other:
-            parts.append(load_pool(cache, key, v, shas=chosen.sha256, labels=labels, paths=pths))
+            parts.append(load_pool(cache, key, v, shas=chosen.sha256, labels=labels, paths=pths, kinds=kinds))
         parts = [p for p in parts if len(p)]
         if parts:
             extra = Pool(sum((p.sha256 for p in parts), []), sum((p.label for p in parts), []),
                          sum((p.generator for p in parts), []), sum((p.path for p in parts), []),
-                         np.vstack([p.X for p in parts]))
+                         np.vstack([p.X for p in parts]),
+                         {kd: (np.vstack([p.feats[kd][0] for p in parts]), parts[0].feats[kd][1])
+                          for kd in parts[0].feats})
     cal_pool = None
     if calibrate:
         cal_refs = discover(list(calibrate))
         cal_pool, _, _, cal_summary = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view],
-                                                     device, quiet)
+                                                     device, quiet, kinds)
         skipped += cal_summary.errors
         overlap = set(cal_pool.sha256) & set(chosen.sha256)
         if overlap:
@@ -495,7 +552,7 @@ def fit(
         "candidates": {"real": counts["real"], "fake": counts["fake"]},
     }
     det = fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
-                        attribute=attribute, extra=extra, meta=meta)
+                        attribute=attribute, extra=extra, meta=meta, prune=prune, prune_basis=prune_basis)
     short = shots_shortfall(counts, k, per_generator)
     if short:
         det.meta.setdefault("notes", []).insert(0, short)

@@ -129,11 +129,19 @@ def _need_both(pool: Pool, what: str) -> None:
                          "(label by layout real/** and fake/<generator>/**, or --manifest)")
 
 
-def _fit(train: Pool, head: str, seed: int, target_fpr: float, params: dict | None):
-    """A detector on `train`, calibrated out-of-fold when every class has >= 2 references."""
+def _fit(train: Pool, head: str, seed: int, target_fpr: float, params: dict | None,
+         fit_options: Mapping | None = None):
+    """A detector on `train`, calibrated out-of-fold when every class has >= 2 references.
+
+    `fit_options`: further `fit_from_pool` arguments for every fit (e.g. prune, prune_basis)."""
     n_real, n_fake = _counts(train)
     return fit_from_pool(train, head=head, params=params, target_fpr=target_fpr, seed=seed, attribute=False,
-                         calibrate=min(n_real, n_fake) >= 2)
+                         calibrate=min(n_real, n_fake) >= 2, **dict(fit_options or {}))
+
+
+def decide(det, pool: Pool) -> np.ndarray:
+    """`det`'s scores on `pool`, from the features its head reads (embedding, heads, layers)."""
+    return det.decision_function(pool.matrix(det.features.get("kind", "embedding"))[0])
 
 
 def _score(det, test: Pool) -> dict:
@@ -141,7 +149,7 @@ def _score(det, test: Pool) -> dict:
     from .metrics import binary_report
 
     y = test.y
-    s = det.decision_function(test.X) if len(test) else np.zeros(0)
+    s = decide(det, test) if len(test) else np.zeros(0)
     rep = binary_report(y, s, threshold=det.threshold)
     out = {m: rep[m] for m in METRICS}
     flagged = s >= det.threshold
@@ -191,6 +199,7 @@ def kshot_curve(
     target_fpr: float = DEFAULT_TARGET_FPR,
     per_generator: bool = False,
     params: Mapping[str, dict] | None = None,
+    fit_options: Mapping | None = None,
 ) -> Rows:
     """Metrics vs shots: one row per (head, K, seed); test set = `pool` minus the drawn references.
 
@@ -216,7 +225,7 @@ def kshot_curve(
     for head in heads:
         for (k, seed), (train, test) in splits.items():
             tr_pool, te_pool = pool.take(train), pool.take(test)
-            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head))
+            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head), fit_options)
             rows.append({"protocol": "kshot", "head": head, "k": k, "seed": seed, **_train_counts(tr_pool),
                          **_score(det, te_pool)})
     return rows
@@ -273,6 +282,7 @@ def leave_one_generator_out(
     per_generator: bool = False,
     real_holdout: float = 0.5,
     params: Mapping[str, dict] | None = None,
+    fit_options: Mapping | None = None,
 ) -> Rows:
     """For each generator g with fakes: fit on reals + fakes of the other generators, test on g.
 
@@ -331,7 +341,7 @@ def leave_one_generator_out(
     for head in heads:
         for g, seed, train, test_reals, test_g, seen in plans:
             tr_pool = pool.take(train)
-            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head))
+            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head), fit_options)
             row = {"protocol": "logo", "head": head, "generator": g, "seed": seed,
                    "shots": "all" if shots is None else shots, **_train_counts(tr_pool),
                    **_score(det, pool.take(test_reals + test_g))}
@@ -339,7 +349,7 @@ def leave_one_generator_out(
                 from .metrics import roc_auc
 
                 te = pool.take(test_reals + seen)
-                row["auc_seen"] = roc_auc(te.y, det.decision_function(te.X))
+                row["auc_seen"] = roc_auc(te.y, decide(det, te))
             else:
                 row["auc_seen"] = math.nan
             rows.append(row)
@@ -365,8 +375,8 @@ def align_views(pools_by_view: Mapping[str, Pool], clean_view: str = "clean") ->
     base = clean.take(keep)
     out = {}
     for v, p in pools_by_view.items():
-        rows = [index[v][s] for s in base.sha256]
-        out[v] = Pool(list(base.sha256), list(base.label), list(base.generator), list(base.path), p.X[rows])
+        q = p.take([index[v][s] for s in base.sha256])
+        out[v] = Pool(list(base.sha256), list(base.label), list(base.generator), list(base.path), q.X, q.feats)
     return out, notes
 
 
@@ -400,6 +410,7 @@ def robustness(
     shortcut_view: str | None = SHORTCUT_VIEW,
     per_generator: bool = False,
     params: Mapping[str, dict] | None = None,
+    fit_options: Mapping | None = None,
 ) -> Rows:
     """AUC per view: fit on the clean features of sampled references, test on every view's features of
     the same non-reference images (real and fake perturbed identically, identical image sets).
@@ -431,7 +442,7 @@ def robustness(
     for head in heads:
         for seed, train, test in plans:
             p = (params or {}).get(head)
-            det = _fit(clean.take(train), head, seed, target_fpr, p)
+            det = _fit(clean.take(train), head, seed, target_fpr, p, fit_options)
             base = None
             for v in views:
                 r = {"protocol": "robustness", "head": head, "fit_view": clean_view, "view": v, "seed": seed,
@@ -441,7 +452,7 @@ def robustness(
                 r["delta_auc"] = r["auc"] - base
                 rows.append(r)
             if shortcut:
-                det2 = _fit(pools[shortcut].take(train), head, seed, target_fpr, p)
+                det2 = _fit(pools[shortcut].take(train), head, seed, target_fpr, p, fit_options)
                 r = {"protocol": "robustness", "head": head, "fit_view": shortcut, "view": shortcut, "seed": seed,
                      "shots": "all" if shots is None else shots, **_train_counts(clean.take(train)),
                      **_score(det2, pools[shortcut].take(test))}
@@ -637,12 +648,15 @@ def run_bench(
     formats: Mapping[str, str] | None = None,
     config: Mapping | None = None,
     progress: Callable[[str], None] | None = None,
+    params: Mapping[str, dict] | None = None,
+    fit_options: Mapping | None = None,
 ) -> BenchResult:
     """Run the selected protocols on `pools_by_view` ("clean" plus perturbed views for robustness).
 
     k-shot and leave-one-generator-out use the clean pool; robustness uses every view. `config`
     (e.g. backbone, data paths, command) is stored in the run record with the protocol settings.
-    `progress(line)` is called after each protocol (the library itself prints nothing).
+    `progress(line)` is called after each protocol (the library itself prints nothing). `params`: head
+    name → parameters; `fit_options`: further `fit_from_pool` arguments for every fit (prune, prune_basis).
     """
     protocols, heads, seeds = parse_protocols(protocols), parse_heads(heads), parse_seeds(seeds)
     ks = parse_ks(ks)
@@ -652,6 +666,7 @@ def run_bench(
     cfg = {**dict(config or {}), "protocols": protocols, "heads": heads, "ks": ks, "seeds": seeds,
            "shots": "all" if shots is None else shots, "target_fpr": target_fpr, "per_generator": per_generator,
            "views": list(pools_by_view)}
+    cfg.update({k: dict(v) for k, v in (("params", params), ("fit_options", fit_options)) if v})
     res = BenchResult(record=run_record(cfg, clean), counts=pool_counts(clean))
     if formats:
         res.formats = format_breakdown(clean, formats)
@@ -662,20 +677,22 @@ def run_bench(
     say = progress or (lambda line: None)
     if "kshot" in protocols:
         t0 = time.perf_counter()
-        res.kshot = kshot_curve(clean, heads, ks, seeds, target_fpr, per_generator)
+        res.kshot = kshot_curve(clean, heads, ks, seeds, target_fpr, per_generator, params, fit_options)
         res.seconds["kshot"] = time.perf_counter() - t0
         say(f"k-shot: {len(res.kshot)} fits in {res.seconds['kshot']:.1f} s")
     if "logo" in protocols:
         t0 = time.perf_counter()
         try:
-            res.logo = leave_one_generator_out(clean, heads, shots, seeds, target_fpr, per_generator)
+            res.logo = leave_one_generator_out(clean, heads, shots, seeds, target_fpr, per_generator,
+                                               params=params, fit_options=fit_options)
         except UsageError as e:
             res.logo = Rows(notes=[f"logo: skipped: {e}"])
         res.seconds["logo"] = time.perf_counter() - t0
         say(f"leave-one-generator-out: {len(res.logo)} fits in {res.seconds['logo']:.1f} s")
     if "robustness" in protocols:
         t0 = time.perf_counter()
-        rob = robustness(pools_by_view, heads, shots, seeds, target_fpr, per_generator=per_generator)
+        rob = robustness(pools_by_view, heads, shots, seeds, target_fpr, per_generator=per_generator, params=params,
+                         fit_options=fit_options)
         if len(pools_by_view) < 2:
             rob.notes.insert(0, "robustness: no perturbed view given, so only the clean AUC is measured")
         res.robustness = rob

@@ -78,14 +78,18 @@ def score_refs(
     view = view or detector.view
     if backbone:
         check_backbone_override(detector, backbone)
+    from . import features
+
+    kind = detector.features.get("kind", "embedding")
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
-                        precision=precision)
+                        precision=precision, **features.extract_kwargs(cache, detector, view))
+    load_kw = features.load_kwargs([kind])
     for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
                           device=device, quiet=quiet, compact=False, lazy=lazy,
                           record_cached=False)
         shas = [s for _, s, e in summary.records if not e]
-        feats = cache.load(detector.backbone_key, view, shas=shas)
+        feats = cache.load(detector.backbone_key, view, shas=shas, **load_kw)
         damaged = set(shas) & cache.damaged - set(feats.sha256)
         if damaged:  # rows that failed their checks: embed those files again, then read the new rows
             again = [r for r, (_, s, e) in zip(part, summary.records) if not e and s in damaged]
@@ -95,9 +99,10 @@ def score_refs(
                           + (f" (and {len(again) - 1} more)" if len(again) > 1 else ""), stacklevel=2)
             extract(again, "", cache=cache, views=[view], batch_size=batch_size, workers=workers, device=device,
                     quiet=True, compact=False, lazy=lazy, record_cached=False, rehash=True)
-            feats = cache.load(detector.backbone_key, view, shas=shas)
+            feats = cache.load(detector.backbone_key, view, shas=shas, **load_kw)
         pos = {s: i for i, s in enumerate(feats.sha256)}
-        scored = detector.score_features(feats.embedding, threshold=threshold) if len(feats.sha256) else []
+        scored = (detector.score_features(features.matrix(feats, kind), threshold=threshold)
+                  if len(feats.sha256) else [])
         for path, sha, error in summary.records:
             row = {"path": path, "sha256": sha, "error": error}
             if not error:

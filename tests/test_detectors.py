@@ -22,10 +22,12 @@ from clipdet.detectors import (
 )
 from clipdet.errors import DetectorFileError, UsageError
 
-ALL_HEADS = ["centroid", "knn", "logreg", "mlp", "svm"]
+ALL_HEADS = ["centroid", "heads", "knn", "layers", "logreg", "mlp", "svm"]
 
-# Small settings that keep the MLP quick; every other head runs with its defaults.
-FAST = {"mlp": {"hidden_size": 32, "max_epochs": 60, "lr": 1e-2}}
+# Small settings that keep the MLP (and the layers head, trained the same way) quick; every other head
+# runs with its defaults.
+FAST = {"mlp": {"hidden_size": 32, "max_epochs": 60, "lr": 1e-2}, "layers": {"hidden_size": 32, "max_epochs": 60,
+                                                                              "lr": 1e-2}}
 
 
 def head(name, **kw):
@@ -303,6 +305,7 @@ def test_single_class_is_rejected():
 # ---- scikit-learn estimator checks ---------------------------------------------------------------
 # Every registered head passes the full check suite: no exemptions are needed, so
 # expected_failed_checks is not used. The MLP runs with FAST settings to keep this quick.
-@parametrize_with_checks([head(n, **({"calibration_cv": 3} if n == "mlp" else {})) for n in list_heads()])
+@parametrize_with_checks([head(n, **({"calibration_cv": 3} if n in ("mlp", "layers") else {}))
+                          for n in list_heads()])
 def test_sklearn_compatible(estimator, check):
     check(estimator)

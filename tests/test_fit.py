@@ -15,6 +15,7 @@ from clipdet.detector import Detector
 from clipdet.detectors import list_heads
 from clipdet.errors import DetectorFileError, UsageError
 from clipdet.extract import LazyBackbone
+from clipdet.features import head_kind
 from clipdet.fewshot import Pool, fit_from_pool, parse_params, parse_shots, sample_shots
 
 DIM = 48
@@ -78,7 +79,8 @@ def test_sample_shots_per_class_per_generator_and_order_free():
     assert len(sample_shots(labels, gens, None, 0, keys=keys)) == 22
 
 
-@pytest.mark.parametrize("head", sorted(list_heads()))
+# heads reading attention heads or block tokens are tested in test_heads_fit.py
+@pytest.mark.parametrize("head", sorted(h for h in list_heads() if head_kind(h) == "embedding"))
 def test_every_head_separates_synthetic_task_from_cache(syn_cache, head, tmp_path):
     det = clipdet.fit(head=head, shots=10, seed=0, cache=syn_cache)
     assert det.meta["head"] == head and det.meta["counts"] == {"real": 10, "fake": 10, "extra_rows": 0}

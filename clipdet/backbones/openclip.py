@@ -97,6 +97,7 @@ class OpenClipBackbone(Backbone):
         self._transform = None
         self._hooks: dict[int, object] = {}
         self._captured: dict[int, object] = {}
+        self._head_capture = None  # decompose.HeadCapture for --heads, installed on first use
 
     # -- preprocessing ----------------------------------------------------------------------
     def preprocess(self, image):
@@ -157,9 +158,47 @@ class OpenClipBackbone(Backbone):
 
             self._hooks[j] = blocks[j].register_forward_hook(hook)
 
+    # -- attention heads (--heads) ------------------------------------------------------------
+    def resolve_heads(self, n: int) -> dict:
+        """``{"blocks": [...], "n_heads": H}`` for the last `n` blocks; a one-line UsageError on a non-ViT."""
+        from .decompose import resolve_heads
+
+        return resolve_heads(self.visual, n, self.info.spec)
+
+    def _heads_capture(self, n: int):
+        from .decompose import HeadCapture
+
+        blocks = self.resolve_heads(n)["blocks"]
+        cap = self._head_capture
+        if cap is None or len(cap.blocks) != len(blocks):
+            if cap is not None:
+                cap.remove()
+            cap = self._head_capture = HeadCapture(self.visual, blocks)
+        return cap
+
     # -- inference --------------------------------------------------------------------------
-    def embed(self, batch, layers: tuple[int, ...] = ()):
-        """L2-normalised float32 embeddings (and CLS tokens of `layers`) for a batch of tensors."""
+    def embed(self, batch, layers: tuple[int, ...] = (), heads: int = 0):
+        """L2-normalised float32 embeddings (and CLS tokens of `layers`) for a batch of tensors.
+
+        `heads` > 0 adds "heads" (n, heads x H, D) and "heads_rest" (n, D), float32: the direct
+        contributions of each attention head of the last `heads` blocks and the rest, which sum to
+        the embedding before normalisation (`decompose.decompose`).
+        """
+        layers = self.resolve_layers(layers)
+        if layers:
+            self._ensure_hooks(layers)
+        self._captured.clear()
+        cap = self._heads_capture(heads) if heads else None
+        if cap is not None:
+            cap.active = True
+        try:
+            return self._forward(batch, layers, cap)
+        finally:
+            self._captured.clear()
+            if cap is not None:
+                cap.active, cap.data = False, {}
+
+    def _forward(self, batch, layers: tuple[int, ...], cap) -> dict:
         import contextlib
 
         import numpy as np
@@ -168,10 +207,6 @@ class OpenClipBackbone(Backbone):
 
         from ..preprocess import normalize_batch
 
-        layers = self.resolve_layers(layers)
-        if layers:
-            self._ensure_hooks(layers)
-        self._captured.clear()
         cuda = self.device.startswith("cuda")
         amp = (
             torch.autocast(device_type="cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
@@ -192,7 +227,12 @@ class OpenClipBackbone(Backbone):
             if layers:
                 cls = torch.stack([self._captured[j].float() for j in layers], dim=1)
                 out["layers"] = F.normalize(cls, dim=-1).cpu().numpy()
-        self._captured.clear()
+            if cap is not None:
+                from .decompose import decompose
+
+                with torch.autocast(device_type=self.device.split(":")[0], enabled=False):
+                    h, rest = decompose(self.visual, cap)
+                out["heads"], out["heads_rest"] = h.cpu().numpy(), rest.cpu().numpy()
         return out
 
 

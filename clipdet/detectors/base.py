@@ -101,6 +101,18 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 
     _head_name: ClassVar[str] = ""
     _fixed_slope: ClassVar[float] = 1.0  # slope of the fixed sigmoid used without CV calibration
+    #: the feature kind the head reads (clipdet.features): "embedding", "heads" or "layers"
+    needs: ClassVar[str] = "embedding"
+    #: whether `fit` accepts ``groups`` (the references' generator names), for choices made by CV
+    uses_groups: ClassVar[bool] = False
+
+    def layout_params(self, layout: dict) -> dict:
+        """Parameters that tell the head how its flat feature rows are laid out (none by default)."""
+        return {}
+
+    def describe_fit(self, layout: dict) -> list[str]:
+        """Lines saying what a fitted head relies on (e.g. the chosen attention heads); none by default."""
+        return []
 
     # ---- fitting ---------------------------------------------------------------------------
     def fit(self, X, y):

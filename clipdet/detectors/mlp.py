@@ -21,7 +21,7 @@ import numpy as np
 
 from .base import HEADS, BaseHead
 
-__all__ = ["MLPHead", "sam_ascend", "sam_descend", "weighted_loss"]
+__all__ = ["MLPHead", "sam_ascend", "sam_descend", "train_network", "weighted_loss"]
 
 _MIN_IMPROVEMENT = 1e-4  # a validation loss must drop by this much to reset the patience counter
 
@@ -98,97 +98,24 @@ class MLPHead(BaseHead):
             torch.set_num_threads(threads)
 
     def _train(self, X, y_idx):
-        import torch
-        from sklearn.utils.class_weight import compute_class_weight
-
         k = self.classes_.size
-        n, d = X.shape
-        seed = self._seed()
-        gen = torch.Generator().manual_seed(seed)
-        if self.class_weight is None:
-            cw = np.ones(k)
-        else:
-            cw = compute_class_weight(self.class_weight, classes=self.classes_, y=self.classes_[y_idx])
+        d, h = X.shape[1], self.hidden_size
 
-        counts = np.bincount(y_idx, minlength=k)
-        n_val = np.floor(counts * self.validation_fraction).astype(int)
-        use_val = bool(self.validation_fraction > 0 and n_val.min() >= 2 and (counts - n_val).min() >= 1)
-        if use_val:  # stratified hold-out drawn with the local generator
-            val_mask = np.zeros(n, dtype=bool)
-            for c in range(k):
-                members = np.flatnonzero(y_idx == c)
-                perm = torch.randperm(members.size, generator=gen).numpy()
-                val_mask[members[perm[: n_val[c]]]] = True
-            tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-        else:
-            tr, va = np.arange(n), np.arange(0)
+        def init(uniform):
+            b1, b2 = 1.0 / np.sqrt(d), 1.0 / np.sqrt(h)  # torch.nn.Linear's default init range
+            return [uniform((d, h), b1), uniform((h,), b1), uniform((h, k), b2), uniform((k,), b2)]
 
-        Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
-        yt = torch.as_tensor(y_idx.astype(np.int64))
-        wt = torch.as_tensor(np.asarray(cw, dtype=np.float32))
+        def forward(params, xb, mask=None):
+            import torch
 
-        def uniform(shape, bound):
-            return ((torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound).requires_grad_(True)
-
-        h = self.hidden_size
-        b1, b2 = 1.0 / np.sqrt(d), 1.0 / np.sqrt(h)  # torch.nn.Linear's default init range
-        params = [uniform((d, h), b1), uniform((h,), b1), uniform((h, k), b2), uniform((k,), b2)]
-        opt = _AdamW(params, lr=float(self.lr), weight_decay=float(self.weight_decay))
-        p_drop, gamma, rho = float(self.dropout), float(self.focal_gamma), float(self.sam_rho)
-
-        def forward(xb, mask=None):
             hid = torch.relu(xb @ params[0] + params[1])
             if mask is not None:
                 hid = hid * mask
             return hid @ params[2] + params[3]
 
-        def loss_fn(logits, yb):
-            return weighted_loss(logits, yb, wt, gamma)
-
-        bs = len(tr) if self.batch_size == 0 or self.batch_size >= len(tr) else int(self.batch_size)
-        best_loss, best_epoch, stale = np.inf, 0, 0
-        best = [p.detach().clone() for p in params]
-        epochs_run = 0
-        tr_t = torch.as_tensor(tr)
-        for epoch in range(int(self.max_epochs)):
-            epochs_run = epoch + 1
-            order = tr_t[torch.randperm(len(tr), generator=gen)]
-            for start in range(0, len(tr), bs):
-                idx = order[start:start + bs]
-                xb, yb = Xt[idx], yt[idx]
-                mask = None
-                if p_drop > 0:
-                    keep = torch.rand((len(idx), h), generator=gen) >= p_drop
-                    mask = keep.to(torch.float32) / (1.0 - p_drop)
-                opt.zero_grad()
-                loss = loss_fn(forward(xb, mask), yb)
-                loss.backward()
-                if rho > 0:  # SAM: ascend to w + e, take the gradient there, come back, step
-                    eps = sam_ascend(params, rho)
-                    opt.zero_grad()
-                    loss_fn(forward(xb, mask), yb).backward()
-                    sam_descend(params, eps)
-                opt.step()
-            if use_val:
-                with torch.no_grad():
-                    vl = float(loss_fn(forward(Xt[va]), yt[va]))
-                if vl < best_loss - _MIN_IMPROVEMENT:
-                    best_loss, best_epoch, stale = vl, epochs_run, 0
-                    best = [p.detach().clone() for p in params]
-                else:
-                    stale += 1
-                    if stale >= self.patience:
-                        break
-        if use_val:
-            final = best
-        else:
-            final = [p.detach() for p in params]
-            best_epoch = epochs_run
+        final = train_network(self, X, y_idx, init, forward, h)
         self.coefs_ = [final[0].numpy().astype(np.float32), final[2].numpy().astype(np.float32)]
         self.intercepts_ = [final[1].numpy().astype(np.float32), final[3].numpy().astype(np.float32)]
-        self.n_iter_ = int(epochs_run)
-        self.best_epoch_ = int(best_epoch)
-        self.early_stopping_ = use_val
 
     # ---- inference (numpy) ---------------------------------------------------------------------
     def _logits(self, X) -> np.ndarray:
@@ -220,6 +147,100 @@ class MLPHead(BaseHead):
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.best_epoch_ = int(meta.get("best_epoch", 0))
         self.early_stopping_ = bool(meta.get("early_stopping", False))
+
+
+def train_network(head, X, y_idx, init, forward, hidden: int) -> list:
+    """Train a small torch network for `head` (an `MLPHead` or subclass) the way the `mlp` head does.
+
+    One local generator (seeded by ``head.random_state``) draws the stratified validation split,
+    then the initial parameters (``init(uniform)``, where ``uniform(shape, bound)`` draws a leaf
+    tensor), then batch orders and dropout masks of shape (batch, `hidden`) passed to
+    ``forward(params, xb, mask)``. Loss: `weighted_loss` (class weights, focal); optimiser: AdamW
+    with optional SAM steps; early stopping on the validation loss. Sets ``n_iter_``,
+    ``best_epoch_``, ``early_stopping_`` on `head` and returns the final parameters (detached).
+    """
+    import torch
+    from sklearn.utils.class_weight import compute_class_weight
+
+    k = head.classes_.size
+    n, h = X.shape[0], int(hidden)
+    seed = head._seed()
+    gen = torch.Generator().manual_seed(seed)
+    if head.class_weight is None:
+        cw = np.ones(k)
+    else:
+        cw = compute_class_weight(head.class_weight, classes=head.classes_, y=head.classes_[y_idx])
+
+    counts = np.bincount(y_idx, minlength=k)
+    n_val = np.floor(counts * head.validation_fraction).astype(int)
+    use_val = bool(head.validation_fraction > 0 and n_val.min() >= 2 and (counts - n_val).min() >= 1)
+    if use_val:  # stratified hold-out drawn with the local generator
+        val_mask = np.zeros(n, dtype=bool)
+        for c in range(k):
+            members = np.flatnonzero(y_idx == c)
+            perm = torch.randperm(members.size, generator=gen).numpy()
+            val_mask[members[perm[: n_val[c]]]] = True
+        tr, va = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    else:
+        tr, va = np.arange(n), np.arange(0)
+
+    Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
+    yt = torch.as_tensor(y_idx.astype(np.int64))
+    wt = torch.as_tensor(np.asarray(cw, dtype=np.float32))
+
+    def uniform(shape, bound):
+        return ((torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound).requires_grad_(True)
+
+    params = init(uniform)
+    opt = _AdamW(params, lr=float(head.lr), weight_decay=float(head.weight_decay))
+    p_drop, gamma, rho = float(head.dropout), float(head.focal_gamma), float(head.sam_rho)
+
+    def loss_fn(logits, yb):
+        return weighted_loss(logits, yb, wt, gamma)
+
+    bs = len(tr) if head.batch_size == 0 or head.batch_size >= len(tr) else int(head.batch_size)
+    best_loss, best_epoch, stale = np.inf, 0, 0
+    best = [p.detach().clone() for p in params]
+    epochs_run = 0
+    tr_t = torch.as_tensor(tr)
+    for epoch in range(int(head.max_epochs)):
+        epochs_run = epoch + 1
+        order = tr_t[torch.randperm(len(tr), generator=gen)]
+        for start in range(0, len(tr), bs):
+            idx = order[start:start + bs]
+            xb, yb = Xt[idx], yt[idx]
+            mask = None
+            if p_drop > 0:
+                keep = torch.rand((len(idx), h), generator=gen) >= p_drop
+                mask = keep.to(torch.float32) / (1.0 - p_drop)
+            opt.zero_grad()
+            loss = loss_fn(forward(params, xb, mask), yb)
+            loss.backward()
+            if rho > 0:  # SAM: ascend to w + e, take the gradient there, come back, step
+                eps = sam_ascend(params, rho)
+                opt.zero_grad()
+                loss_fn(forward(params, xb, mask), yb).backward()
+                sam_descend(params, eps)
+            opt.step()
+        if use_val:
+            with torch.no_grad():
+                vl = float(loss_fn(forward(params, Xt[va]), yt[va]))
+            if vl < best_loss - _MIN_IMPROVEMENT:
+                best_loss, best_epoch, stale = vl, epochs_run, 0
+                best = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+                if stale >= head.patience:
+                    break
+    if use_val:
+        final = best
+    else:
+        final = [p.detach() for p in params]
+        best_epoch = epochs_run
+    head.n_iter_ = int(epochs_run)
+    head.best_epoch_ = int(best_epoch)
+    head.early_stopping_ = use_val
+    return final
 
 
 def weighted_loss(logits, y, class_weights, focal_gamma: float = 0.0):

@@ -55,8 +55,13 @@ class Engine:
                  precision: str = "auto", threshold: float | None = None, backbone: str | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         from ..cache import FeatureCache
+        from ..errors import UsageError
         from ..extract import LazyBackbone
 
+        kind = detector.features.get("kind", "embedding")
+        if kind != "embedding":
+            raise UsageError(f"clipdet serve scores from the final embedding; this detector's head reads {kind} "
+                             "features (fit --head heads/layers): score with clipdet score instead")
         self.detector = detector
         self.threshold = detector.threshold if threshold is None else float(threshold)
         self.view = detector.view
@@ -73,14 +78,19 @@ class Engine:
         """Load the model; with a cache, check it matches and remember which images it already holds."""
         key = self.detector.backbone_key
         if self.cache is not None and self.cache.exists():
-            if self.cache_write:  # keep the layer set the cache stores, as `clipdet extract` does
-                stored = [g.layers for g in self.cache.groups(count=False)
-                          if g.key == key and g.view == self.view and g.layers]
-                if stored:
-                    self.lazy.layers = tuple(stored[0])
+            group = next((g for g in self.cache.groups(count=False) if g.key == key and g.view == self.view), None)
+            if self.cache_write and group is not None:  # keep the group's layers and heads, as `extract` does
+                self.lazy.layers = tuple(group.layers or ())
+                self.lazy.heads = len(group.heads["blocks"]) if group.heads else 0
             cache = self.cache
-            self.lazy.on_load(lambda model, layers: cache.check_compatible(model.info, self.view, layers),
-                              key=(cache.path, (self.view,)))
+
+            def check(model, layers) -> None:
+                if self.cache_write or group is None:
+                    cache.check_compatible(model.info, self.view, layers, self.lazy.heads_spec)
+                else:  # read-only: only the backbone must match, whatever else the group stores
+                    cache.check_compatible(model.info, self.view, group.layers, group.heads)
+
+            self.lazy.on_load(check, key=(cache.path, (self.view,)))
             self.cached = self.cache.cached_shas(key, self.view)
         self.lazy.get()
 
@@ -133,12 +143,13 @@ class Engine:
         new = [it for it in items if not it.error and not it.cached]
         if new:
             model = self.lazy.get()
-            out = model.embed(model.collate([it.tensor for it in new]), layers=self.lazy.absolute_layers)
+            kw = {"heads": self.lazy.heads} if self.lazy.heads else {}
+            out = model.embed(model.collate([it.tensor for it in new]), layers=self.lazy.absolute_layers, **kw)
             emb16 = out["embedding"].astype(np.float16)  # what the cache stores and `clipdet score` reads
             for i, it in enumerate(new):
                 feats[it.sha256] = emb16[i].astype(np.float32)
             if self.cache_write:
-                self._write(model, new, emb16, out.get("layers"))
+                self._write(model, new, emb16, out)
         hits = [it.sha256 for it in items if it.cached and it.sha256 not in feats]
         if hits:
             rows = self.cache.load(key, self.view, shas=hits)
@@ -162,7 +173,7 @@ class Engine:
             results.append(public_row(row))
         return results
 
-    def _write(self, model, items: list[Item], emb16: np.ndarray, layers) -> None:
+    def _write(self, model, items: list[Item], emb16: np.ndarray, out: dict) -> None:
         """--cache-write: add the new features (and upload names) to the cache as one shard."""
         from ..cache import FeatureRows, ImageMeta
         from ..extract import feature_attrs
@@ -175,11 +186,11 @@ class Engine:
             if items[i].sha256 not in seen:
                 seen.add(items[i].sha256)
                 keep.append(i)
-        rows = FeatureRows([items[i].sha256 for i in keep], emb16[keep],
-                           None if layers is None else layers[keep])
+        extra = {k: out[k][keep] for k in ("layers", "heads", "heads_rest") if out.get(k) is not None}
+        rows = FeatureRows([items[i].sha256 for i in keep], emb16[keep], **extra)
         metas = [ImageMeta(items[i].sha256, "", "", paths=[f"upload:{items[i].name}"], **items[i].meta)
                  for i in keep]
-        attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb16.shape[1]))
+        attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb16.shape[1]), self.lazy.heads_spec)
         self.cache.write_shard({(model.info.key, self.view): (rows, attrs)}, images=metas)
         self.cached.update(items[i].sha256 for i in keep)
         self.written += len(keep)
