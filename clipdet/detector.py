@@ -51,6 +51,11 @@ class Detector:
         return self.meta.get("view", "clean")
 
     @property
+    def features(self) -> str:
+        """What the head sees: image, image+text or residual (see `clipdet.text.features`)."""
+        return self.meta.get("features", "image")
+
+    @property
     def reference_shas(self) -> set[str]:
         """SHA-256 of every reference image used to fit or calibrate (for overlap checks)."""
         return set(self.meta.get("reference_sha256", [])) | set(self.meta.get("calibration_sha256", []))
@@ -192,7 +197,10 @@ class Detector:
         m = self.meta
         counts = m.get("counts", {})
         attr = f", attributes {len(m.get('generators', []))} generators" if self.attribution is not None else ""
-        return (f"{m['head']} detector on {m['backbone'].get('spec')} [{m.get('view', 'clean')}], "
+        feats = f", features {self.features}" if self.features != "image" else ""
+        uncal = " (UNCALIBRATED: zero-shot without references)" if m.get("uncalibrated") else ""
+        return (f"{m['head']} detector on {m['backbone'].get('spec')} [{m.get('view', 'clean')}]{feats}, "
                 f"{counts.get('real', 0)} real + {counts.get('fake', 0)} fake references (shots {m.get('shots')}, "
-                f"seed {m.get('seed')}){attr}; threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}")
+                f"seed {m.get('seed')}){attr}; threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}"
+                + uncal)
 

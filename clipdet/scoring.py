@@ -55,6 +55,7 @@ def score_refs(
     precision: str = "auto",
     first_chunk: int = FIRST_CHUNK,
     on_chunk: Callable[[], None] | None = None,
+    captions=None,
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
 
@@ -64,6 +65,9 @@ def score_refs(
     Images already in the cache for the detector's backbone and view are not run through the model;
     new ones are extracted and added. `backbone` overrides the spec stored in the detector (e.g. the
     weights file moved); it must have the same weights. `view` scores a perturbed view instead.
+    Detectors fitted on caption features (image+text, residual) take each image's caption from its
+    ref (manifest column) or `captions` (a `clipdet.text.Captions`); an image without one gets
+    `MISSING_CAPTION` in its row's error.
     """
     from .cache import FeatureCache
     from .extract import LazyBackbone, extract
@@ -80,6 +84,7 @@ def score_refs(
         check_backbone_override(detector, backbone)
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision)
+    text = CaptionFeatures(detector, cache, captions, backbone, device)
     for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
                           device=device, quiet=quiet, compact=False, lazy=lazy,
@@ -97,12 +102,17 @@ def score_refs(
                     quiet=True, compact=False, lazy=lazy, record_cached=False, rehash=True)
             feats = cache.load(detector.backbone_key, view, shas=shas)
         pos = {s: i for i, s in enumerate(feats.sha256)}
-        scored = detector.score_features(feats.embedding, threshold=threshold) if len(feats.sha256) else []
+        X, ok = text.features(feats, part, summary.records)
+        scored = _score_ok(detector, X, ok, threshold)
         for path, sha, error in summary.records:
             row = {"path": path, "sha256": sha, "error": error}
             if not error:
                 i = pos.get(sha)
-                if i is None:
+                if i is not None and scored[i] is None:
+                    from .text import MISSING_CAPTION
+
+                    row["error"] = MISSING_CAPTION
+                elif i is None:
                     row["error"] = ("cached features damaged and the file could not be embedded again"
                                     if sha in cache.damaged else "no features after extraction")
                 else:
@@ -115,6 +125,56 @@ def score_refs(
         if cache.readonly:
             cache.drop_memory_segments()
     cache.auto_compact()
+
+
+def _score_ok(detector, X, ok, threshold) -> list:
+    """Result dicts of `detector` for the rows of `X` where `ok`, None for the others."""
+    out: list = [None] * len(X)
+    idx = [i for i in range(len(X)) if ok[i]]
+    if idx:
+        for i, r in zip(idx, detector.score_features(X[idx], threshold=threshold)):
+            out[i] = r
+    return out
+
+
+class CaptionFeatures:
+    """The features a detector scores: image embeddings as they are, or combined with each image's
+    caption embedding (`detector.features`); the text tower is loaded only for uncached captions."""
+
+    def __init__(self, detector, cache, captions=None, backbone: str | None = None, device: str = "auto"):
+        from .text import Captions, needs_captions
+
+        self.detector, self.cache = detector, cache
+        self.kind = getattr(detector, "features", "image")
+        self.active = needs_captions(self.kind)
+        self.captions = captions if isinstance(captions, Captions) else Captions()
+        self.spec, self.device = backbone or detector.backbone.get("spec"), device
+        self._text = None
+
+    def embedder(self):
+        """The detector backbone's `TextEmbedder` (created once)."""
+        if self._text is None:
+            from .text import TextEmbedder
+
+            self._text = TextEmbedder(self.spec, cache=self.cache, key=self.detector.backbone_key,
+                                      device=self.device)
+        return self._text
+
+    def features(self, feats, refs, records) -> tuple:
+        """(features, has_caption) for the loaded rows `feats` of one chunk (`refs`, `records` aligned)."""
+        import numpy as np
+
+        if not self.active:
+            return feats.embedding, np.ones(len(feats.sha256), bool)
+        from .text import apply_features
+
+        caps = self.captions.for_refs(refs)
+        by_sha = {}
+        for path, sha, error in records:
+            c = None if error else caps.get(sha, path)
+            if c is not None:
+                by_sha.setdefault(sha, c)
+        return apply_features(feats.embedding, feats.sha256, self.kind, by_sha, self.embedder())
 
 
 def check_backbone_override(detector, backbone: str) -> None:
