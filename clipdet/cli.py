@@ -442,6 +442,9 @@ def serve(
                                            "spec (e.g. weights moved); must be the same weights"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     precision: str = PrecisionOpt,
+    captions: Optional[str] = typer.Option(None, "--captions", help="CSV with columns sha256 and caption, for "
+                                           "detectors with caption features (requests may also send a "
+                                           "'captions' form field per file)"),
 ) -> None:
     """Serve the detector over HTTP: POST /v1/score, GET /v1/detector, /healthz, /metrics, and a web page at /."""
 
@@ -460,8 +463,10 @@ def serve(
         if cache_write and not cache:
             raise UsageError("--cache-write needs --cache FILE")
         det = Detector.load(detector)
+        from .text import read_captions
+
         engine = Engine(det, cache=cache, cache_write=cache_write, device=device, precision=precision,
-                        threshold=threshold, backbone=backbone)
+                        threshold=threshold, backbone=backbone, captions=read_captions(captions))
         opts = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_wait_ms=max_wait_ms,
                             max_batch=max_batch or default_batch_size(device), decode_workers=workers)
         err(f"clipdet serve: http://{host}:{port}/ ({'token required' if token else 'no token'}; Ctrl-C stops)")

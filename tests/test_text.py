@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +37,6 @@ def tree_cache(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
 
 def caption_of(path) -> str:
     """A deterministic caption made from the file name (what the benchmark does for aigi-dev)."""
-    from pathlib import Path
-
     return f"a picture named {Path(path).stem.replace('_', ' ')}"
 
 
@@ -227,3 +227,58 @@ def test_missing_caption_is_a_row_error_and_missing_captions_refused(tree_cache,
     r = run_cli("eval", "--manifest", manifest, "-d", out, "-c", cache, "--exclude-references", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["detector"]["features"] == "residual"
+
+
+# ---------------------------------------------------------------------------------------- bench
+def test_bench_kshot_has_k0_for_zeroshot_and_runs_caption_features(tree_cache, tmp_path, run_cli):
+    tree, cache, key = tree_cache
+    out = tmp_path / "bench"
+    r = run_cli("bench", "--protocol", "kshot", "--heads", "zeroshot,centroid", "--ks", "2", "--seeds", "2",
+                "-c", cache, "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    rows = read_rows(out / "kshot.csv")
+    assert [(x["head"], x["k"]) for x in rows] == [("zeroshot", "0"), ("zeroshot", "2"), ("zeroshot", "2"),
+                                                   ("centroid", "2"), ("centroid", "2")]
+    k0 = rows[0]
+    assert k0["n_train"] == "0" and k0["n_test"] == "24" and k0["calibration"] == "none (zero-shot)"
+    assert "zeroshot AUC K=0:" in r.stdout
+    manifest = write_manifest(tree, tmp_path / "m.csv")
+    r = run_cli("bench", "--manifest", manifest, "--protocol", "kshot", "--heads", "centroid", "--ks", "2",
+                "--seeds", "1", "--features", "image+text", "-c", cache, "--out", tmp_path / "b2", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "b2" / "run.json").read_text())["config"]["features"] == "image+text"
+    r = run_cli("bench", "--protocol", "kshot", "--heads", "zeroshot", "--ks", "2", "--seeds", "1",
+                "--features", "residual", "-c", cache, "--out", tmp_path / "b3", "-q")
+    assert r.exit_code == 2 and "--features image" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------- serve
+def test_serve_takes_captions_per_upload(tree_cache, tmp_path, run_cli):
+    pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from clipdet.serve import Engine, ServeOptions, create_app
+
+    tree, cache, key = tree_cache
+    manifest = write_manifest(tree, tmp_path / "m.csv")
+    out = tmp_path / "d.clipdet"
+    assert run_cli("fit", "--manifest", manifest, "--head", "logreg", "--shots", "4", "--features", "image+text",
+                   "-c", cache, "-o", out).exit_code == 0
+    paths = [r.path for r in discover([str(tree)])][:3]
+    assert run_cli("score", *paths, "--manifest", manifest, "-d", out, "-c", cache,
+                   "--out", tmp_path / "s.csv").exit_code == 0
+    offline = {x["path"]: x for x in read_rows(tmp_path / "s.csv")}
+    engine = Engine(Detector.load(out), device="cpu")  # no cache: caption embeddings made in memory
+    with TestClient(create_app(engine, ServeOptions())) as c:
+        for _ in range(400):
+            if c.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.05)
+        files = [("files", (f"{i}.png", Path(p).read_bytes(), "image/png")) for i, p in enumerate(paths)]
+        r = c.post("/v1/score", files=files, data={"captions": [caption_of(p) for p in paths[:2]]})
+        assert r.status_code == 200, r.text
+        rows = r.json()["results"]
+        assert c.get("/v1/detector").json()["features"] == "image+text"
+    for row, p in zip(rows[:2], paths):
+        assert row["error"] is None and f"{row['score']:.6g}" == offline[p]["score"]
+    assert "no caption for this image" in rows[2]["error"] and rows[2]["label"] == "unknown"

@@ -24,15 +24,15 @@ class TextEmbedder:
 
     The tower is built on the first text the cache lacks (never for an all-cached run). `key` (e.g.
     from a detector file) must then match the loaded tower's key. New embeddings are written to the
-    cache as one shard per call (in memory only for a read-only cache) and remembered in this object.
-    `encoded` counts the texts run through the model.
+    cache as one shard per call and remembered in this object (only remembered for a read-only
+    cache, or with `cache=None`: no cache at all). `encoded` counts the texts run through the model.
     """
 
     def __init__(self, spec: str, cache=None, key: str | None = None, device: str = "auto", tower=None):
         from ..cache import FeatureCache
 
         self.spec, self.device = spec, device
-        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        self.cache = cache if (cache is None or isinstance(cache, FeatureCache)) else FeatureCache(cache)
         self._key = key if key is not None else (tower.info.key if tower is not None else None)
         self._tower = tower
         self._memo: dict[str, np.ndarray] = {}
@@ -87,7 +87,7 @@ class TextEmbedder:
     def _fill(self, want: dict[str, str]) -> None:
         cache, key = self.cache, self.key
         shas = list(want)
-        if cache.exists():
+        if cache is not None and cache.exists():
             have = cache.cached_shas(key, TEXT_VIEW)
             hit = [s for s, ok in zip(shas, have.contains_many(shas)) if ok] if have else []
             if hit:
@@ -107,7 +107,7 @@ class TextEmbedder:
         from ..extract import feature_attrs
 
         cache = self.cache
-        if not cache.readonly and not cache.can_write():
+        if cache is None or cache.readonly or not cache.can_write():
             return  # the embeddings stay in this object's memory
         cache.check_compatible(tower.info, TEXT_VIEW, [])
         rows = FeatureRows(shas, emb.astype(np.float16), None)

@@ -116,3 +116,34 @@ class FitText:
                             attribute=False, meta=meta, text=text)
         det.skipped, det.input_notes = [], []
         return det
+
+
+def bench_text(heads, features: str | None, captions, pools: dict, refs, spec: str, cache, key: str,
+               device: str = "auto"):
+    """What `clipdet bench` needs from the text tower: (text embedder or None, pools with the chosen
+    features, notes). Images without a caption leave every view's pool (said in a note)."""
+    from ..detectors import HEADS
+    from .features import pool_features
+
+    features = check_features(features)
+    prompt_heads = [h for h in heads if getattr(HEADS.get(h), "needs_prompts", False)]
+    if prompt_heads and features != "image":
+        raise UsageError(f"head(s) {', '.join(prompt_heads)} score image embeddings against prompts: "
+                         "bench them with --features image")
+    if not prompt_heads and features == "image":
+        return None, pools, []
+    from ..cache import FeatureCache
+
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    text = TextEmbedder(spec, cache=cache, key=key, device=device)
+    if features == "image":
+        return text, pools, []
+    caps = (captions if isinstance(captions, Captions) else read_captions(captions)).for_refs(refs or [])
+    clean = pools["clean"]
+    found = caps.sha_map({s: [p] for s, p in zip(clean.sha256, clean.path)})
+    if not found:
+        raise no_captions_error("bench", features)
+    out = {v: pool_features(p, features, found, text)[0] for v, p in pools.items()}
+    missing = len(clean) - len(out["clean"])
+    notes = [f"{missing} image(s) without a caption left out (--features {features})"] if missing else []
+    return text, out, notes
