@@ -109,6 +109,18 @@ def test_text_group_is_never_an_image_view(tree_cache, tiny_spec, tower, run_cli
     assert r.exit_code == 2 and "unknown view 'text'" in r.stderr
 
 
+def test_text_tower_cuts_padding_exactly(tower, tiny_weights):
+    """The tower runs up to the longest text of each batch; the result equals open_clip's full-context
+    encode_text (causal mask, end-of-text pooling), and input order is kept across length-sorted batches."""
+    import torch
+
+    texts = ["a", "a much longer caption that fills most of the tiny context window", "an AI image", "x y"]
+    got = tower.encode(texts, batch_size=2)
+    with torch.no_grad():
+        want = tower.model.encode_text(tower.tokenize(texts), normalize=True).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- zero-shot
 def test_zeroshot_scores_equal_by_hand_cosine(tree_cache, tiny_weights, tmp_path, run_cli):
     from clipdet.detectors.zeroshot import DEFAULT_PROMPTS

@@ -31,8 +31,8 @@ class OpenClipTextTower:
         """open_clip's tokenizer for this architecture (truncates to the context length)."""
         return self.tokenizer(list(texts))
 
-    def encode(self, texts: Sequence[str], batch_size: int = 256):
-        """Embeddings of `texts`, L2-normalised, float32 numpy (n, D)."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64):
+        """Embeddings of `texts`, L2-normalised, float32 numpy (n, D), in input order."""
         import numpy as np
         import torch
         import torch.nn.functional as F
@@ -42,11 +42,42 @@ class OpenClipTextTower:
             return np.zeros((0, self.embed_dim), np.float32)
         self.calls += 1
         out = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                tok = self.tokenize(texts[i:i + batch_size]).to(self.device)
-                out.append(F.normalize(self.model.encode_text(tok).float(), dim=-1).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+                tok = self.tokenize([texts[j] for j in order[i:i + batch_size]]).to(self.device)
+                out.append(F.normalize(self._forward(tok).float(), dim=-1).cpu().numpy())
+        emb = np.concatenate(out).astype(np.float32)
+        back = np.empty_like(emb)
+        back[order] = emb
+        return back
+
+    def _forward(self, tok):
+        """`model.encode_text(tok)`, on the tokens up to the batch's longest text when that is exact.
+
+        With a causal attention mask and pooling at the end-of-text token (open_clip's CLIP text
+        tower), the padding after the last end-of-text token cannot change the pooled output, so it
+        is cut off: short captions cost a fraction of the full context length. Other text towers
+        run unchanged."""
+        m = self.model
+        mask = getattr(m, "attn_mask", None)
+        pool = getattr(m, "text_pool_type", None)
+        if (mask is None or pool != "argmax" or not hasattr(m, "token_embedding")
+                or not hasattr(m, "positional_embedding") or not hasattr(m, "transformer")):
+            return m.encode_text(tok)
+        import torch
+        from open_clip.transformer import text_global_pool
+
+        n = int(tok.argmax(dim=-1).max()) + 1  # argmax pooling: the end-of-text token has the highest id
+        tok = tok[:, :n]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tok).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=mask[:n, :n]))
+        x = text_global_pool(x, tok, pool)
+        proj = m.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
 
     @property
     def embed_dim(self) -> int:
