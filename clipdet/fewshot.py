@@ -168,11 +168,14 @@ def fit_from_pool(
         embed_prompts(model, text, head)
     model = model.fit_zero_shot(X.shape[1] if X.ndim == 2 and X.shape[1] else None) if zero else model.fit(Xfit, yfit)
 
-    if zero:
+    uncalibrated = zero and calibration is None
+    if uncalibrated:
         cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none (zero-shot)"
     elif not calibrate:
         cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none"
     elif not trainable:  # nothing was learned from the references: their own scores are out-of-sample
+        if calibration is not None:
+            _need_both_classes(calibration, "--calibrate")
         cal_scores = np.asarray(model.decision_function(X if calibration is None else calibration.X), np.float64)
         cal_y = pool.y if calibration is None else calibration.y
         cal_method = "references" if calibration is None else "held-out"
@@ -189,11 +192,11 @@ def fit_from_pool(
         cal_y = y
         cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
     notes = []
-    if zero:
+    if uncalibrated:
         threshold, slope = 0.0, float(model.calibration_slope_)
         notes.append("calibration: none - zero-shot detector without references: the threshold is the natural "
                      "midpoint (cosine difference 0) and p_fake = sigmoid(logit_scale x score) is UNCALIBRATED; "
-                     "give references (--shots K) to calibrate them")
+                     "give references (--shots K, or --calibrate PATH) to calibrate them")
     elif not calibrate:
         threshold, slope = 0.0, 1.0
     else:
@@ -237,7 +240,7 @@ def fit_from_pool(
         "calibration_sha256": sorted(set(calibration.sha256)) if calibration is not None else [],
         "clipdet_version": __version__, "notes": notes,
     })
-    if zero:
+    if uncalibrated:
         m["uncalibrated"] = True
     if getattr(model, "needs_prompts", False):
         m["prompts"] = model.prompt_sets()
@@ -471,7 +474,8 @@ def fit(
     k = parse_shots(shots)
     ft = FitText(head, features, captions, k)
     if k == 0:
-        return ft.zero_shot_fit(cache, backbone, view, params, seed, target_fpr, device)
+        return ft.zero_shot_fit(cache, backbone, view, params, seed, target_fpr, device, calibrate=calibrate,
+                                unused=bool(paths or manifest), quiet=quiet)
     skipped: list[tuple[str, str]] = []
     refs = None
     if paths or manifest:

@@ -294,3 +294,18 @@ def test_serve_takes_captions_per_upload(tree_cache, tmp_path, run_cli):
     for row, p in zip(rows[:2], paths):
         assert row["error"] is None and f"{row['score']:.6g}" == offline[p]["score"]
     assert "no caption for this image" in rows[2]["error"] and rows[2]["label"] == "unknown"
+
+
+def test_zeroshot_calibrated_on_held_out_images_only(tree_cache, tmp_path, run_cli):
+    tree, cache, key = tree_cache
+    out = tmp_path / "zs.clipdet"
+    r = run_cli("fit", str(tree / "real"), "--head", "zeroshot", "--shots", "0", "--calibrate", str(tree),
+                "-c", cache, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert "UNCALIBRATED" not in r.stdout and "were not used" in r.stderr
+    det = Detector.load(out)
+    assert det.meta["calibration"]["method"] == "held-out" and det.meta["calibration"]["n"] == 24
+    assert not det.meta.get("uncalibrated") and det.meta["reference_sha256"] == []
+    assert len(det.meta["calibration_sha256"]) == 24  # eval refuses these images (overlap guard)
+    r = run_cli("eval", str(tree), "-d", out, "-c", cache)
+    assert r.exit_code == 2 and "references of the detector" in r.stderr

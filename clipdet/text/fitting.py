@@ -91,10 +91,13 @@ class FitText:
         return pool_features(pool, self.features, self.capmap, text)[0]
 
     def zero_shot_fit(self, cache, backbone: str | None, view: str, params, seed: int, target_fpr: float,
-                      device: str):
-        """A detector from prompts alone (--shots 0): no references, no image features needed."""
+                      device: str, calibrate=None, unused: bool = False, quiet: bool = True):
+        """A detector from prompts alone (--shots 0): no references. With `calibrate` (labelled image
+        paths), threshold and p_fake are calibrated on those images; else they stay uncalibrated.
+        `unused`: reference PATHs were given (said in a note: a zero-shot fit does not use them)."""
         from ..backbones import DEFAULT_BACKBONE, describe_backbone
-        from ..fewshot import Pool, fit_from_pool
+        from ..fewshot import Pool, fit_from_pool, pool_from_refs
+        from ..images import discover
 
         groups = self.image_groups(cache) if cache.exists() else []
         if not backbone:
@@ -105,7 +108,12 @@ class FitText:
             backbone = specs.pop() if specs else DEFAULT_BACKBONE
         key = describe_backbone(backbone).key
         text = TextEmbedder(backbone, cache=cache, key=key, device=device)
-        rec = next((g.backbone for g in groups if g.key == key and g.view == view), None)
+        skipped, cal_pool, rec = [], None, None
+        if calibrate:
+            cal_pool, _, rec, summary = pool_from_refs(discover(list(calibrate)), cache, backbone, view, [view],
+                                                       device, quiet)
+            skipped = summary.errors
+        rec = rec or next((g.backbone for g in groups if g.key == key and g.view == view), None)
         if rec is None:
             rec = json.loads(text.tower().info.to_json())
         meta = {"backbone": rec, "backbone_key": key, "view": view, "shots": 0, "per_generator": False,
@@ -113,8 +121,11 @@ class FitText:
                 "features": "image"}
         pool = Pool([], [], [], [], np.zeros((0, 0), np.float32))
         det = fit_from_pool(pool, head=self.head, params=params, target_fpr=target_fpr, seed=seed,
-                            attribute=False, meta=meta, text=text)
-        det.skipped, det.input_notes = [], []
+                            calibration=cal_pool, attribute=False, meta=meta, text=text)
+        if unused:
+            det.meta["notes"].append("--shots 0: the reference images given were not used (a zero-shot fit "
+                                     "needs none; --calibrate PATH calibrates on labelled images)")
+        det.skipped, det.input_notes = skipped, []
         return det
 
 
