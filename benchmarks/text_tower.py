@@ -128,34 +128,12 @@ def speed(spec: str, captions: list[str], repeats: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ memory
-_CHILD = r"""
-import sys, runpy
-hwm = sys.argv[1]
-sys.argv = ["clipdet"] + sys.argv[2:]
-try:
-    runpy.run_module("clipdet", run_name="__main__")
-finally:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(hwm, "w").write(line.split()[1])
-"""
-
-
 def run_clipdet(src: str, args: list[str], stdin_file: str | None = None) -> tuple[float, float, int]:
-    """(seconds, peak RSS MB, exit code) of one clipdet command from source tree `src`, fresh process."""
-    env = dict(os.environ, PYTHONPATH=src, HF_HUB_OFFLINE="1")
-    fd, hwm = tempfile.mkstemp(suffix=".hwm")
-    os.close(fd)
-    t0 = time.perf_counter()
-    with open(stdin_file or os.devnull) as stdin:
-        rc = subprocess.run([sys.executable, "-c", _CHILD, hwm] + args, env=env, cwd=src, stdin=stdin,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    dt = time.perf_counter() - t0
-    try:
-        kb = float(open(hwm).read() or 0)
-    finally:
-        os.remove(hwm)
-    return dt, kb / 1024, rc
+    """(seconds, peak RSS MB, exit code) of one clipdet command from source tree `src`, in a fresh process."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cache_scale import run
+
+    return run(args, dict(os.environ, PYTHONPATH=src, HF_HUB_OFFLINE="1"), cwd=src, stdin_file=stdin_file)
 
 
 def memory(spec: str, images: list[str], baseline: str | None, repeats: int) -> list[dict]:
