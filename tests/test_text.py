@@ -103,6 +103,8 @@ def test_text_group_is_never_an_image_view(tree_cache, tiny_spec, tower, run_cli
     assert det.meta["counts"]["extra_rows"] == 0 and det.head.n_features_in_ == 32
     r = run_cli("cache", "info", "-c", cache)
     assert r.exit_code == 0 and "text embeddings: 1 texts" in r.stdout
+    r = run_cli("cache", "verify", "-c", cache)  # text rows pass the same checks as image rows
+    assert r.exit_code == 0, r.stdout + r.stderr
     r = run_cli("cache", "export", str(cache) + ".parquet", "--view", "text", "-c", cache)
     assert r.exit_code == 2 and "unknown view 'text'" in r.stderr
     r = run_cli("fit", "--view", "text", "-c", cache, "-o", str(cache) + ".det")
