@@ -74,7 +74,9 @@ def captioned_manifest(data: str, out: str) -> tuple[str, dict]:
 
 # ------------------------------------------------------------------------------------------ speed
 def speed(spec: str, captions: list[str], repeats: int) -> list[dict]:
-    """captions/s of the text tower at two batch sizes, and of a fully cached TextEmbedder run."""
+    """captions/s of open_clip's full-context encode_text, of clipdet's tower at two batch sizes, and of
+    a fully cached TextEmbedder run; the modes are interleaved in each repeat (a busy machine slows
+    them alike) and each reports its median."""
     import torch
 
     sys.path.insert(0, HERE)
@@ -82,52 +84,38 @@ def speed(spec: str, captions: list[str], repeats: int) -> list[dict]:
     from clipdet.text import TextEmbedder
 
     tower = create_text_tower(spec, device="cpu")
-    out = []
     full = captions[:256]  # open_clip's encode_text over the whole context: the reference, on fewer captions
-    with torch.inference_mode():
-        tok = tower.tokenize(full[:64])
-        tower.model.encode_text(tok)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix="text-speed-")
+    cache = os.path.join(tmp, "t.h5")
+    TextEmbedder(spec, cache=cache, tower=tower).embed(captions)  # fills the cache for the cached mode
+
+    def open_clip_full():
+        with torch.inference_mode():
             for i in range(0, len(full), 64):
                 tower.model.encode_text(tower.tokenize(full[i:i + 64]))
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    out.append({"mode": "open_clip encode_text, full context, batch 64", "captions": len(full), "median_s": med,
-                "captions_per_s": len(full) / med, "threads": torch.get_num_threads()})
-    for batch in (64, 256):
-        tower.encode(captions[:batch], batch_size=batch)  # warm-up
-        times = []
-        for _ in range(repeats):
+
+    def cached():
+        again = TextEmbedder(spec, cache=cache)  # a new run: the cache only, no tower
+        again.embed(captions)
+        assert again.encoded == 0 and again._tower is None
+
+    modes = [("open_clip encode_text, full context, batch 64", len(full), open_clip_full),
+             ("clipdet text tower, batch 64", len(captions), lambda: tower.encode(captions, batch_size=64)),
+             ("clipdet text tower, batch 256", len(captions), lambda: tower.encode(captions, batch_size=256)),
+             ("TextEmbedder, all cached (no model)", len(captions), cached)]
+    tower.encode(captions[:64])  # warm-up
+    times: dict[str, list[float]] = {m[0]: [] for m in modes}
+    for _ in range(repeats):
+        for name, _n, fn in modes:
             t0 = time.perf_counter()
-            tower.encode(captions, batch_size=batch)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        out.append({"mode": f"encode batch {batch}", "captions": len(captions), "median_s": med,
-                    "captions_per_s": len(captions) / med, "threads": torch.get_num_threads()})
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = os.path.join(tmp, "t.h5")
-        first = TextEmbedder(spec, cache=cache, tower=tower)
-        t0 = time.perf_counter()
-        first.embed(captions)
-        cold = time.perf_counter() - t0
-        times = []
-        for _ in range(repeats):
-            again = TextEmbedder(spec, cache=cache)  # a new run: the cache only, no tower
-            t0 = time.perf_counter()
-            again.embed(captions)
-            times.append(time.perf_counter() - t0)
-            assert again.encoded == 0 and again._tower is None
-        med = statistics.median(times)
-        out.append({"mode": "TextEmbedder first run (encode + cache write)", "captions": len(captions),
-                    "median_s": cold, "captions_per_s": len(captions) / cold, "threads": torch.get_num_threads()})
-        out.append({"mode": "TextEmbedder second run (all cached, no model)", "captions": len(captions),
-                    "median_s": med, "captions_per_s": len(captions) / med, "threads": torch.get_num_threads()})
-    return out
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return [{"mode": name, "captions": n, "median_s": statistics.median(times[name]),
+             "captions_per_s": n / statistics.median(times[name]), "threads": torch.get_num_threads()}
+            for name, n, _ in modes]
 
 
-# ------------------------------------------------------------------------------------------ memory
 def run_clipdet(src: str, args: list[str], stdin_file: str | None = None) -> tuple[float, float, int]:
     """(seconds, peak RSS MB, exit code) of one clipdet command from source tree `src`, in a fresh process."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

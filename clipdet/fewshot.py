@@ -197,8 +197,8 @@ def fit_from_pool(
         notes.append("calibration: none - zero-shot detector without references: the threshold is the natural "
                      "midpoint (cosine difference 0) and p_fake = sigmoid(logit_scale x score) is UNCALIBRATED; "
                      "give references (--shots K, or --calibrate PATH) to calibrate them")
-    elif not calibrate:
-        threshold, slope = 0.0, 1.0
+    elif not calibrate:  # a head's natural threshold 0; an untrained head keeps its own slope (zeroshot: 100)
+        threshold, slope = 0.0, (1.0 if trainable else float(model.calibration_slope_))
     else:
         threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
         slope, cal_notes = calibration_slope(cal_scores, cal_y, threshold)
