@@ -84,6 +84,8 @@ def score_refs(
         check_backbone_override(detector, backbone)
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision)
+    from .text.features import CaptionFeatures
+
     text = CaptionFeatures(detector, cache, captions, backbone, device)
     for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
@@ -135,46 +137,6 @@ def _score_ok(detector, X, ok, threshold) -> list:
         for i, r in zip(idx, detector.score_features(X[idx], threshold=threshold)):
             out[i] = r
     return out
-
-
-class CaptionFeatures:
-    """The features a detector scores: image embeddings as they are, or combined with each image's
-    caption embedding (`detector.features`); the text tower is loaded only for uncached captions."""
-
-    def __init__(self, detector, cache, captions=None, backbone: str | None = None, device: str = "auto"):
-        from .text import Captions, needs_captions
-
-        self.detector, self.cache = detector, cache
-        self.kind = getattr(detector, "features", "image")
-        self.active = needs_captions(self.kind)
-        self.captions = captions if isinstance(captions, Captions) else Captions()
-        self.spec, self.device = backbone or detector.backbone.get("spec"), device
-        self._text = None
-
-    def embedder(self):
-        """The detector backbone's `TextEmbedder` (created once)."""
-        if self._text is None:
-            from .text import TextEmbedder
-
-            self._text = TextEmbedder(self.spec, cache=self.cache, key=self.detector.backbone_key,
-                                      device=self.device)
-        return self._text
-
-    def features(self, feats, refs, records) -> tuple:
-        """(features, has_caption) for the loaded rows `feats` of one chunk (`refs`, `records` aligned)."""
-        import numpy as np
-
-        if not self.active:
-            return feats.embedding, np.ones(len(feats.sha256), bool)
-        from .text import apply_features
-
-        caps = self.captions.for_refs(refs)
-        by_sha = {}
-        for path, sha, error in records:
-            c = None if error else caps.get(sha, path)
-            if c is not None:
-                by_sha.setdefault(sha, c)
-        return apply_features(feats.embedding, feats.sha256, self.kind, by_sha, self.embedder())
 
 
 def check_backbone_override(detector, backbone: str) -> None:

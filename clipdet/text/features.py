@@ -85,3 +85,39 @@ def no_captions_error(what: str, features: str) -> UsageError:
     """The one-line refusal when `features` need captions and none were given."""
     return UsageError(f"{what}: --features {features} needs a caption per image; give --captions FILE.csv "
                       "(columns sha256 or path, and caption) or a manifest with a caption column")
+
+
+class CaptionFeatures:
+    """The features a detector scores: image embeddings as they are, or combined with each image's
+    caption embedding (`detector.features`); the text tower is loaded only for uncached captions."""
+
+    def __init__(self, detector, cache, captions=None, backbone: str | None = None, device: str = "auto"):
+        from .captions import Captions
+
+        self.detector, self.cache = detector, cache
+        self.kind = getattr(detector, "features", "image")
+        self.active = needs_captions(self.kind)
+        self.captions = captions if isinstance(captions, Captions) else Captions()
+        self.spec, self.device = backbone or detector.backbone.get("spec"), device
+        self._text = None
+
+    def embedder(self):
+        """The detector backbone's `TextEmbedder` (created once)."""
+        if self._text is None:
+            from .embed import TextEmbedder
+
+            self._text = TextEmbedder(self.spec, cache=self.cache, key=self.detector.backbone_key,
+                                      device=self.device)
+        return self._text
+
+    def features(self, feats, refs, records) -> tuple:
+        """(features, has_caption) for the loaded rows `feats` of one chunk (`refs`, `records` aligned)."""
+        if not self.active:
+            return feats.embedding, np.ones(len(feats.sha256), bool)
+        caps = self.captions.for_refs(refs)
+        by_sha = {}
+        for path, sha, error in records:
+            c = None if error else caps.get(sha, path)
+            if c is not None:
+                by_sha.setdefault(sha, c)
+        return apply_features(feats.embedding, feats.sha256, self.kind, by_sha, self.embedder())
