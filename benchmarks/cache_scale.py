@@ -38,8 +38,9 @@ _CHILD = (
 )
 
 
-def run(args: list[str], env: dict) -> tuple[float, float, int]:
-    """(seconds, peak RSS MB, exit code) of one clipdet command in a fresh process.
+def run(args: list[str], env: dict, cwd: str | None = None, stdin_file: str | None = None) -> tuple[float, float, int]:
+    """(seconds, peak RSS MB, exit code) of one clipdet command in a fresh process (in `cwd`, whose
+    clipdet package wins the import; stdin from `stdin_file`).
 
     Peak RSS is the child's own VmHWM (read at exit from /proc/self/status): getrusage of a child
     would also count the memory it shared with this (larger) process before exec."""
@@ -48,8 +49,9 @@ def run(args: list[str], env: dict) -> tuple[float, float, int]:
     fd, hwm = tempfile.mkstemp(suffix=".hwm")
     os.close(fd)
     t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-c", _CHILD, hwm] + args, env=env, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL).returncode
+    with open(stdin_file or os.devnull) as stdin:
+        rc = subprocess.run([sys.executable, "-c", _CHILD, hwm] + args, env=env, cwd=cwd, stdin=stdin,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
     dt = time.perf_counter() - t0
     try:
         kb = float(open(hwm).read() or 0)

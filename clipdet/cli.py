@@ -32,6 +32,8 @@ BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH
 CacheOpt = typer.Option(None, "--cache", "-c", help="Feature cache file [default: $CLIPDET_CACHE or cache/clipdet.h5]")
 ManifestOpt = typer.Option(None, "--manifest", "-m", help="CSV with columns path,label,generator")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or per-file lines; summary only")
+CaptionsOpt = typer.Option(None, "--captions", help="CSV with columns sha256 or path, and caption: captions for "
+                           "detectors with --features image+text or residual (a manifest's caption column works too)")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else "
                             "fp32), fp32, bf16, or fp16 (CUDA)")
 
@@ -101,6 +103,19 @@ def _discovery_summary(refs) -> None:
     line = refs.summary() if hasattr(refs, "summary") else ""
     if line:
         err(f"note: {line}")
+
+
+def _captions_for(det, refs, captions: Optional[str], what: str):
+    """Captions for scoring with `det` (None for image features); refuses caption features without any."""
+    from .text import needs_captions, read_captions
+    from .text.features import no_captions_error
+
+    if not needs_captions(det.features):
+        return None
+    caps = read_captions(captions)
+    if not len(caps) and not any(getattr(r, "caption", None) for r in refs):
+        raise no_captions_error(what, det.features)
+    return caps
 
 
 def _layers(spec: Optional[str]) -> tuple[int, ...]:
@@ -238,8 +253,14 @@ def fit(
                               "improves leave-one-generator-out AUC on the references (greedy; 0: off)"),
     prune_basis: str = typer.Option("coord", "--prune-basis", help="Components --prune removes: coord "
                                     "(coordinates) or pca (principal directions of the references)"),
+    features: str = typer.Option("image", "--features", help="What the head sees: image, image+text (image and "
+                                 "caption embeddings) or residual (image minus its caption's direction); "
+                                 "the last two need captions"),
+    captions: Optional[str] = CaptionsOpt,
 ) -> None:
-    """Fit a few-shot detector from cached features (images not yet cached are extracted first)."""
+    """Fit a few-shot detector from cached features (images not yet cached are extracted first).
+
+    --head zeroshot --shots 0 needs no references (prompts only; uncalibrated)."""
     _quiet_warnings(quiet)
 
     def go():
@@ -250,7 +271,7 @@ def fit(
                       manifest=manifest, view=view, augment_views=augment_views, per_generator=per_generator,
                       exclude_generators=exclude_generator or (), params=parse_params(param or []),
                       calibrate=calibrate or None, target_fpr=target_fpr, attribute=attribute, device=device,
-                      quiet=quiet, prune=prune, prune_basis=prune_basis)
+                      quiet=quiet, prune=prune, prune_basis=prune_basis, features=features, captions=captions)
         det.save(out)
         for path, reason in getattr(det, "skipped", []):
             err(f"skipped {path}: {reason}")
@@ -287,6 +308,7 @@ def score(
     quiet: bool = QuietOpt,
     verdict_out: bool = typer.Option(False, "--verdict", help="Print a readable verdict per image on stdout "
                                      "(the default for a single FILE argument; otherwise CSV rows)"),
+    captions: Optional[str] = CaptionsOpt,
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
     _quiet_warnings(quiet)
@@ -299,6 +321,7 @@ def score(
 
         det = Detector.load(detector)
         refs = _refs(paths or [], manifest)
+        caps = _captions_for(det, refs, captions, "score")
         t = det.threshold if threshold is None else threshold
         # The format follows the options, never the number of images found: verdicts for one FILE
         # argument or --verdict, else CSV/JSONL rows (on stdout without --out).
@@ -312,7 +335,7 @@ def score(
             fc = FeatureCache(cache, readonly=cache_readonly)
             for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
                                   batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
-                                  on_chunk=writer.flush):
+                                  on_chunk=writer.flush, captions=caps):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1
@@ -353,6 +376,7 @@ def eval_cmd(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Override the detector's backbone "
                                            "spec (e.g. weights moved); must be the same weights "
                                            "[default: the detector's]"),
+    captions: Optional[str] = CaptionsOpt,
 ) -> None:
     """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
     _quiet_warnings(quiet)
@@ -370,7 +394,8 @@ def eval_cmd(
         refs = _refs(paths or [], manifest)
         extra = parse_views(views)[1:] if views else []
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
-                       exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone)
+                       exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone,
+                       captions=_captions_for(det, refs, captions, "eval"))
         if json_out:
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:
@@ -426,6 +451,9 @@ def serve(
                                            "spec (e.g. weights moved); must be the same weights"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     precision: str = PrecisionOpt,
+    captions: Optional[str] = typer.Option(None, "--captions", help="CSV with columns sha256 and caption, for "
+                                           "detectors with caption features (requests may also send a "
+                                           "'captions' form field per file)"),
 ) -> None:
     """Serve the detector over HTTP: POST /v1/score, GET /v1/detector, /healthz, /metrics, and a web page at /."""
 
@@ -444,8 +472,10 @@ def serve(
         if cache_write and not cache:
             raise UsageError("--cache-write needs --cache FILE")
         det = Detector.load(detector)
+        from .text import read_captions
+
         engine = Engine(det, cache=cache, cache_write=cache_write, device=device, precision=precision,
-                        threshold=threshold, backbone=backbone)
+                        threshold=threshold, backbone=backbone, captions=read_captions(captions))
         opts = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_wait_ms=max_wait_ms,
                             max_batch=max_batch or default_batch_size(device), decode_workers=workers)
         err(f"clipdet serve: http://{host}:{port}/ ({'token required' if token else 'no token'}; Ctrl-C stops)")

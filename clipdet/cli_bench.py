@@ -66,7 +66,7 @@ def load_pools(
     formats = {s: images[s].format for s in clean.sha256 if s in images}
     notes = [refs.summary()] if (paths or manifest) and hasattr(refs, "summary") and refs.summary() else []
     return pools, {"backbone": rec, "backbone_key": key, "formats": formats, "extract": summary,
-                   "input_notes": notes}
+                   "input_notes": notes, "refs": refs if (paths or manifest) else []}
 
 
 def _summary_lines(res) -> list[str]:
@@ -135,6 +135,10 @@ def register(app: typer.Typer) -> None:
         prune: int = typer.Option(0, "--prune", min=0, help="Every fit first prunes K embedding components "
                                   "(as fit --prune)"),
         prune_basis: str = typer.Option("coord", "--prune-basis", help="coord or pca (as fit --prune-basis)"),
+        features: str = typer.Option("image", "--features", help="What the heads see: image, image+text or "
+                                     "residual (the last two need captions: --captions or a manifest caption column)"),
+        captions: Optional[str] = typer.Option(None, "--captions", help="CSV with columns sha256 or path, and "
+                                               "caption (for --features image+text or residual)"),
     ) -> None:
         """Benchmark heads on labelled images: k-shot curves over seeds, leave-one-generator-out, robustness.
 
@@ -152,10 +156,17 @@ def register(app: typer.Typer) -> None:
 
             protos = parse_protocols(protocol)
             head_list, k_list, k = parse_heads(heads), parse_ks(ks), parse_shots(shots)
+            if k == 0:
+                from .errors import UsageError
+
+                raise UsageError("--shots 0: logo and robustness need references (K = 0 is on the k-shot curve "
+                                 "of zero-shot heads)")
             view_list = parse_views(views) if "robustness" in protos else ["clean"]
             prepare_output_dir(out, "--out")  # before any extraction or fit
             from .features import kinds_for
+            from .fewshot import check_kinds_features
 
+            check_kinds_features(kinds_for(head_list), features)
             pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet,
                                      kinds_for(head_list))
             summary = info["extract"]
@@ -164,13 +175,18 @@ def register(app: typer.Typer) -> None:
                     err(f"skipped {path}: {reason}")
                 if not quiet:
                     err(summary.line())
-            for note in info.get("input_notes", []):
+            from .text.fitting import bench_text
+
+            text, pools, text_notes = bench_text(head_list, features, captions, pools, info["refs"],
+                                                 info["backbone"].get("spec") or backbone, cache,
+                                                 info["backbone_key"], device)
+            for note in info.get("input_notes", []) + text_notes:
                 err(f"note: {note}")
             config = {"backbone": info["backbone"].get("spec"), "backbone_key": info["backbone_key"],
                       "backbone_record": info["backbone"], "paths": list(paths or []), "manifest": manifest,
-                      "command": "clipdet " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+                      "command": "clipdet " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "features": features}
             res = run_bench(pools, protos, head_list, k_list, seeds, k, target_fpr, per_generator,
-                            formats=info["formats"], config=config, progress=None if quiet else err,
+                            formats=info["formats"], config=config, progress=None if quiet else err, text=text,
                             fit_options={"prune": prune, "prune_basis": prune_basis} if prune else None)
             files = write_bench(res, out)
             c = res.counts

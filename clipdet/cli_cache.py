@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
                        f"{info['segments']} segment(s) (format v{info['format_version']}), {info['errors']} "
                        f"recorded errors, {info['conflicts']} conflicting labels")
             for f in info["features"]:
+                if f["view"] == "text":  # clipdet.text.TEXT_VIEW: prompt and caption embeddings, not images
+                    typer.echo(f"  {f['backbone']} [{f['backbone_key']}] text embeddings: {f['images']} texts "
+                               f"(dim {f['dim']}; prompts and captions, keyed by SHA-256 of the text)")
+                    continue
                 labels = ", ".join(f"{k} {v}" for k, v in f["labels"].items())
                 typer.echo(f"  {f['backbone']} [{f['backbone_key']}] view {f['view']}: {f['images']} images "
                            f"(dim {f['dim']}{', layers ' + str(f['layers']) if f['layers'] else ''}; {labels})")

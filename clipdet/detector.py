@@ -52,13 +52,18 @@ class Detector:
         return self.meta.get("view", "clean")
 
     @property
-    def features(self) -> dict:
+    def layout(self) -> dict:
         """Layout of the feature rows the head reads (clipdet.features): kind, units, blocks..."""
-        return self.meta.get("features") or {"kind": "embedding", "units": 1}
+        return self.meta.get("layout") or {"kind": "embedding", "units": 1}
+
+    @property
+    def features(self) -> str:
+        """What the head sees of an image: image, image+text or residual (see `clipdet.text.features`)."""
+        return self.meta.get("features", "image")
 
     def explain(self) -> list[str]:
         """Lines saying what the detector relies on: the head's choices (e.g. attention heads)."""
-        return self.head.describe_fit(self.features) if hasattr(self.head, "describe_fit") else []
+        return self.head.describe_fit(self.layout) if hasattr(self.head, "describe_fit") else []
 
     def _head_input(self, X) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
@@ -213,7 +218,10 @@ class Detector:
         m = self.meta
         counts = m.get("counts", {})
         attr = f", attributes {len(m.get('generators', []))} generators" if self.attribution is not None else ""
-        return (f"{m['head']} detector on {m['backbone'].get('spec')} [{m.get('view', 'clean')}], "
+        feats = f", features {self.features}" if self.features != "image" else ""
+        uncal = " (UNCALIBRATED: zero-shot without references)" if m.get("uncalibrated") else ""
+        return (f"{m['head']} detector on {m['backbone'].get('spec')} [{m.get('view', 'clean')}]{feats}, "
                 f"{counts.get('real', 0)} real + {counts.get('fake', 0)} fake references (shots {m.get('shots')}, "
-                f"seed {m.get('seed')}){attr}; threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}")
+                f"seed {m.get('seed')}){attr}; threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}"
+                + uncal)
 

@@ -75,10 +75,12 @@ def evaluate(
     batch_size: int | None = None,
     workers: int | None = None,
     backbone: str | None = None,
+    captions=None,
 ) -> dict:
     """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict.
 
     `backbone` overrides the detector's backbone spec (e.g. the weights file moved); same weights only.
+    `captions` (a `clipdet.text.Captions`) for detectors fitted on caption features.
     """
     from .metrics import binary_report, confusion_matrix, roc_auc
     from .scoring import score_refs
@@ -88,7 +90,8 @@ def evaluate(
     if not any(r.label in ("real", "fake") for r in labelled):
         raise UsageError("eval needs labelled images (layout real/** and fake/<generator>/**, or --manifest)")
     by_path = {r.path: r for r in labelled}
-    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers, backbone=backbone)
+    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers, backbone=backbone,
+              captions=captions)
     rows = list(score_refs(labelled, detector, **kw))
     ref_shas = detector.reference_shas
     overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}
@@ -122,7 +125,7 @@ def evaluate(
     result = {
         "detector": {"head": detector.meta.get("head"), "backbone": detector.backbone.get("spec"),
                      "backbone_weights": detector.backbone.get("weights"),
-                     "view": detector.view, "threshold": detector.threshold,
+                     "view": detector.view, "features": detector.features, "threshold": detector.threshold,
                      "target_fpr": detector.meta.get("target_fpr"), "shots": detector.meta.get("shots"),
                      "seed": detector.meta.get("seed")},
         "n_inputs": len(refs), "n_unlabelled": len(refs) - len(labelled), "n_errors": len(errors),

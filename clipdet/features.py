@@ -73,7 +73,7 @@ def load_kwargs(kinds: Iterable[str]) -> dict:
 def extract_kwargs(cache, detector, view: str) -> dict:
     """LazyBackbone arguments that make new images carry what `detector` reads: none when the cache's
     group already stores it (extraction keeps a group's layers and heads), else the detector's layout."""
-    lay = detector.features
+    lay = detector.layout
     kind = lay.get("kind", "embedding")
     if kind == "embedding":
         return {}

@@ -57,15 +57,15 @@ class Pool:
 
 
 def parse_shots(shots: str | int | None) -> int | None:
-    """'10' → 10, 'all' or None → None (every reference)."""
+    """'10' → 10, 'all' or None → None (every reference), '0' → 0 (zero-shot heads only)."""
     if shots is None or (isinstance(shots, str) and shots.strip().lower() == "all"):
         return None
     try:
         k = int(shots)
     except (TypeError, ValueError):
-        raise UsageError(f"--shots {shots!r}: expected a positive integer or 'all'") from None
-    if k < 1:
-        raise UsageError(f"--shots {shots!r}: expected a positive integer or 'all'")
+        raise UsageError(f"--shots {shots!r}: expected a positive integer, 0 (zero-shot heads) or 'all'") from None
+    if k < 0:
+        raise UsageError(f"--shots {shots!r}: expected a positive integer, 0 (zero-shot heads) or 'all'")
     return k
 
 
@@ -142,8 +142,12 @@ def fit_from_pool(
     calibrate: bool = True,
     prune: int = 0,
     prune_basis: str = "coord",
+    text=None,
 ):
     """Fit a `Detector` on the references in `pool` (already sampled); returns it.
+
+    `text`: a `clipdet.text.TextEmbedder` for heads that embed prompts (zeroshot). A zero-shot head
+    fits with an empty `pool` (--shots 0): threshold at its natural midpoint 0, uncalibrated.
 
     `extra`: additional training rows (e.g. perturbed views of the same references) used for the
     head only. `calibration`: held-out labelled images for threshold and Platt; without it, both come
@@ -159,19 +163,24 @@ def fit_from_pool(
     from .detector import Detector
     from .detectors import create_head
 
-    _need_both_classes(pool, "fit")
     if not 0 <= target_fpr < 1:
         raise UsageError(f"--target-fpr {target_fpr}: expected a number in [0, 1)")
     params = dict(params or {})
     base = create_head(head, **params)
+    zero = len(pool) == 0 and getattr(base, "zero_shot", False)
+    if not zero:
+        _need_both_classes(pool, "fit")
     if "random_state" in base.get_params() and "random_state" not in params:
         base.set_params(random_state=seed)
     if "calibration_cv" in base.get_params():
         base.set_params(calibration_cv=0)  # the detector calibrates once, below
+    trainable = getattr(base, "trainable", True)
     kind = getattr(base, "needs", "embedding")
     X, layout = pool.matrix(kind)
     base.set_params(**base.layout_params(layout))
     transform = None
+    if prune and zero:
+        raise UsageError("--prune chooses components on the references: it needs --shots K > 0")
     if prune:
         from .prune import fit_pruner
 
@@ -188,10 +197,26 @@ def fit_from_pool(
     if extra is not None and len(extra):
         Xfit, yfit, gfit = np.vstack([X, features(extra)]), np.concatenate([y, extra.y]), gfit + list(extra.generator)
     fit_kw = {"groups": np.array(gfit, dtype=object)} if getattr(base, "uses_groups", False) else {}
-    model = clone(base).fit(Xfit, yfit, **fit_kw)
+    model = clone(base)
+    if getattr(model, "needs_prompts", False):
+        from .text.prompts import embed_prompts
 
-    if not calibrate:
+        embed_prompts(model, text, head)
+    model = (model.fit_zero_shot(X.shape[1] if X.ndim == 2 and X.shape[1] else None) if zero
+             else model.fit(Xfit, yfit, **fit_kw))
+
+    uncalibrated = zero and calibration is None
+    if uncalibrated:
+        cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none (zero-shot)"
+    elif not calibrate:
         cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none"
+    elif not trainable:  # nothing was learned from the references: their own scores are out-of-sample
+        if calibration is not None:
+            _need_both_classes(calibration, "--calibrate")
+        cal_scores = np.asarray(model.decision_function(X if calibration is None else features(calibration)),
+                                np.float64)
+        cal_y = pool.y if calibration is None else calibration.y
+        cal_method = "references" if calibration is None else "held-out"
     elif calibration is not None:
         _need_both_classes(calibration, "--calibrate")
         cal_scores = np.asarray(model.decision_function(features(calibration)), dtype=np.float64)
@@ -205,8 +230,13 @@ def fit_from_pool(
         cal_y = y
         cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
     notes = []
-    if not calibrate:
-        threshold, slope = 0.0, 1.0
+    if uncalibrated:
+        threshold, slope = 0.0, float(model.calibration_slope_)
+        notes.append("calibration: none - zero-shot detector without references: the threshold is the natural "
+                     "midpoint (cosine difference 0) and p_fake = sigmoid(logit_scale x score) is UNCALIBRATED; "
+                     "give references (--shots K, or --calibrate PATH) to calibrate them")
+    elif not calibrate:  # a head's natural threshold 0; an untrained head keeps its own slope (zeroshot: 100)
+        threshold, slope = 0.0, (1.0 if trainable else float(model.calibration_slope_))
     else:
         threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
         slope, cal_notes = calibration_slope(cal_scores, cal_y, threshold)
@@ -218,7 +248,9 @@ def fit_from_pool(
     # Attribution: multi-class over real + named generators, with an open-set "unknown" rule.
     attribution = open_set = None
     named = sorted({g for g, lab in zip(pool.generator, pool.label) if lab == "fake" and g})
-    if attribute and len(named) >= 2:
+    if not trainable and named:
+        notes.append(f"the {head} head does not attribute generators")
+    elif attribute and len(named) >= 2:
         keep = [i for i in range(len(pool)) if pool.label[i] == "real" or pool.generator[i]]
         classes = np.array(["real" if pool.label[i] == "real" else pool.generator[i] for i in keep], dtype=object)
         counts = {c: int((classes == c).sum()) for c in set(classes)}
@@ -245,11 +277,15 @@ def fit_from_pool(
                    "extra_rows": 0 if extra is None else int(len(extra))},
         "generators": named, "reference_sha256": sorted(set(pool.sha256)),
         "calibration_sha256": sorted(set(calibration.sha256)) if calibration is not None else [],
-        "clipdet_version": __version__, "notes": notes, "features": layout,
+        "clipdet_version": __version__, "notes": notes, "layout": layout,
     })
     if transform is not None:
         m["prune"] = {"k": int(prune), "basis": prune_basis, **transform.info}
         notes.append(transform.describe())
+    if uncalibrated:
+        m["uncalibrated"] = True
+    if getattr(model, "needs_prompts", False):
+        m["prompts"] = model.prompt_sets()
     refs = {"sha256": list(pool.sha256), "path": list(pool.path), "label": list(pool.label),
             "generator": list(pool.generator)}
     if extra is not None and len(extra):
@@ -473,41 +509,57 @@ def fit(
     quiet: bool = True,
     prune: int = 0,
     prune_basis: str = "coord",
+    features: str = "image",
+    captions=None,
 ):
     """Fit a few-shot detector; the library form of `clipdet fit`. Returns a `Detector`.
 
     Without `paths`/`manifest`, every labelled image in the cache for the backbone is a candidate.
     With them, only those images are candidates (extracted first if not cached). `prune`,
-    `prune_basis`: see `fit_from_pool`.
+    `prune_basis`: see `fit_from_pool`. `features`
+    (image | image+text | residual) and `captions` (a `clipdet.text.Captions` or a captions CSV
+    path; manifests may carry a caption column) choose what the head sees; candidates without a
+    caption are left out (noted). `shots=0` fits a zero-shot head (zeroshot) without references.
     """
     from .cache import FeatureCache
     from .features import kinds_for
     from .images import canonical_view, discover, require_images
+    from .text.fitting import FitText
 
     kinds = kinds_for([head])
+    check_kinds_features(kinds, features)
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     view = canonical_view(view)
     k = parse_shots(shots)
+    ft = FitText(head, features, captions, k)
+    if k == 0 and prune:
+        raise UsageError("--prune chooses components on the references: it needs --shots K > 0")
+    if k == 0:
+        return ft.zero_shot_fit(cache, backbone, view, params, seed, target_fpr, device, calibrate=calibrate,
+                                unused=bool(paths or manifest), quiet=quiet)
     skipped: list[tuple[str, str]] = []
+    refs = None
     if paths or manifest:
         if not backbone:
             from .backbones import DEFAULT_BACKBONE
 
-            specs = {g.backbone.get("spec") for g in cache.groups(count=False)} if cache.exists() else set()
+            specs = {g.backbone.get("spec") for g in ft.image_groups(cache)} if cache.exists() else set()
             if len(specs) > 1:
                 raise UsageError(f"{cache.path} holds several backbones ({', '.join(sorted(specs))}); "
                                  "choose one with --backbone")
             backbone = specs.pop() if specs else DEFAULT_BACKBONE
         refs = discover(list(paths or []), manifest=manifest)
         require_images(refs, list(paths or []))
+        ft.add_refs(refs)
         pool, key, rec, summary = pool_from_refs(refs, cache, backbone, view, [view], device, quiet, kinds)
         skipped += summary.errors
+        pool = ft.captioned(pool, cache, key)
     else:
         if not cache.exists():
             raise UsageError(f"{cache.path}: no feature cache; run clipdet extract first or pass PATHs")
         key, rec = resolve_backbone_key(cache, backbone, view)
-        pool = None
+        pool = ft.cache_pool(cache, key, view)  # None: sample from the index (image features)
     excluded = set(exclude_generators)
     if pool is None:  # the whole cache: sample from the index, read only the chosen rows
         chosen, counts = sample_from_cache(cache, key, view, k, seed, per_generator, excluded, kinds)
@@ -524,7 +576,7 @@ def fit(
 
     extra = None
     if augment_views:
-        other = sorted({g.view for g in cache.groups(count=False) if g.key == key} - {view})
+        other = sorted({g.view for g in ft.image_groups(cache) if g.key == key} - {view})
         parts = []
         labels = {s: (lab, g) for s, lab, g in zip(chosen.sha256, chosen.label, chosen.generator)}
         pths = dict(zip(chosen.sha256, chosen.path))
@@ -540,25 +592,39 @@ def fit(
     cal_pool = None
     if calibrate:
         cal_refs = discover(list(calibrate))
+        ft.add_refs(cal_refs)
         cal_pool, _, _, cal_summary = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view],
                                                      device, quiet, kinds)
         skipped += cal_summary.errors
+        cal_pool = ft.captioned(cal_pool, cache, key, what="--calibrate")
         overlap = set(cal_pool.sha256) & set(chosen.sha256)
         if overlap:
             raise UsageError(f"--calibrate images overlap the fit references ({len(overlap)} shared by content)")
     meta = {
         "backbone": rec, "backbone_key": key, "view": view, "shots": "all" if k is None else k,
         "per_generator": per_generator, "exclude_generators": sorted(excluded), "augment_views": augment_views,
-        "candidates": {"real": counts["real"], "fake": counts["fake"]},
+        "candidates": {"real": counts["real"], "fake": counts["fake"]}, "features": ft.features,
     }
+    text = ft.embedder(rec.get("spec") or backbone, cache, key, device)
+    chosen, extra, cal_pool = (ft.transform(p, text) for p in (chosen, extra, cal_pool))
     det = fit_from_pool(chosen, head=head, params=params, target_fpr=target_fpr, seed=seed, calibration=cal_pool,
-                        attribute=attribute, extra=extra, meta=meta, prune=prune, prune_basis=prune_basis)
+                        attribute=attribute, extra=extra, meta=meta, prune=prune, prune_basis=prune_basis,
+                        text=text)
     short = shots_shortfall(counts, k, per_generator)
     if short:
         det.meta.setdefault("notes", []).insert(0, short)
+    det.meta.setdefault("notes", []).extend(ft.notes)
     det.skipped = skipped
-    det.input_notes = [refs.summary()] if (paths or manifest) and hasattr(refs, "summary") and refs.summary() else []
+    det.input_notes = [refs.summary()] if refs is not None and hasattr(refs, "summary") and refs.summary() else []
     return det
+
+
+def check_kinds_features(kinds: Sequence[str], features: str) -> None:
+    """UsageError when heads reading attention heads / block tokens are asked for caption features."""
+    other = [k for k in kinds if k != "embedding"]
+    if other and features not in (None, "image"):
+        raise UsageError(f"--features {features} applies to the image embedding; heads reading {other[0]} "
+                         "features take --features image")
 
 
 def candidate_counts(labels: Sequence[str], generators: Sequence[str]) -> dict:

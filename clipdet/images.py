@@ -35,6 +35,7 @@ class ImageRef:
     label: str | None = None
     generator: str | None = None
     error: str | None = None  # set by discovery for an input that cannot be used (e.g. an unreadable folder)
+    caption: str | None = None  # from a manifest `caption` column (features image+text / residual)
 
 
 class Discovered(list):
@@ -86,7 +87,7 @@ def _normalise_label(value: str | None, where: str) -> str | None:
 
 
 def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
-    """Rows of a CSV manifest with columns `path` (required), `label`, `generator`.
+    """Rows of a CSV manifest with columns `path` (required), `label`, `generator`, `caption`.
 
     Relative paths are resolved against the manifest's folder. An empty label falls back to the layout.
     """
@@ -117,7 +118,8 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
                 gen = gen or lgen
             if label == REAL:
                 gen = None
-            refs.append(ImageRef(full, label, gen))
+            caption = (row.get("caption") or "").strip() or None
+            refs.append(ImageRef(full, label, gen, caption=caption))
     return refs
 
 

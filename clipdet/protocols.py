@@ -130,18 +130,26 @@ def _need_both(pool: Pool, what: str) -> None:
 
 
 def _fit(train: Pool, head: str, seed: int, target_fpr: float, params: dict | None,
-         fit_options: Mapping | None = None):
+         fit_options: Mapping | None = None, text=None):
     """A detector on `train`, calibrated out-of-fold when every class has >= 2 references.
 
-    `fit_options`: further `fit_from_pool` arguments for every fit (e.g. prune, prune_basis)."""
+    `fit_options`: further `fit_from_pool` arguments for every fit (e.g. prune, prune_basis); `text`: the
+    `TextEmbedder` prompt heads need; an empty `train` fits a zero-shot head."""
     n_real, n_fake = _counts(train)
     return fit_from_pool(train, head=head, params=params, target_fpr=target_fpr, seed=seed, attribute=False,
-                         calibrate=min(n_real, n_fake) >= 2, **dict(fit_options or {}))
+                         calibrate=min(n_real, n_fake) >= 2, text=text, **dict(fit_options or {}))
 
 
 def decide(det, pool: Pool) -> np.ndarray:
     """`det`'s scores on `pool`, from the features its head reads (embedding, heads, layers)."""
-    return det.decision_function(pool.matrix(det.features.get("kind", "embedding"))[0])
+    return det.decision_function(pool.matrix(det.layout.get("kind", "embedding"))[0])
+
+
+def zero_shot_heads(heads: Sequence[str]) -> list[str]:
+    """The heads among `heads` that work without references (K = 0 on a k-shot curve)."""
+    from .detectors import HEADS
+
+    return [h for h in heads if getattr(HEADS.get(h), "zero_shot", False)]
 
 
 def _score(det, test: Pool) -> dict:
@@ -200,6 +208,7 @@ def kshot_curve(
     per_generator: bool = False,
     params: Mapping[str, dict] | None = None,
     fit_options: Mapping | None = None,
+    text=None,
 ) -> Rows:
     """Metrics vs shots: one row per (head, K, seed); test set = `pool` minus the drawn references.
 
@@ -207,6 +216,8 @@ def kshot_curve(
     calibration and n_test*. A K that leaves no real or no fake image to test on (K >= what a class
     has) is skipped with a note in `Rows.notes`. For a fixed seed the draws are nested: the references
     for K are a subset of those for any larger K. `params` maps a head name to its parameters.
+    Heads that work without references (zeroshot) also get one K = 0 row (no references, the whole pool
+    is the test set, uncalibrated threshold), with the first seed: nothing in it is random.
     """
     heads, ks, seeds = parse_heads(heads), parse_ks(ks), parse_seeds(seeds)
     _need_both(pool, "k-shot curve")
@@ -223,9 +234,13 @@ def kshot_curve(
             if split is not None:
                 splits[(k, seed)] = split
     for head in heads:
+        if zero_shot_heads([head]):
+            det = _fit(pool.take([]), head, seeds[0], target_fpr, (params or {}).get(head), text=text)
+            rows.append({"protocol": "kshot", "head": head, "k": 0, "seed": seeds[0], **_train_counts(pool.take([])),
+                         **_score(det, pool)})
         for (k, seed), (train, test) in splits.items():
             tr_pool, te_pool = pool.take(train), pool.take(test)
-            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head), fit_options)
+            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head), fit_options, text)
             rows.append({"protocol": "kshot", "head": head, "k": k, "seed": seed, **_train_counts(tr_pool),
                          **_score(det, te_pool)})
     return rows
@@ -283,6 +298,7 @@ def leave_one_generator_out(
     real_holdout: float = 0.5,
     params: Mapping[str, dict] | None = None,
     fit_options: Mapping | None = None,
+    text=None,
 ) -> Rows:
     """For each generator g with fakes: fit on reals + fakes of the other generators, test on g.
 
@@ -341,7 +357,7 @@ def leave_one_generator_out(
     for head in heads:
         for g, seed, train, test_reals, test_g, seen in plans:
             tr_pool = pool.take(train)
-            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head), fit_options)
+            det = _fit(tr_pool, head, seed, target_fpr, (params or {}).get(head), fit_options, text)
             row = {"protocol": "logo", "head": head, "generator": g, "seed": seed,
                    "shots": "all" if shots is None else shots, **_train_counts(tr_pool),
                    **_score(det, pool.take(test_reals + test_g))}
@@ -411,6 +427,7 @@ def robustness(
     per_generator: bool = False,
     params: Mapping[str, dict] | None = None,
     fit_options: Mapping | None = None,
+    text=None,
 ) -> Rows:
     """AUC per view: fit on the clean features of sampled references, test on every view's features of
     the same non-reference images (real and fake perturbed identically, identical image sets).
@@ -442,7 +459,7 @@ def robustness(
     for head in heads:
         for seed, train, test in plans:
             p = (params or {}).get(head)
-            det = _fit(clean.take(train), head, seed, target_fpr, p, fit_options)
+            det = _fit(clean.take(train), head, seed, target_fpr, p, fit_options, text)
             base = None
             for v in views:
                 r = {"protocol": "robustness", "head": head, "fit_view": clean_view, "view": v, "seed": seed,
@@ -452,7 +469,7 @@ def robustness(
                 r["delta_auc"] = r["auc"] - base
                 rows.append(r)
             if shortcut:
-                det2 = _fit(pools[shortcut].take(train), head, seed, target_fpr, p, fit_options)
+                det2 = _fit(pools[shortcut].take(train), head, seed, target_fpr, p, fit_options, text)
                 r = {"protocol": "robustness", "head": head, "fit_view": shortcut, "view": shortcut, "seed": seed,
                      "shots": "all" if shots is None else shots, **_train_counts(clean.take(train)),
                      **_score(det2, pools[shortcut].take(test))}
@@ -650,6 +667,7 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     params: Mapping[str, dict] | None = None,
     fit_options: Mapping | None = None,
+    text=None,
 ) -> BenchResult:
     """Run the selected protocols on `pools_by_view` ("clean" plus perturbed views for robustness).
 
@@ -657,6 +675,7 @@ def run_bench(
     (e.g. backbone, data paths, command) is stored in the run record with the protocol settings.
     `progress(line)` is called after each protocol (the library itself prints nothing). `params`: head
     name → parameters; `fit_options`: further `fit_from_pool` arguments for every fit (prune, prune_basis).
+    `text`: the backbone's `TextEmbedder`, for heads that embed prompts (zeroshot).
     """
     protocols, heads, seeds = parse_protocols(protocols), parse_heads(heads), parse_seeds(seeds)
     ks = parse_ks(ks)
@@ -677,14 +696,14 @@ def run_bench(
     say = progress or (lambda line: None)
     if "kshot" in protocols:
         t0 = time.perf_counter()
-        res.kshot = kshot_curve(clean, heads, ks, seeds, target_fpr, per_generator, params, fit_options)
+        res.kshot = kshot_curve(clean, heads, ks, seeds, target_fpr, per_generator, params, fit_options, text)
         res.seconds["kshot"] = time.perf_counter() - t0
         say(f"k-shot: {len(res.kshot)} fits in {res.seconds['kshot']:.1f} s")
     if "logo" in protocols:
         t0 = time.perf_counter()
         try:
             res.logo = leave_one_generator_out(clean, heads, shots, seeds, target_fpr, per_generator,
-                                               params=params, fit_options=fit_options)
+                                               params=params, fit_options=fit_options, text=text)
         except UsageError as e:
             res.logo = Rows(notes=[f"logo: skipped: {e}"])
         res.seconds["logo"] = time.perf_counter() - t0
@@ -692,7 +711,7 @@ def run_bench(
     if "robustness" in protocols:
         t0 = time.perf_counter()
         rob = robustness(pools_by_view, heads, shots, seeds, target_fpr, per_generator=per_generator, params=params,
-                         fit_options=fit_options)
+                         fit_options=fit_options, text=text)
         if len(pools_by_view) < 2:
             rob.notes.insert(0, "robustness: no perturbed view given, so only the clean AUC is measured")
         res.robustness = rob

@@ -55,6 +55,7 @@ def score_refs(
     precision: str = "auto",
     first_chunk: int = FIRST_CHUNK,
     on_chunk: Callable[[], None] | None = None,
+    captions=None,
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
 
@@ -64,6 +65,9 @@ def score_refs(
     Images already in the cache for the detector's backbone and view are not run through the model;
     new ones are extracted and added. `backbone` overrides the spec stored in the detector (e.g. the
     weights file moved); it must have the same weights. `view` scores a perturbed view instead.
+    Detectors fitted on caption features (image+text, residual) take each image's caption from its
+    ref (manifest column) or `captions` (a `clipdet.text.Captions`); an image without one gets
+    `MISSING_CAPTION` in its row's error.
     """
     from .cache import FeatureCache
     from .extract import LazyBackbone, extract
@@ -78,12 +82,17 @@ def score_refs(
     view = view or detector.view
     if backbone:
         check_backbone_override(detector, backbone)
+    import numpy as np
+
     from . import features
 
-    kind = detector.features.get("kind", "embedding")
+    kind = detector.layout.get("kind", "embedding")
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision, **features.extract_kwargs(cache, detector, view))
     load_kw = features.load_kwargs([kind])
+    from .text.features import CaptionFeatures
+
+    text = CaptionFeatures(detector, cache, captions, backbone, device)
     for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
                           device=device, quiet=quiet, compact=False, lazy=lazy,
@@ -101,13 +110,21 @@ def score_refs(
                     quiet=True, compact=False, lazy=lazy, record_cached=False, rehash=True)
             feats = cache.load(detector.backbone_key, view, shas=shas, **load_kw)
         pos = {s: i for i, s in enumerate(feats.sha256)}
-        scored = (detector.score_features(features.matrix(feats, kind), threshold=threshold)
-                  if len(feats.sha256) else [])
+        if text.active:
+            X, ok = text.features(feats, part, summary.records)
+        else:
+            X = features.matrix(feats, kind) if len(feats.sha256) else np.zeros((0, 0), np.float32)
+            ok = np.ones(len(X), bool)
+        scored = _score_ok(detector, X, ok, threshold)
         for path, sha, error in summary.records:
             row = {"path": path, "sha256": sha, "error": error}
             if not error:
                 i = pos.get(sha)
-                if i is None:
+                if i is not None and scored[i] is None:
+                    from .text import MISSING_CAPTION
+
+                    row["error"] = MISSING_CAPTION
+                elif i is None:
                     row["error"] = ("cached features damaged and the file could not be embedded again"
                                     if sha in cache.damaged else "no features after extraction")
                 else:
@@ -120,6 +137,16 @@ def score_refs(
         if cache.readonly:
             cache.drop_memory_segments()
     cache.auto_compact()
+
+
+def _score_ok(detector, X, ok, threshold) -> list:
+    """Result dicts of `detector` for the rows of `X` where `ok`, None for the others."""
+    out: list = [None] * len(X)
+    idx = [i for i in range(len(X)) if ok[i]]
+    if idx:
+        for i, r in zip(idx, detector.score_features(X[idx], threshold=threshold)):
+            out[i] = r
+    return out
 
 
 def check_backbone_override(detector, backbone: str) -> None:

@@ -52,7 +52,8 @@ def syn_cache(tmp_path):
 
 def test_parse_shots_and_params():
     assert parse_shots("10") == 10 and parse_shots("all") is None and parse_shots(None) is None
-    for bad in ("0", "-3", "ten"):
+    assert parse_shots("0") == 0  # zero-shot heads only (fit refuses it for the others: test_text.py)
+    for bad in ("-3", "ten"):
         with pytest.raises(UsageError):
             parse_shots(bad)
     assert parse_params(["C=0.5", "class_weight=null", "device=cpu"]) == {"C": 0.5, "class_weight": None,
@@ -79,8 +80,8 @@ def test_sample_shots_per_class_per_generator_and_order_free():
     assert len(sample_shots(labels, gens, None, 0, keys=keys)) == 22
 
 
-# heads reading attention heads or block tokens are tested in test_heads_fit.py
-@pytest.mark.parametrize("head", sorted(h for h in list_heads() if head_kind(h) == "embedding"))
+# heads reading attention heads or block tokens are tested in test_heads_fit.py; zeroshot (prompts) in test_text.py
+@pytest.mark.parametrize("head", sorted(h for h in list_heads() if head_kind(h) == "embedding" and h != "zeroshot"))
 def test_every_head_separates_synthetic_task_from_cache(syn_cache, head, tmp_path):
     det = clipdet.fit(head=head, shots=10, seed=0, cache=syn_cache)
     assert det.meta["head"] == head and det.meta["counts"] == {"real": 10, "fake": 10, "extra_rows": 0}

@@ -220,3 +220,15 @@ def test_serve_with_a_cache_that_stores_heads(heads_cache, tmp_path, make_image)
     rows = FeatureCache(heads_cache).load(det.backbone_key, "clean", shas=[sha256_bytes(data)], with_heads=True,
                                           with_layers=True)
     assert rows.heads.shape == (1, 4, 32) and rows.layers.shape[1] == 2
+
+
+def test_heads_reading_blocks_refuse_caption_features_and_zero_shot_refuses_pruning(run_cli, heads_cache,
+                                                                                    tmp_path):
+    for cmd in (["fit", "-o", tmp_path / "x.clipdet", "-k", "4"], ["bench", "-o", tmp_path / "b", "--ks", "2"]):
+        head_opt = ["--head", "heads"] if cmd[0] == "fit" else ["--heads", "heads"]
+        r = run_cli(*cmd, "-c", heads_cache, *head_opt, "--features", "image+text")
+        assert r.exit_code == 2 and "take --features image" in r.output and "Traceback" not in r.output
+    r = run_cli("fit", "-c", heads_cache, "--head", "zeroshot", "--shots", "0", "--prune", "2",
+                "-o", tmp_path / "z.clipdet")
+    assert r.exit_code == 2 and "--prune" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "z.clipdet").exists()

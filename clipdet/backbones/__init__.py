@@ -38,6 +38,16 @@ def create_backbone(spec: str, device: str = "auto", **kwargs) -> Backbone:
     return provider.load(rest, device=device, **kwargs)
 
 
+def create_text_tower(spec: str, device: str = "auto"):
+    """The text tower + tokenizer of `spec` (zero-shot prompts, captions); image-only runs never build it."""
+    from ..errors import UsageError
+
+    provider, rest = _provider_for(spec)
+    if not hasattr(provider, "load_text"):
+        raise UsageError(f"backbone {spec}: this backbone has no text tower")
+    return provider.load_text(rest, device=device)
+
+
 def list_backbones() -> list[tuple[str, list[str]]]:
     """(architecture, [pretrained tags]) for every architecture the providers know."""
     from . import openclip  # noqa: F401
@@ -54,6 +64,7 @@ __all__ = [
     "Backbone",
     "BackboneInfo",
     "create_backbone",
+    "create_text_tower",
     "describe_backbone",
     "list_backbones",
     "parse_spec",

@@ -80,7 +80,7 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> tuple[bool, s
 
 
 class OpenClipBackbone(Backbone):
-    """The image tower of an open_clip model (the text tower is dropped after loading)."""
+    """The image tower of an open_clip model (the text tower is dropped; `OpenClipProvider.load_text` builds it)."""
 
     def __init__(self, visual, preprocess_cfg: dict, info: BackboneInfo, device: str, precision: str = "fp32"):
         from ..preprocess import FastPreprocess
@@ -285,6 +285,13 @@ class OpenClipProvider:
             extra={"embed_dim": int(getattr(visual, "output_dim", 0) or 0), "precision": precision},
         )
         return OpenClipBackbone(visual, preprocess_cfg, info, device, precision)
+
+    @staticmethod
+    def load_text(spec: str, device: str = "auto"):
+        """The text tower and tokenizer of `spec` (built on demand; see `clipdet.backbones.text`)."""
+        from .text import load_text_tower
+
+        return load_text_tower(spec, device)
 
     @staticmethod
     def build(spec: str, device: str = "auto"):

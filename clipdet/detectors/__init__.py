@@ -11,7 +11,7 @@ from ..errors import UsageError
 from .base import HEADS, BaseHead
 
 # Importing the head modules registers them in HEADS.
-from . import centroid, heads, knn, layers, linear, mlp  # noqa: F401  isort: skip
+from . import centroid, heads, knn, layers, linear, mlp, zeroshot  # noqa: F401  isort: skip
 
 __all__ = [
     "HEADS",

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 __all__ = ["HEADS", "MIN_PER_CLASS_FOR_CV", "STATE_FORMAT", "BaseHead", "l2_normalize"]
 
 HEADS: Registry = Registry("head")
-"""Registry of head classes by name (``svm``, ``logreg``, ``mlp``, ``knn``, ``centroid``)."""
+"""Registry of head classes by name (``svm``, ``logreg``, ``mlp``, ``knn``, ``centroid``, ``zeroshot``)."""
 
 MIN_PER_CLASS_FOR_CV = 3
 """Smallest per-class sample count for which predict_proba is Platt-calibrated on CV scores."""

@@ -166,9 +166,12 @@ def create_app(engine: Engine, options: ServeOptions | None = None):
                 return fail(422, "no 'files' field with a file in the form")
             loop = asyncio.get_running_loop()
             named = [(upload_name(f.filename, i), await f.read()) for i, f in enumerate(uploads)]
+            texts = [c for c in form.getlist("captions") if isinstance(c, str)]  # i-th caption: i-th file
         finally:
             await form.close()
-        items = await asyncio.gather(*(loop.run_in_executor(decode_pool, engine.prepare, n, d) for n, d in named))
+        captions = texts + [""] * (len(named) - len(texts))
+        items = await asyncio.gather(*(loop.run_in_executor(decode_pool, engine.prepare, n, d, c)
+                                       for (n, d), c in zip(named, captions)))
         del named
         metrics.cache_hits.inc(sum(1 for it in items if it.cached))
         rows = await batcher.submit_many(list(items))

@@ -33,6 +33,7 @@ class Item:
     cached: bool = False  # features come from the cache
     error: str = ""
     meta: dict = field(default_factory=dict)  # width/height/format, for --cache-write
+    caption: str = ""  # sent with the upload (form field `captions`), for caption features
 
 
 def public_row(row: dict) -> dict:
@@ -53,12 +54,13 @@ class Engine:
 
     def __init__(self, detector, cache=None, cache_write: bool = False, device: str = "auto",
                  precision: str = "auto", threshold: float | None = None, backbone: str | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, captions=None):
         from ..cache import FeatureCache
         from ..errors import UsageError
         from ..extract import LazyBackbone
+        from ..text import Captions, TextEmbedder, needs_captions
 
-        kind = detector.features.get("kind", "embedding")
+        kind = detector.layout.get("kind", "embedding")
         if kind != "embedding":
             raise UsageError(f"clipdet serve scores from the final embedding; this detector's head reads {kind} "
                              "features (fit --head heads/layers): score with clipdet score instead")
@@ -72,6 +74,12 @@ class Engine:
                                  key=detector.backbone_key, precision=precision)
         self.cached: set[str] = set()
         self.written = 0
+        self.captions = captions if isinstance(captions, Captions) else Captions()
+        self.text = None
+        if needs_captions(detector.features):  # caption embeddings: read from the cache, written with --cache-write
+            tcache = None if self.cache is None else FeatureCache(self.cache.path, readonly=not self.cache_write)
+            self.text = TextEmbedder(backbone or detector.backbone.get("spec"), cache=tcache,
+                                     key=detector.backbone_key, device=device)
 
     # ------------------------------------------------------------------ start-up
     def load(self) -> None:
@@ -109,13 +117,13 @@ class Engine:
                            "real": int(counts.get("real", 0)), "fake": int(counts.get("fake", 0))},
             "shots": m.get("shots"), "seed": m.get("seed"), "nearest": hasattr(self.detector.head, "nearest"),
             "clipdet_version": m.get("clipdet_version"), "cache": self.cache.path if self.cache else None,
-            "cache_write": self.cache_write,
+            "cache_write": self.cache_write, "features": self.detector.features,
         }
 
     # ------------------------------------------------------------------ decode threads
-    def prepare(self, name: str, data: bytes) -> Item:
+    def prepare(self, name: str, data: bytes, caption: str = "") -> Item:
         """Hash, and unless cached, decode + view + preprocess one upload. Problems become `Item.error`."""
-        item = Item(name)
+        item = Item(name, caption=(caption or "").strip())
         if not data:
             item.error = "empty file (0 bytes)"
             return item
@@ -155,8 +163,10 @@ class Engine:
             rows = self.cache.load(key, self.view, shas=hits)
             feats.update(zip(rows.sha256, rows.embedding))
         scorable = [it for it in items if not it.error and it.sha256 in feats]
-        scored = (self.detector.score_features(np.stack([feats[it.sha256] for it in scorable]),
-                                               threshold=self.threshold) if scorable else [])
+        X = np.stack([feats[it.sha256] for it in scorable]) if scorable else None
+        if scorable and self.text is not None:
+            X, scorable = self._caption_features(X, scorable)
+        scored = self.detector.score_features(X, threshold=self.threshold) if scorable else []
         by_item = {id(it): r for it, r in zip(scorable, scored)}
         results = []
         for it in items:
@@ -172,6 +182,22 @@ class Engine:
                 row["error"] = None
             results.append(public_row(row))
         return results
+
+    def _caption_features(self, X: np.ndarray, items: list[Item]) -> tuple[np.ndarray, list[Item]]:
+        """The detector's caption features for `items`; those without a caption get MISSING_CAPTION."""
+        from ..text import MISSING_CAPTION, apply_features
+
+        caps = {}
+        for it in items:
+            c = it.caption or self.captions.get(it.sha256)
+            if c:
+                caps.setdefault(it.sha256, c)
+        out, ok = apply_features(X, [it.sha256 for it in items], self.detector.features, caps, self.text)
+        for it, good in zip(items, ok):
+            if not good:
+                it.error = MISSING_CAPTION.replace("give --captions FILE.csv or a manifest caption column",
+                                                   "send a 'captions' form field per file or start with --captions")
+        return out[ok], [it for it, good in zip(items, ok) if good]
 
     def _write(self, model, items: list[Item], emb16: np.ndarray, out: dict) -> None:
         """--cache-write: add the new features (and upload names) to the cache as one shard."""
