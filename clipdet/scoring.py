@@ -55,6 +55,8 @@ def score_refs(
     precision: str = "auto",
     first_chunk: int = FIRST_CHUNK,
     on_chunk: Callable[[], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
 
@@ -64,6 +66,8 @@ def score_refs(
     Images already in the cache for the detector's backbone and view are not run through the model;
     new ones are extracted and added. `backbone` overrides the spec stored in the detector (e.g. the
     weights file moved); it must have the same weights. `view` scores a perturbed view instead.
+    `engine="ray"` first embeds every uncached input on a Ray cluster (one run, into the cache), then
+    scores chunk by chunk from the cache as above.
     """
     from .cache import FeatureCache
     from .extract import LazyBackbone, extract
@@ -80,6 +84,10 @@ def score_refs(
         check_backbone_override(detector, backbone)
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision)
+    if engine != "local":
+        refs = list(refs)
+        extract(refs, "", cache=cache, views=[view], batch_size=batch_size, device=device, quiet=quiet,
+                compact=False, lazy=lazy, record_cached=False, engine=engine, ray_address=ray_address)
     for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
                           device=device, quiet=quiet, compact=False, lazy=lazy,

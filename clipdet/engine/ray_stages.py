@@ -1,0 +1,232 @@
+"""The extraction pipeline as Ray Data stages, and the driver side that feeds clipdet.extract.
+
+    paths → read + SHA-256 (CPU tasks) → decode + views + preprocess (CPU tasks, only what the cache
+    lacks) → embed (actor pool: one actor per GPU, else CPU actors; the model loaded once per actor)
+    → rows streamed, in input order, to the driver, which writes segments through the normal cache code.
+
+Each stage calls the same functions as the local engine (`read_hashed`, `decode_views`, the backbone's
+preprocessor and `embed`), so features, precision rules and per-file error records are the same.
+Rows carry plain columns (int, str, bytes): images as the preprocessed array's bytes plus its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..cache import ImageMeta
+from ..extract import LazyBackbone, Prepared, _BatchWriter, decode_views, read_hashed
+from ..images import ImageRef
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _pack(arr) -> tuple[bytes, str]:
+    """An array (numpy, or a torch tensor from a fallback transform) as (bytes, 'dtype:d0,d1,...')."""
+    a = np.ascontiguousarray(arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr))
+    return a.tobytes(), f"{a.dtype.str}:{','.join(str(d) for d in a.shape)}"
+
+
+def _unpack(data: bytes, spec: str) -> np.ndarray:
+    dtype, _, shape = _s(spec).partition(":")
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(int(d) for d in shape.split(",") if d))
+
+
+def read_batch(batch: dict, views: Sequence[str], cached: dict) -> dict:
+    """Stage 1 (CPU task): read and hash each file; keep its bytes only when some view is not cached."""
+    n = len(batch["i"])
+    sha, err, missing, data = [""] * n, [""] * n, [""] * n, [b""] * n
+    for j in range(n):
+        ref = ImageRef(_s(batch["path"][j]), error=_s(batch["ref_error"][j]) or None)
+        p, raw, miss = read_hashed(ref, views, cached)
+        sha[j], err[j], missing[j], data[j] = p.sha256, p.error, ",".join(miss), raw
+    return {"i": batch["i"], "path": batch["path"], "sha256": np.array(sha, object), "error": np.array(err, object),
+            "missing": np.array(missing, object), "data": np.array(data, object)}
+
+
+def decode_batch(batch: dict, views: Sequence[str], preprocessor, max_pixels: int, draft_size: int | None) -> dict:
+    """Stage 2 (CPU task): decode each file that needs it once, make and preprocess every missing view."""
+    n = len(batch["i"])
+    err = [_s(e) for e in batch["error"]]
+    width, height, fmt = np.zeros(n, np.int64), np.zeros(n, np.int64), [""] * n
+    px = {v: [b""] * n for v in views}
+    spec = {v: [""] * n for v in views}
+    for j in range(n):
+        miss = [v for v in _s(batch["missing"][j]).split(",") if v]
+        if err[j] or not miss:
+            continue
+        p = Prepared(ImageRef(_s(batch["path"][j])), _s(batch["sha256"][j]), meta=ImageMeta(_s(batch["sha256"][j])))
+        decode_views(p, batch["data"][j], miss, preprocessor, max_pixels, draft_size)
+        if p.error:
+            err[j] = p.error
+            continue
+        width[j], height[j], fmt[j] = p.meta.width, p.meta.height, p.meta.format
+        for v, t in p.tensors.items():
+            px[v][j], spec[v][j] = _pack(t)
+    out = {"i": batch["i"], "path": batch["path"], "sha256": batch["sha256"], "error": np.array(err, object),
+           "width": width, "height": height, "format": np.array(fmt, object)}
+    for k, v in enumerate(views):
+        out[f"px{k}"], out[f"spec{k}"] = np.array(px[v], object), np.array(spec[v], object)
+    return out
+
+
+class Embedder:
+    """Stage 3 (actor): the backbone loaded once per actor (on first use); embeds every view present."""
+
+    def __init__(self, spec: str, device: str, layers: Sequence[int], key: str, precision: str, views: Sequence[str],
+                 threads: dict | None = None):
+        self.lazy = LazyBackbone(spec, device, tuple(layers), key=key, precision=precision)
+        self.views = list(views)
+        self.threads = threads or {}
+
+    def _model(self):
+        if not self.lazy.loaded and self.threads:
+            import ray
+            import torch
+
+            n = self.threads.get(ray.get_runtime_context().get_node_id())
+            if n:  # a CPU actor uses its node's cores, as the local engine's model does
+                torch.set_num_threads(int(n))
+        return self.lazy.get()
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["i"])
+        out = {c: batch[c] for c in ("i", "sha256", "error", "width", "height", "format")}
+        info, layers, dims = "", "", ""
+        for k, _v in enumerate(self.views):
+            emb, lay = [b""] * n, [b""] * n
+            rows = [j for j in range(n) if len(batch[f"px{k}"][j])]
+            if rows:
+                model = self._model()
+                items = [_unpack(batch[f"px{k}"][j], batch[f"spec{k}"][j]) for j in rows]
+                if items[0].dtype != np.uint8:  # open_clip's own float transform: torch tensors, as locally
+                    import torch
+
+                    items = [torch.from_numpy(a.copy()) for a in items]
+                res = model.embed(model.collate(items), layers=self.lazy.absolute_layers)
+                for r, j in enumerate(rows):
+                    emb[j] = np.ascontiguousarray(res["embedding"][r], np.float32).tobytes()
+                    if "layers" in res:
+                        lay[j] = np.ascontiguousarray(res["layers"][r], np.float32).tobytes()
+                info = model.info.to_json()
+                layers = ",".join(str(x) for x in self.lazy.absolute_layers)
+                dims = f"{res['layers'].shape[1]},{res['layers'].shape[2]}" if "layers" in res else ""
+            out[f"emb{k}"], out[f"lay{k}"] = np.array(emb, object), np.array(lay, object)
+        out["info"] = np.array([info if info else ""] * n, object)
+        out["abs_layers"] = np.array([layers] * n, object)
+        out["lay_shape"] = np.array([dims] * n, object)
+        return out
+
+
+class RemoteModel:
+    """What the driver knows of the model the actors loaded: its identity and resolved layers."""
+
+    def __init__(self, info, absolute_layers: tuple[int, ...]):
+        self.info, self.absolute_layers, self.device = info, absolute_layers, "remote"
+
+    def resolve_layers(self, layers) -> tuple[int, ...]:
+        """The actors' resolution of the requested layers."""
+        return self.absolute_layers
+
+
+class EmbeddedWriter(_BatchWriter):
+    """The cache writer of the local engine, fed rows the actors already embedded: (embedding, layers)."""
+
+    stages: RayStages
+
+    def _model(self):
+        return self.stages.model
+
+    def _embed(self, model, tensors: list):
+        emb = np.stack([e for e, _ in tensors])
+        lay = np.stack([x for _, x in tensors]) if tensors[0][1] is not None else None
+        return emb, lay
+
+
+class RayStages:
+    """Ray Data in place of clipdet.extract's local reader and embedder (see `extract(stages=...)`)."""
+
+    def __init__(self, spec: str, device: str, precision: str, actors: int, gpus: bool, threads: dict,
+                 decode_cpus: float, embed_cpus: float):
+        self.spec, self.device, self.precision = spec, device, precision
+        self.actors, self.gpus, self.threads = actors, gpus, threads
+        self.decode_cpus, self.embed_cpus = decode_cpus, embed_cpus
+        self.model: RemoteModel | None = None
+
+    def writer(self, cache, lazy, views, batch_size):
+        """The driver's cache writer (`clipdet.extract._BatchWriter` without the model call)."""
+        w = EmbeddedWriter(cache, lazy, views, batch_size)
+        w.stages = self
+        return w
+
+    def dataset(self, refs: list[ImageRef], lazy: LazyBackbone, views, cached, max_pixels, draft, batch_size):
+        """The Ray Data pipeline over `refs` (absolute paths; every node must be able to read them)."""
+        import ray
+
+        cpu = LazyBackbone(lazy.spec, "cpu", key=lazy.key, precision="fp32")  # only for its preprocessing
+        model = cpu.get()
+        preprocessor = model.preprocessor()
+        draft_size = int(model.image_size) if draft else None
+        del model, cpu
+        items = [{"i": i, "path": os.path.abspath(r.path), "ref_error": r.error or ""} for i, r in enumerate(refs)]
+        per = max(1, min(batch_size, 64))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per)))
+        ds = ds.map_batches(read_batch, batch_size=per, batch_format="numpy", num_cpus=self.decode_cpus,
+                            fn_kwargs={"views": list(views), "cached": cached})
+        ds = ds.map_batches(decode_batch, batch_size=per, batch_format="numpy", num_cpus=self.decode_cpus,
+                            fn_kwargs={"views": list(views), "preprocessor": preprocessor,
+                                       "max_pixels": max_pixels, "draft_size": draft_size})
+        # Ray Data spreads actors over the nodes by default (DataContext.scheduling_strategy "SPREAD")
+        remote = {"num_gpus": 1} if self.gpus else {"num_cpus": self.embed_cpus}
+        ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=self.actors),
+                            fn_constructor_kwargs={"spec": lazy.spec, "device": self.device, "layers": lazy.layers,
+                                                   "key": lazy.key, "precision": self.precision,
+                                                   "views": list(views),
+                                                   "threads": None if self.gpus else self.threads},
+                            **remote)
+        return ds
+
+    def prepared(self, refs: list[ImageRef], *, lazy, views, cached, max_pixels, draft, batch_size,
+                 **_) -> Iterator[Prepared]:
+        """`Prepared` results in input order, tensors replaced by (embedding, layers) per new view."""
+        if not refs:
+            return
+        ds = self.dataset(refs, lazy, views, cached, max_pixels, draft, batch_size)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for j in range(len(batch["i"])):
+                yield self._row(batch, j, refs, lazy, views)
+
+    def _row(self, batch: dict, j: int, refs: list[ImageRef], lazy: LazyBackbone, views) -> Prepared:
+        from ..extract import _abs
+
+        ref = refs[int(batch["i"][j])]
+        p = Prepared(ref, _s(batch["sha256"][j]), error=_s(batch["error"][j]))
+        if p.error:
+            where = _abs(ref.path)
+            p.error = p.error.replace(where, ref.path) if where != ref.path else p.error
+            return p
+        p.meta = ImageMeta(p.sha256, ref.label or "", ref.generator or "", paths=[os.path.abspath(ref.path)])
+        if int(batch["width"][j]):
+            p.meta.width, p.meta.height = int(batch["width"][j]), int(batch["height"][j])
+            p.meta.format = _s(batch["format"][j])
+        info = _s(batch["info"][j])
+        if info and self.model is None:
+            from ..backbones.base import BackboneInfo
+
+            absl = tuple(int(x) for x in _s(batch["abs_layers"][j]).split(",") if x)
+            self.model = RemoteModel(BackboneInfo(**json.loads(info)), absl)
+            lazy.adopt(self.model)  # key check and the cache's compatibility checks, as a local load runs them
+        lshape = tuple(int(x) for x in _s(batch["lay_shape"][j]).split(",") if x)
+        for k, v in enumerate(views):
+            e = batch[f"emb{k}"][j]
+            if len(e):
+                lay = batch[f"lay{k}"][j]
+                p.tensors[v] = (np.frombuffer(e, np.float32),
+                                np.frombuffer(lay, np.float32).reshape(lshape) if len(lay) else None)
+        return p
