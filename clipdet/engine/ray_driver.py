@@ -150,10 +150,12 @@ def plan(device: str, batch_size: int | None) -> tuple:
     gpus = 0 if device == "cpu" else int(ray.cluster_resources().get("GPU", 0))
     threads = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in nodes}
     small = min(threads.values()) < 2  # 1-CPU nodes: the embedder and a reader share the CPU
-    cpus = 0.5 if small else 1.0
+    # Readers ask for half a CPU and CPU actors for a whole one: the stages stay separate operators (Ray Data
+    # fuses neighbouring stages with equal requests into one process), so decoding overlaps inference.
+    decode, embed = (0.25, 0.5) if small else (0.5, 1.0)
     actors = gpus if gpus else len(nodes)
     stages = RayStages(device=device if gpus or device != "auto" else "cpu", precision=None, actors=actors,
-                       gpus=bool(gpus), threads=threads, decode_cpus=cpus, embed_cpus=cpus, spec="")
+                       gpus=bool(gpus), threads=threads, decode_cpus=decode, embed_cpus=embed, spec="")
     return stages, batch_size or (256 if gpus else 32)
 
 
@@ -190,16 +192,17 @@ def _child(inp: str, out: str, log: str) -> int:
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's deprecation notes are not the user's
     with open(inp, "rb") as f:
         job = pickle.load(f)
-    started = False
     try:
         from ..extract import LazyBackbone, extract
+        from .ray_stages import preprocessing
 
-        started = connect(job["address"])
+        early = preprocessing(job["backbone"], job["key"])  # builds the preprocessor while Ray starts
+        connect(job["address"])
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows reach the driver in input order
         ctx.enable_progress_bars = False
         stages, batch = plan(job["device"], job["batch_size"])
-        stages.spec, stages.precision = job["backbone"], job["precision"]
+        stages.spec, stages.precision, stages.preprocessing = job["backbone"], job["precision"], early
         lazy = LazyBackbone(job["backbone"], job["device"], job["layers"], key=job["key"], precision=job["precision"])
         kw = {k: job[k] for k in ("views", "quiet", "draft", "precision", "record_cached", "compact", "rehash")}
         if job["max_pixels"]:
@@ -225,12 +228,13 @@ def _child(inp: str, out: str, log: str) -> int:
             pickle.dump(result, f)
         os.replace(out + ".tmp", out)
     term.flush()
-    if started:
-        ray.shutdown()  # stops the Ray this run started
+    ray.shutdown()  # stops the Ray this run started, or disconnects from the cluster
     return code
 
 
 if __name__ == "__main__":
     from clipdet.engine.ray_driver import _child as child  # the package's classes, so errors unpickle in the parent
 
-    sys.exit(child(*sys.argv[1:4]))
+    code = child(*sys.argv[1:4])
+    sys.stdout.flush()
+    os._exit(code)  # Ray is shut down and the result written: skip the interpreter's slow teardown

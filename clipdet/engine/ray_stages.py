@@ -80,18 +80,31 @@ class Embedder:
 
     def __init__(self, spec: str, device: str, layers: Sequence[int], key: str, precision: str, views: Sequence[str],
                  threads: dict | None = None):
+        import threading
+
         self.lazy = LazyBackbone(spec, device, tuple(layers), key=key, precision=precision)
         self.views = list(views)
         self.threads = threads or {}
+        # the model loads while the first images are read and decoded; a failure is kept by LazyBackbone and
+        # raised by the first batch that needs the model (an all-cached run never does)
+        self._loading = threading.Thread(target=self._load, name="clipdet-model", daemon=True)
+        self._loading.start()
 
-    def _model(self):
-        if not self.lazy.loaded and self.threads:
+    def _load(self) -> None:
+        if self.threads:
             import ray
             import torch
 
             n = self.threads.get(ray.get_runtime_context().get_node_id())
             if n:  # a CPU actor uses its node's cores, as the local engine's model does
                 torch.set_num_threads(int(n))
+        try:
+            self.lazy.get()
+        except Exception:  # noqa: BLE001 - remembered by LazyBackbone, raised again by _model()
+            pass
+
+    def _model(self):
+        self._loading.join()
         return self.lazy.get()
 
     def __call__(self, batch: dict) -> dict:
@@ -148,6 +161,41 @@ class EmbeddedWriter(_BatchWriter):
         return emb, lay
 
 
+class _Unavailable:
+    """Stands in for a preprocessor whose backbone could not be loaded: fails only when an image needs it
+    (an all-cached run goes through, as with the local engine, which never loads the model then)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __call__(self, image):
+        raise self.error
+
+
+def preprocessing(spec: str, key: str | None):
+    """A Future of (the backbone's picklable preprocessor, its input size), loaded on a CPU in a thread
+    (the model is built once on the driver for this; the actors build their own)."""
+    from concurrent.futures import Future
+
+    from ..errors import ClipdetError
+
+    fut: Future = Future()
+
+    def run():
+        try:
+            model = LazyBackbone(spec, "cpu", key=key, precision="fp32").get()
+            fut.set_result((model.preprocessor(), int(model.image_size)))
+        except ClipdetError as e:
+            fut.set_result((_Unavailable(e), None))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            fut.set_exception(e)
+
+    import threading
+
+    threading.Thread(target=run, name="clipdet-preprocessor", daemon=True).start()
+    return fut
+
+
 class RayStages:
     """Ray Data in place of clipdet.extract's local reader and embedder (see `extract(stages=...)`)."""
 
@@ -157,6 +205,7 @@ class RayStages:
         self.actors, self.gpus, self.threads = actors, gpus, threads
         self.decode_cpus, self.embed_cpus = decode_cpus, embed_cpus
         self.model: RemoteModel | None = None
+        self.preprocessing = None  # a Future of (preprocessor, image size), started early by the driver
 
     def writer(self, cache, lazy, views, batch_size):
         """The driver's cache writer (`clipdet.extract._BatchWriter` without the model call)."""
@@ -168,11 +217,8 @@ class RayStages:
         """The Ray Data pipeline over `refs` (absolute paths; every node must be able to read them)."""
         import ray
 
-        cpu = LazyBackbone(lazy.spec, "cpu", key=lazy.key, precision="fp32")  # only for its preprocessing
-        model = cpu.get()
-        preprocessor = model.preprocessor()
-        draft_size = int(model.image_size) if draft else None
-        del model, cpu
+        preprocessor, size = (self.preprocessing or preprocessing(lazy.spec, lazy.key)).result()
+        draft_size = size if draft else None
         items = [{"i": i, "path": os.path.abspath(r.path), "ref_error": r.error or ""} for i, r in enumerate(refs)]
         per = max(1, min(batch_size, 64))
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per)))
@@ -184,7 +230,8 @@ class RayStages:
         # Ray Data spreads actors over the nodes by default (DataContext.scheduling_strategy "SPREAD")
         remote = {"num_gpus": 1} if self.gpus else {"num_cpus": self.embed_cpus}
         ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=self.actors),
+                            # batches queue at each actor while its model loads: reading runs ahead
+                            compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=4),
                             fn_constructor_kwargs={"spec": lazy.spec, "device": self.device, "layers": lazy.layers,
                                                    "key": lazy.key, "precision": self.precision,
                                                    "views": list(views),
