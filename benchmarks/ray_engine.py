@@ -143,9 +143,9 @@ def main() -> None:
               "- Only the fixed cost differs much: per image the Ray stages keep up with the local threads, so the "
               "end-to-end ratio rises towards the marginal one as runs grow (1,282 images take well under a "
               "minute here).",
-              "- GPU: not measured. No GPU machine was available to this session (the device tool was not "
-              "offered), so the issue's GPU runs (one GPU; a local two-actor cluster splitting its cores) and "
-              "GPU utilisation remain to be measured; nothing here simulates them."]
+              "- GPU: not measured. No GPU machine was lent to this session (the device tool's status: "
+              "can_start_another false), so the issue's GPU runs (one GPU; a local two-actor cluster splitting "
+              "its cores) and GPU utilisation remain to be measured; nothing here simulates them."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
