@@ -119,6 +119,7 @@ def test_ray_engine_matches_local(cluster, tmp_path, tiny_spec, tiny_backbone, r
     assert [x.split(",")[4] for x in lines_l] == [x.split(",")[4] for x in lines_r]  # same verdicts
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run(cluster, tmp_path, tiny_spec, subprocess_env):
     """SIGKILL of a busy embedding actor: Ray restarts it and retries; every image is written exactly once."""
     tree = _tree(tmp_path / "tree", 24, bad=False)
@@ -145,6 +146,7 @@ def test_worker_killed_mid_run(cluster, tmp_path, tiny_spec, subprocess_env):
         assert len(rows) == 24 and len(set(rows)) == 24, view  # none lost, none written twice
 
 
+@pytest.mark.slow
 def test_cluster_stopped_mid_run(tmp_path, tiny_spec, subprocess_env):
     """The cluster goes away: one clear line, exit code 2; what was written stays and a re-run completes."""
     c = _cluster(1)
