@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import h5py
@@ -183,8 +184,10 @@ def test_cluster_stopped_mid_run(tmp_path, tiny_spec, subprocess_env):
     assert len(fc.cached_shas(fc.groups()[0].key, "blur:1")) == 24
 
 
-def test_unreachable_address_is_one_line(tmp_path, tiny_spec, run_cli, make_image):
-    """A wrong --ray-address fails at once with one line naming it (no minute of Ray retries)."""
+def test_unreachable_address_is_one_line(cluster, tmp_path, tiny_spec, run_cli, make_image):
+    """A wrong --ray-address fails at once with one line naming it (no minute of Ray retries); so does a
+    backbone that cannot be loaded, as with the local engine; no log file is left behind for either."""
+    logs = set(glob.glob(os.path.join(tempfile.gettempdir(), "clipdet-ray-*.log")))
     import socket
 
     s = socket.socket()
@@ -200,6 +203,12 @@ def test_unreachable_address_is_one_line(tmp_path, tiny_spec, run_cli, make_imag
     assert len(r.stderr.strip().splitlines()) == 1 and time.time() - t0 < 60
     r = run_cli("extract", tmp_path / "x.png", "-b", tiny_spec, "-c", tmp_path / "c.h5", "--engine", "spark")
     assert r.exit_code == 2 and "--engine 'spark': expected one of local, ray" in r.stderr
+    missing = tmp_path / "no-such-weights.safetensors"
+    r = run_cli("extract", tmp_path / "x.png", "-b", f"clipdet-tiny:{missing}", "-c", tmp_path / "c.h5",
+                "--engine", "ray", "--ray-address", cluster.address)
+    assert r.exit_code == 2
+    assert r.stderr == f"clipdet: error: backbone 'clipdet-tiny:{missing}': weights file {missing} not found\n"
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "clipdet-ray-*.log"))) == logs
 
 
 def test_help_does_not_import_ray(subprocess_env):

@@ -52,7 +52,11 @@ def extract_on_ray(refs, backbone: str, *, cache=None, views=None, batch_size=No
         inp, out = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(inp, "wb") as f:
             pickle.dump(job, f)
-        rc = _supervise([sys.executable, "-m", "clipdet.engine.ray_driver", inp, out, log])
+        try:
+            rc = _supervise([sys.executable, "-m", "clipdet.engine.ray_driver", inp, out, log])
+        except KeyboardInterrupt:
+            os.unlink(log)
+            raise
         result = None
         if os.path.exists(out):
             with open(out, "rb") as f:
@@ -61,8 +65,11 @@ def extract_on_ray(refs, backbone: str, *, cache=None, views=None, batch_size=No
         os.unlink(log)
         return result["summary"]
     if rc in (130, -signal.SIGINT):
+        os.unlink(log)
         raise KeyboardInterrupt
     if result is not None and "error" in result:
+        if log not in str(result["error"]):
+            os.unlink(log)  # an error that is not Ray's (a bad option, a model that cannot load) needs no log
         raise result["error"]
     raise RayClusterError(
         f"the Ray cluster ({where}) went away mid-run (Ray ended its driver, exit code {rc}; Ray's log: {log}); "

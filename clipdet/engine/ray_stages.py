@@ -76,7 +76,8 @@ def decode_batch(batch: dict, views: Sequence[str], preprocessor, max_pixels: in
 
 
 class Embedder:
-    """Stage 3 (actor): the backbone loaded once per actor (on first use); embeds every view present."""
+    """Stage 3 (actor): the backbone loaded once per actor (in the background from the start); embeds
+    every view present."""
 
     def __init__(self, spec: str, device: str, layers: Sequence[int], key: str, precision: str, views: Sequence[str],
                  threads: dict | None = None):
