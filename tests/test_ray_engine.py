@@ -87,20 +87,22 @@ def test_ray_engine_matches_local(cluster, tmp_path, tiny_spec, tiny_backbone, r
     tree = _tree(tmp_path / "tree", 14)
     local, remote = str(tmp_path / "local.h5"), str(tmp_path / "ray.h5")
     s = clipdet.extract(discover([str(tree)]), tiny_spec, cache=local, views="jpeg:75",
-                        lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
-    r = run_cli("extract", tree, "-b", tiny_spec, "-c", remote, "--views", "jpeg:75", "--engine", "ray",
-                "--ray-address", cluster.address, "--batch-size", "4")
+                        lazy=LazyBackbone(tiny_spec, layers=(-1, 0), loaded=tiny_backbone))
+    r = run_cli("extract", tree, "-b", tiny_spec, "-c", remote, "--views", "jpeg:75", "--layers", "-1,0",
+                "--engine", "ray", "--ray-address", cluster.address, "--batch-size", "4")
     assert r.exit_code == 1, r.stderr  # one file skipped, as locally
     assert f"skipped {tree}/real/a/broken.jpg: " in r.stderr
     assert "14 new, 1 skipped" in r.stdout and s.new == 14
     a, b = FeatureCache(local), FeatureCache(remote)
     key = tiny_backbone.info.key
     for view in ("clean", "jpeg:75"):
-        fa, fb = a.load(key, view), b.load(key, view)
+        fa, fb = a.load(key, view, with_layers=True), b.load(key, view, with_layers=True)
         assert sorted(fa.sha256) == sorted(fb.sha256) and len(fa.sha256) == 14
         pa, pb = np.argsort(fa.sha256), np.argsort(fb.sha256)
         # float16 rows: the model batches differ (4 here, 32 locally), so allow last-bit differences
         np.testing.assert_allclose(fa.embedding[pa], fb.embedding[pb], atol=2e-3)
+        assert fa.layers.shape == fb.layers.shape == (14, 2, fa.layers.shape[2])  # CLS tokens of two blocks
+        np.testing.assert_allclose(fa.layers[pa].astype(np.float32), fb.layers[pb].astype(np.float32), atol=2e-3)
         assert sorted(_rows(remote, key, view)) == sorted(set(_rows(remote, key, view)))  # each image once
     assert a.images() == b.images()  # labels, generators, sizes, formats, paths
     assert [(e["path"], e["reason"]) for e in a.errors()] == [(e["path"], e["reason"]) for e in b.errors()]

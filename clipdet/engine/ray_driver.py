@@ -160,6 +160,8 @@ def plan(device: str, batch_size: int | None) -> tuple:
     # Readers ask for half a CPU and CPU actors for a whole one: the stages stay separate operators (Ray Data
     # fuses neighbouring stages with equal requests into one process), so decoding overlaps inference.
     decode, embed = (0.25, 0.5) if small else (0.5, 1.0)
+    if gpus:  # GPU actors are separate operators anyway: one reader per CPU
+        decode = 1.0
     actors = gpus if gpus else len(nodes)
     stages = RayStages(device=device if gpus or device != "auto" else "cpu", precision=None, actors=actors,
                        gpus=bool(gpus), threads=threads, decode_cpus=decode, embed_cpus=embed, spec="")
