@@ -347,7 +347,7 @@ def extract(
     Files unchanged since an earlier run (the cache's stat index) are not read at all; `rehash=True`
     hashes every file regardless.
     `engine="ray"` runs the reader and embedder stages on a Ray cluster (`ray_address`, else
-    $RAY_ADDRESS, else a local Ray started for the run; see clipdet.engine.ray); the results and the
+    $RAY_ADDRESS, else a local Ray started for the run; see clipdet.engine.ray_driver); the results and the
     cache writes are the same. `stages` (internal) replaces the local reader/embedder with another
     engine's: an object with `prepared(refs, **context)` and `writer(cache, lazy, views, batch_size)`.
     """
