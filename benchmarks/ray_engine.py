@@ -66,6 +66,17 @@ def run_once(engine: str, data: str, backbone: str, extra: list[str], paths: lis
             "inner": float(inner.group(1)) if inner else float("nan")}
 
 
+def breakeven(fixed: dict, marginal: dict, target: float = 0.8) -> str:
+    """Images N from which ray's end-to-end rate is `target` of local's: fixed_l + N/m_l >= target (fixed_r + N/m_r)."""
+    slope = 1 / marginal["local"] - target / marginal["ray"]
+    need = target * fixed["ray"] - fixed["local"]
+    if need <= 0:
+        return "any size"
+    if slope <= 0:
+        return "never (the Ray engine's marginal rate is below the target)"
+    return f"about {need / slope:,.0f} images"
+
+
 def main() -> None:
     """Run the comparison and write the Markdown results."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -135,6 +146,8 @@ def main() -> None:
               f"**{100 * marginal['ray'] / marginal['local']:.0f}%**",
               f"- fixed cost of the Ray engine over the local one: {fixed['ray'] - fixed['local']:.1f} s per run "
               "(a second process, starting Ray, the actors loading their own model, stopping Ray)",
+              f"- run size from which ray reaches 80% of local end to end (from the fixed costs and marginal "
+              f"rates above): {breakeven(fixed, marginal)}",
               "",
               "Notes:",
               "- `--engine ray` without `--ray-address` starts a one-node Ray on this machine for each run (2 CPUs: "
