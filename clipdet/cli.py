@@ -129,6 +129,12 @@ def _layers(spec: Optional[str]) -> tuple[int, ...]:
         raise UsageError(f"--layers {spec!r}: expected comma-separated block indices like -1,-4,-8") from None
 
 
+def _engine(name: str) -> str:
+    from .engine import check_engine
+
+    return check_engine(name)
+
+
 def _quiet_warnings(quiet: bool) -> None:
     import warnings
 
@@ -136,6 +142,13 @@ def _quiet_warnings(quiet: bool) -> None:
     warnings.formatwarning = lambda m, c, *a, **k: f"clipdet: warning: {m}\n"  # type: ignore[assignment]
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+# ---- engines (issue 9): where extraction runs ------------------------------------------------------------
+EngineOpt = typer.Option("local", "--engine", help="local (threads in this process) or ray (Ray Data stages on a "
+                         "Ray cluster; images must be readable from every node)")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Ray head HOST:PORT for --engine ray [default: "
+                             "$RAY_ADDRESS, else a local Ray started for the run]")
 
 
 @app.command()
@@ -162,6 +175,8 @@ def extract(
                                "model needs far fewer pixels: faster, features within cosine ~0.998 (see README)"),
     precision: str = PrecisionOpt,
     quiet: bool = QuietOpt,
+    engine: str = EngineOpt,
+    ray_address: Optional[str] = RayAddressOpt,
 ) -> None:
     """Embed images into the feature cache (content-addressed: re-runs only embed what is new)."""
     _quiet_warnings(quiet)
@@ -173,7 +188,8 @@ def extract(
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
                         workers=workers, device=device, layers=_layers(layers) or None, quiet=quiet, draft=draft,
-                        precision=precision, rehash=rehash, heads=heads)
+                        precision=precision, rehash=rehash, heads=heads, engine=_engine(engine),
+                        ray_address=ray_address)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
         typer.echo(s.line())
@@ -309,6 +325,8 @@ def score(
     verdict_out: bool = typer.Option(False, "--verdict", help="Print a readable verdict per image on stdout "
                                      "(the default for a single FILE argument; otherwise CSV rows)"),
     captions: Optional[str] = CaptionsOpt,
+    engine: str = EngineOpt,
+    ray_address: Optional[str] = RayAddressOpt,
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
     _quiet_warnings(quiet)
@@ -335,7 +353,8 @@ def score(
             fc = FeatureCache(cache, readonly=cache_readonly)
             for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
                                   batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
-                                  on_chunk=writer.flush, captions=caps):
+                                  on_chunk=writer.flush, captions=caps, engine=_engine(engine),
+                                  ray_address=ray_address):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1

@@ -88,32 +88,59 @@ def prepare(
     """Reader stage for one file: read, hash, skip if cached, else decode once and make every missing view.
 
     Per-file problems become `Prepared.error`; a `ClipdetError` that is not about the file (say the
-    model cannot be loaded) propagates and stops the run.
+    model cannot be loaded) propagates and stops the run. The two halves, `read_hashed` and
+    `decode_views`, are also run apart (the Ray engine runs them as separate stages).
     """
+    out, data, missing = read_hashed(ref, views, cached)
+    return decode_views(out, data, missing, preprocess, max_pixels, draft_size)
+
+
+def read_hashed(ref: ImageRef, views: Sequence[str], cached: dict[str, set[str]]) -> tuple[Prepared, bytes, list[str]]:
+    """First half of `prepare`: read and hash one file; returns (Prepared, its bytes, views not cached).
+
+    The bytes are returned only when some view is missing (else b"")."""
     out = Prepared(ref)
     if ref.error:  # discovery already knows this input cannot be used (e.g. a folder it could not list)
         out.error = ref.error
-        return out
+        return out, b"", []
     try:
         data = read_file(ref.path)
         out.sha256 = sha256_bytes(data)
         out.meta = ImageMeta(out.sha256, ref.label or "", ref.generator or "", paths=[os.path.abspath(ref.path)])
         missing = [v for v in views if out.sha256 not in cached.get(v, ())]
-        if not missing:
-            return out
+        return out, (data if missing else b""), missing
+    except Exception as e:  # noqa: BLE001 - sorted out by _file_error
+        _file_error(out, e)
+    return out, b"", []
+
+
+def decode_views(out: Prepared, data: bytes, missing: Sequence[str], preprocess: Callable,
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: int | Callable[[], int | None] | None = None) -> Prepared:
+    """Second half of `prepare`: decode `data` once and preprocess every view in `missing` into `out.tensors`."""
+    if out.error or not missing:
+        return out
+    try:
         # Perturbed views are made from the full-resolution decode; only a clean-only file may use draft.
         ds = draft_size() if callable(draft_size) else draft_size
-        dec = decode_image(data, ref.path, max_pixels=max_pixels, draft_size=ds if missing == ["clean"] else None)
+        dec = decode_image(data, out.ref.path, max_pixels=max_pixels,
+                           draft_size=ds if list(missing) == ["clean"] else None)
         out.meta.width, out.meta.height, out.meta.format = dec.width, dec.height, dec.format
         for v in missing:
             out.tensors[v] = preprocess(apply_view(dec.image, v))
-    except ImageError as e:
-        out.error = e.reason
-    except ClipdetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - one file never stops a run
-        out.error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - sorted out by _file_error
+        _file_error(out, e)
     return out
+
+
+def _file_error(out: Prepared, e: Exception) -> None:
+    """A per-file problem becomes `out.error`; a ClipdetError about something else (the model) propagates."""
+    if isinstance(e, ImageError):
+        out.error = e.reason
+    elif isinstance(e, ClipdetError):
+        raise e
+    else:  # one file never stops a run
+        out.error = f"{type(e).__name__}: {e}"
 
 
 class LazyBackbone:
@@ -171,6 +198,15 @@ class LazyBackbone:
         self._model = model
         for check in self._checks:
             check(model, self.absolute_layers)
+
+    def adopt(self, model) -> None:
+        """Take `model` as the loaded backbone unless one is loaded: e.g. the description of the model a
+        Ray actor loaded (`.info`, `.resolve_layers`). The key must match; `on_load` checks run as for a load."""
+        with self._lock:
+            if self._model is None:
+                self._install(model)
+            elif model.info.key != self.key:
+                raise UsageError(f"backbone {self.spec}: workers loaded {model.info.key}, expected {self.key}")
 
     def on_load(self, check: Callable, key=None) -> None:
         """Run `check(model, absolute_layers)` when the model is loaded (now, if it already is).
@@ -303,6 +339,9 @@ def extract(
     lazy: LazyBackbone | None = None,
     rehash: bool = False,
     heads: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    stages=None,
 ) -> ExtractSummary:
     """Embed `refs` with `backbone` into the feature cache; returns an `ExtractSummary`.
 
@@ -318,7 +357,18 @@ def extract(
     Files unchanged since an earlier run (the cache's stat index) are not read at all; `rehash=True`
     hashes every file regardless. `heads` N also stores the attention-head decomposition of the last N
     blocks (`Backbone.embed(heads=N)`); like `layers`, without it a group's stored head set is kept.
+    `engine="ray"` runs the reader and embedder stages on a Ray cluster (`ray_address`, else
+    $RAY_ADDRESS, else a local Ray started for the run; see clipdet.engine.ray_driver); the results and the
+    cache writes are the same. `stages` (internal) replaces the local reader/embedder with another
+    engine's: an object with `prepared(refs, **context)` and `writer(cache, lazy, views, batch_size)`.
     """
+    if engine != "local":
+        from .engine import run_extract
+
+        return run_extract(engine, refs, backbone, cache=cache, views=views, batch_size=batch_size, device=device,
+                           layers=layers, quiet=quiet, max_pixels=max_pixels, draft=draft, precision=precision,
+                           record_cached=record_cached, compact=compact, lazy=lazy, rehash=rehash,
+                           ray_address=ray_address, heads=heads)
     t0 = time.perf_counter()
     refs = list(refs)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
@@ -353,17 +403,23 @@ def extract(
         return prepare(r, views, cached, lazy.preprocess, max_pixels=max_pixels,
                        draft_size=lazy.image_size if draft else None)
 
+    def read(rs: list[ImageRef]) -> Iterator[Prepared]:
+        if stages is not None:
+            return stages.prepared(rs, lazy=lazy, views=views, cached=cached, max_pixels=max_pixels, draft=draft,
+                                   batch_size=batch_size)
+        return iter_prepared(rs, workers, fn, prefetch)
+
     abs_paths = [_abs(r.path) for r in refs]
     stat_ns = time.time_ns()  # before the stats: a file changed after this is never trusted unread
     stats = stat_all(abs_paths)
     known_files = {} if rehash else _unchanged(cache, refs, abs_paths, stats, cached, views, record_cached)
 
     progress = _Progress(len(refs), quiet, "extract")
-    writer = _BatchWriter(cache, lazy, views, batch_size)
+    writer = (stages.writer if stages is not None else _BatchWriter)(cache, lazy, views, batch_size)
     seen: set[str] = set()
     already: list[ImageMeta] = []  # cached images whose metadata may be new: checked in batches
     try:
-        for p in _with_known(refs, abs_paths, known_files, workers, fn, prefetch):
+        for p in _with_known(refs, abs_paths, known_files, read):
             progress.update()
             summary.records.append((p.ref.path, p.sha256, p.error))
             if p.error:
@@ -433,12 +489,14 @@ def _unchanged(cache: FeatureCache, refs: list[ImageRef], abs_paths: list[str], 
     return {i: shas[j] for j, i in enumerate(pos) if ok[j]}
 
 
-def _with_known(refs: list[ImageRef], abs_paths: list[str], known: dict[int, str], workers: int, fn, prefetch: int):
-    """Prepared results in input order: files in `known` without reading them, the rest through `fn`."""
+def _with_known(refs: list[ImageRef], abs_paths: list[str], known: dict[int, str],
+                read: Callable[[list[ImageRef]], Iterator[Prepared]]):
+    """Prepared results in input order: files in `known` without reading them, the rest through `read`
+    (which yields them in input order)."""
     if not known:
-        yield from iter_prepared(refs, workers, fn, prefetch)
+        yield from read(refs)
         return
-    rest = iter_prepared([r for i, r in enumerate(refs) if i not in known], workers, fn, prefetch)
+    rest = iter(read([r for i, r in enumerate(refs) if i not in known]) if len(known) < len(refs) else ())
     for i, r in enumerate(refs):
         sha = known.get(i)
         if sha is None:
@@ -493,11 +551,20 @@ class _BatchWriter:
             if len(self.pending[v]) >= self.batch_size:
                 self._flush(v)
 
+    def _embed(self, model, tensors: list) -> dict:
+        """The model's outputs for a batch of preprocessed tensors: embedding, and layers / heads /
+        heads_rest when the run stores them."""
+        kw = {"heads": self.lazy.heads} if self.lazy.heads else {}
+        return model.embed(model.collate(tensors), layers=self.lazy.absolute_layers, **kw)
+
+    def _model(self):
+        """The model whose identity the written features get (the one that embeds them)."""
+        return self.lazy.get()
+
     def _flush(self, view: str) -> None:
         items, self.pending[view] = self.pending[view], []
-        model = self.lazy.get()
-        kw = {"heads": self.lazy.heads} if self.lazy.heads else {}
-        out = model.embed(model.collate([t for _, t in items]), layers=self.lazy.absolute_layers, **kw)
+        model = self._model()
+        out = self._embed(model, [t for _, t in items])
         emb = out["embedding"]
         attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb.shape[1]), self.lazy.heads_spec)
         rows = FeatureRows([s for s, _ in items], emb.astype(np.float16), out.get("layers"),

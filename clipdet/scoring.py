@@ -56,6 +56,8 @@ def score_refs(
     first_chunk: int = FIRST_CHUNK,
     on_chunk: Callable[[], None] | None = None,
     captions=None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
 
@@ -68,6 +70,8 @@ def score_refs(
     Detectors fitted on caption features (image+text, residual) take each image's caption from its
     ref (manifest column) or `captions` (a `clipdet.text.Captions`); an image without one gets
     `MISSING_CAPTION` in its row's error.
+    `engine="ray"` first embeds every uncached input on a Ray cluster (one run, into the cache), then
+    scores chunk by chunk from the cache as above.
     """
     from .cache import FeatureCache
     from .extract import LazyBackbone, extract
@@ -93,6 +97,10 @@ def score_refs(
     from .text.features import CaptionFeatures
 
     text = CaptionFeatures(detector, cache, captions, backbone, device)
+    if engine != "local":
+        refs = list(refs)
+        extract(refs, "", cache=cache, views=[view], batch_size=batch_size, device=device, quiet=quiet,
+                compact=False, lazy=lazy, record_cached=False, engine=engine, ray_address=ray_address)
     for part in growing_chunks(refs, first_chunk, chunk):
         summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
                           device=device, quiet=quiet, compact=False, lazy=lazy,

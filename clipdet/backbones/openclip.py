@@ -105,13 +105,18 @@ class OpenClipBackbone(Backbone):
 
         Configurations `FastPreprocess` does not cover fall back to open_clip's own float transform.
         """
+        return self.preprocessor()(image)
+
+    def preprocessor(self):
+        """The callable `preprocess` applies: small and picklable (no weights), so other processes (the
+        Ray engine's decode tasks) preprocess exactly as this backbone does."""
         if self._fast.supported:
-            return self._fast(image)
+            return self._fast
         if self._transform is None:
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             self._transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
-        return self._transform(image)
+        return self._transform
 
     def collate(self, items):
         """Stack preprocessed images into one batch (uint8 numpy, or float tensor for the fallback)."""
