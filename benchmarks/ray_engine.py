@@ -85,25 +85,44 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="Markdown file for the results")
     ap.add_argument("--extra", default="", help="Extra options for both engines, e.g. '--views jpeg:75'")
+    ap.add_argument("--warm-cluster", action="store_true",
+                    help="Also time --engine ray against a one-node Ray on 127.0.0.1 started once beforehand "
+                         "(--ray-address), as on a cluster that is already up")
     args = ap.parse_args()
     extra = args.extra.split()
+    cluster = None
+    engines = ["local", "ray"]
+    if args.warm_cluster:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": os.cpu_count(), "object_store_memory": 500 * 1024 * 1024, "include_dashboard": False,
+            "node_ip_address": "127.0.0.1"})
+        cluster.wait_for_nodes()
+        engines.append("ray-warm")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from clipdet.images import discover
 
     half = [r.path for r in discover([args.data])]
     half = half[: len(half) // 2]
     before = load()
-    runs: dict[str, list[dict]] = {"local": [], "ray": []}
-    halves: dict[str, list[dict]] = {"local": [], "ray": []}
-    for i in range(args.repeats):
-        for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
-            r = run_once(engine, args.data, args.backbone, extra)
-            runs[engine].append(r)
-            print(f"run {i + 1} {engine}: {r['wall']:.1f} s, {r['new'] / r['wall']:.1f} img/s ({r['line']})",
-                  flush=True)
-            h = run_once(engine, args.data, args.backbone, extra, paths=half)
-            halves[engine].append(h)
-            print(f"run {i + 1} {engine} (half): {h['wall']:.1f} s ({h['line']})", flush=True)
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    halves: dict[str, list[dict]] = {e: [] for e in engines}
+    try:
+        for i in range(args.repeats):
+            for engine in engines if i % 2 == 0 else engines[::-1]:
+                opts = extra + (["--ray-address", cluster.address] if engine == "ray-warm" else [])
+                name = "ray" if engine == "ray-warm" else engine
+                r = run_once(name, args.data, args.backbone, opts)
+                runs[engine].append(r)
+                print(f"run {i + 1} {engine}: {r['wall']:.1f} s, {r['new'] / r['wall']:.1f} img/s ({r['line']})",
+                      flush=True)
+                h = run_once(name, args.data, args.backbone, opts, paths=half)
+                halves[engine].append(h)
+                print(f"run {i + 1} {engine} (half): {h['wall']:.1f} s ({h['line']})", flush=True)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
     after = load()
     # marginal throughput per repeat: the second half of the images costs wall_full - wall_half
     marginal = {e: statistics.median((f["new"] - h["new"]) / max(f["wall"] - h["wall"], 1e-9)
@@ -135,7 +154,7 @@ def main() -> None:
         "(full - half) | fixed start-up + end s | runs (wall s, full / half) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for e in ("local", "ray"):
+    for e in engines:
         each = ", ".join(f"{x['wall']:.1f} / {h['wall']:.1f}" for x, h in zip(runs[e], halves[e]))
         lines.append(f"| {e} | {walls[e]:.1f} | {med[e]:.1f} | {inner[e]:.1f} | {marginal[e]:.1f} | {fixed[e]:.1f} "
                      f"| {each} |")
@@ -148,6 +167,14 @@ def main() -> None:
               "(a second process, starting Ray, the actors loading their own model, stopping Ray)",
               f"- run size from which ray reaches 80% of local end to end (from the fixed costs and marginal "
               f"rates above): {breakeven(fixed, marginal)}",
+              ]
+    if "ray-warm" in runs:
+        lines += [f"- ray on a Ray that is already up (`ray-warm`: a one-node Ray on 127.0.0.1 with "
+                  f"{os.cpu_count()} CPUs started once before the runs, `--ray-address`) / local, end to end: "
+                  f"**{100 * med['ray-warm'] / med['local']:.0f}%**; inside the run "
+                  f"**{100 * inner['ray-warm'] / inner['local']:.0f}%**; fixed cost over local "
+                  f"{fixed['ray-warm'] - fixed['local']:.1f} s"]
+    lines += [
               "",
               "Notes:",
               "- `--engine ray` without `--ray-address` starts a one-node Ray on this machine for each run (2 CPUs: "

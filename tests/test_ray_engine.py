@@ -223,3 +223,40 @@ def test_help_does_not_import_ray(subprocess_env):
             "print('ray' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_progress_bar_on_the_driver(cluster, tmp_path, tiny_spec, subprocess_env):
+    """On a terminal the Ray engine shows the same tqdm bar as the local engine, driven from the driver.
+
+    No --ray-address while another Ray (the fixture's cluster) runs on this machine: the run starts its
+    own local Ray rather than joining that one (plain ray.init() would, and refuse our store size)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    tree = _tree(tmp_path / "tree", 6, bad=False)
+    cmd = CLIPDET + ["extract", str(tree), "-b", tiny_spec, "-c", str(tmp_path / "c.h5"), "--engine", "ray"]
+    subprocess_env = {k: v for k, v in subprocess_env.items() if k != "RAY_ADDRESS"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command on a 120-column terminal (never back into pytest)
+        try:
+            os.execve(cmd[0], cmd, subprocess_env)
+        finally:
+            os._exit(127)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    out = b""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "extract: 100%" in text and "6/6" in text, text  # tqdm's bar, updated as rows reach the driver
+    assert "6 new, 0 skipped" in text

@@ -115,7 +115,9 @@ def connect(address: str | None) -> bool:
         import psutil
 
         store = int(min(2 << 30, 0.2 * psutil.virtual_memory().total))
-        ray.init(include_dashboard=False, object_store_memory=store, **kw)
+        # address="local": always a new Ray for this run, even when one started with `ray start` runs on
+        # this machine (plain ray.init() would join that one, and refuse our object store size)
+        ray.init(address="local", include_dashboard=False, object_store_memory=store, **kw)
         return True
     if address in ("auto", "local") or "://" in address:
         ray.init(address=address, **kw)
