@@ -129,9 +129,12 @@ def _layers(spec: Optional[str]) -> tuple[int, ...]:
         raise UsageError(f"--layers {spec!r}: expected comma-separated block indices like -1,-4,-8") from None
 
 
-def _engine(name: str) -> str:
+def _engine(name: str, ray_address: str | None = None) -> str:
     from .engine import check_engine
+    from .errors import UsageError
 
+    if ray_address and name != "ray":
+        raise UsageError(f"--ray-address {ray_address}: only used with --engine ray (this run: --engine {name})")
     return check_engine(name)
 
 
@@ -188,7 +191,7 @@ def extract(
         refs = _refs(paths or [], manifest)
         s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
                         workers=workers, device=device, layers=_layers(layers) or None, quiet=quiet, draft=draft,
-                        precision=precision, rehash=rehash, heads=heads, engine=_engine(engine),
+                        precision=precision, rehash=rehash, heads=heads, engine=_engine(engine, ray_address),
                         ray_address=ray_address)
         for path, reason in s.errors:
             err(f"skipped {path}: {reason}")
@@ -330,12 +333,13 @@ def score(
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
     _quiet_warnings(quiet)
-    state = {"errors": 0}
+    state = {"errors": 0, "uncaptioned": 0}
 
     def go():
         from .cache import FeatureCache
         from .detector import Detector
         from .scoring import RowWriter, score_refs, summarise, verdict
+        from .text import MISSING_CAPTION
 
         det = Detector.load(detector)
         refs = _refs(paths or [], manifest)
@@ -353,13 +357,14 @@ def score(
             fc = FeatureCache(cache, readonly=cache_readonly)
             for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
                                   batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
-                                  on_chunk=writer.flush, captions=caps, engine=_engine(engine),
+                                  on_chunk=writer.flush, captions=caps, engine=_engine(engine, ray_address),
                                   ray_address=ray_address):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1
                 if row["error"]:
                     state["errors"] += 1
+                    state["uncaptioned"] += row["error"] == MISSING_CAPTION
                     if not verdicts:
                         err(f"skipped {row['path']}: {row['error']}")
                 if verdicts:
@@ -368,7 +373,8 @@ def score(
         finally:
             writer.close()
         if not one_file or not verdicts:
-            line = summarise(counts, state["errors"], n) + (f"; rows in {dest}" if dest and dest != "-" else "")
+            line = summarise(counts, state["errors"], n, state["uncaptioned"]) + (
+                f"; rows in {dest}" if dest and dest != "-" else "")
             (err if dest == "-" or verdicts else typer.echo)(line)
         _discovery_summary(refs)
 

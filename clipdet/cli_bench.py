@@ -165,7 +165,9 @@ def register(app: typer.Typer) -> None:
             prepare_output_dir(out, "--out")  # before any extraction or fit
             from .features import kinds_for
             from .fewshot import check_kinds_features
+            from .text.features import check_features
 
+            check_features(features)  # before any extraction
             check_kinds_features(kinds_for(head_list), features)
             pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet,
                                      kinds_for(head_list))

@@ -86,8 +86,46 @@ def extract_kwargs(cache, detector, view: str) -> dict:
     return {"layers": tuple(lay["blocks"])}
 
 
-def matrix(rows, kind: str, keep=None) -> np.ndarray:
-    """The flat (n, F) float32 matrix of `kind` from `FeatureRows` (rows `keep` only, if given)."""
+def stored_order(cache, detector, view: str) -> np.ndarray | None:
+    """How to read `detector`'s rows from the cache group (key, view) it scores from: None when the group
+    is absent (new images get the detector's layout) or stores exactly its layout, else the unit order
+    (layers stored in another order). UsageError, naming the cache and what differs, when the group
+    stores something else (no head contributions / block tokens, or other blocks or heads)."""
+    lay = detector.layout
+    kind = lay.get("kind", "embedding")
+    if kind == "embedding" or not cache.exists():
+        return None
+    key = detector.backbone_key
+    g = next((g for g in cache.groups(count=False) if g.key == key and g.view == view), None)
+    if g is None:
+        return None
+    want = [int(b) for b in lay.get("blocks", [])]
+    other = "score with another --cache (new images are extracted there as the detector needs)"
+    if kind == "heads":
+        have = getattr(g, "heads", None)
+        need = f"the attention heads of blocks {want} ({lay.get('n_heads')} per block)"
+        if not have:
+            raise UsageError(f"{cache.path}: its {view} features have no attention-head contributions; the detector "
+                             f"reads {need}: {other}, or extract with --heads {len(want)} into a new cache")
+        if [int(b) for b in have["blocks"]] != want or int(have["n_heads"]) != int(lay.get("n_heads", 0)):
+            raise UsageError(f"{cache.path}: its {view} features hold the heads of blocks {have['blocks']} "
+                             f"({have['n_heads']} per block); the detector reads {need}: {other}")
+        return None
+    have = [int(b) for b in g.layers]
+    if not have:
+        raise UsageError(f"{cache.path}: its {view} features have no block CLS tokens; the detector reads blocks "
+                         f"{want}: {other}, or extract with --layers {','.join(map(str, want))} into a new cache")
+    if have == want:
+        return None
+    if sorted(have) == sorted(want):
+        return np.array([have.index(b) for b in want], dtype=np.int64)
+    raise UsageError(f"{cache.path}: its {view} features hold the CLS tokens of blocks {have}; the detector reads "
+                     f"blocks {want}: {other}")
+
+
+def matrix(rows, kind: str, keep=None, order=None) -> np.ndarray:
+    """The flat (n, F) float32 matrix of `kind` from `FeatureRows` (rows `keep` only, if given; units in
+    `order`, if given: see `stored_order`)."""
     src = {"embedding": rows.embedding, "heads": getattr(rows, "heads", None),
            "layers": getattr(rows, "layers", None)}.get(kind)
     if src is None:
@@ -95,6 +133,8 @@ def matrix(rows, kind: str, keep=None) -> np.ndarray:
     a = np.asarray(src)
     if keep is not None:
         a = a[keep]
+    if order is not None:  # units (blocks) stored in another order than the detector reads them
+        a = a[:, order]
     return np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
 
 

@@ -185,7 +185,7 @@ def fit_from_pool(
         from .prune import fit_pruner
 
         transform = fit_pruner(X, pool.y, pool.generator, prune, prune_basis, seed,
-                               unit_dim=layout.get("dim") if kind != "embedding" else None)
+                               unit_dim=_unit_dim(X, layout) if kind != "embedding" else None)
         X = transform.transform(X)
 
     def features(p: Pool) -> np.ndarray:
@@ -617,6 +617,11 @@ def fit(
     det.skipped = skipped
     det.input_notes = [refs.summary()] if refs is not None and hasattr(refs, "summary") and refs.summary() else []
     return det
+
+
+def _unit_dim(X: np.ndarray, layout: dict) -> int:
+    """Width of one unit (head contribution, block token) of rows laid out as `layout`."""
+    return int(layout.get("dim") or X.shape[1] // max(1, int(layout.get("units", 1))))
 
 
 def check_kinds_features(kinds: Sequence[str], features: str) -> None:

@@ -91,6 +91,7 @@ def score_refs(
     from . import features
 
     kind = detector.layout.get("kind", "embedding")
+    order = features.stored_order(cache, detector, view)  # before any extraction: a mismatch is one line
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
                         precision=precision, **features.extract_kwargs(cache, detector, view))
     load_kw = features.load_kwargs([kind])
@@ -121,7 +122,7 @@ def score_refs(
         if text.active:
             X, ok = text.features(feats, part, summary.records)
         else:
-            X = features.matrix(feats, kind) if len(feats.sha256) else np.zeros((0, 0), np.float32)
+            X = features.matrix(feats, kind, order=order) if len(feats.sha256) else np.zeros((0, 0), np.float32)
             ok = np.ones(len(X), bool)
         scored = _score_ok(detector, X, ok, threshold)
         for path, sha, error in summary.records:
@@ -261,10 +262,12 @@ def verdict(row: dict, threshold: float) -> str:
     return text
 
 
-def summarise(rows_label_counts: dict, errors: int, total: int) -> str:
-    """'N images: fake A, real B, unknown C; E errors'."""
+def summarise(rows_label_counts: dict, errors: int, total: int, uncaptioned: int = 0) -> str:
+    """'N images: fake A, real B, unknown C; E could not be read[; U without a caption]' (`errors` counts
+    every row with an error, `uncaptioned` those whose error is only a missing caption)."""
     parts = ", ".join(f"{k} {v}" for k, v in sorted(rows_label_counts.items()))
-    return f"{total} images: {parts or 'none scored'}; {errors} could not be read"
+    line = f"{total} images: {parts or 'none scored'}; {errors - uncaptioned} could not be read"
+    return line + (f"; {uncaptioned} without a caption" if uncaptioned else "")
 
 
 __all__ = ["COLUMNS", "check_backbone_override", "growing_chunks", "score_refs", "RowWriter", "verdict", "summarise"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipdet.cache import FeatureCache
 from clipdet.fewshot import Pool, fit_from_pool
 from clipdet.metrics import roc_auc
 
@@ -232,3 +233,43 @@ def test_heads_reading_blocks_refuse_caption_features_and_zero_shot_refuses_prun
                 "-o", tmp_path / "z.clipdet")
     assert r.exit_code == 2 and "--prune" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "z.clipdet").exists()
+
+
+def test_scoring_checks_the_cache_holds_what_the_detector_reads(run_cli, heads_cache, labelled_tree, tmp_path,
+                                                                tiny_spec, tiny_backbone, fitted):
+    import clipdet
+    from clipdet.detector import Detector
+    from clipdet.extract import LazyBackbone
+    from clipdet.images import discover
+
+    lay, hd = tmp_path / "l.clipdet", tmp_path / "h.clipdet"
+    for head, out, extra in (("layers", lay, ["-p", "hidden_size=16", "-p", "max_epochs=20"]), ("heads", hd, [])):
+        r = run_cli("fit", "-c", heads_cache, "--head", head, "-k", "5", "-o", out, *extra)
+        assert r.exit_code == 0, r.output
+    real = labelled_tree / "real"
+    # the same blocks stored in the other order: read in the detector's order, same scores
+    other = str(tmp_path / "rev.h5")
+    clipdet.extract(discover([str(real)]), tiny_spec, cache=other,
+                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone, layers=(1, 0)))
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run_cli("score", real, "-d", lay, "-c", heads_cache, "-o", a).exit_code == 0
+    assert run_cli("score", real, "-d", lay, "-c", other, "-o", b).exit_code == 0
+    assert a.read_text() == b.read_text()
+    # other blocks / heads, or none: one line naming the cache and what differs, before any extraction
+    one = str(tmp_path / "one.h5")
+    clipdet.extract(discover([str(real)]), tiny_spec, cache=one,
+                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone, layers=(1,), heads=1))
+    _, plain, _ = fitted
+    for det, cache, says in ((hd, one, "hold the heads of blocks [1]"), (lay, one, "CLS tokens of blocks [1]"),
+                             (hd, plain, "no attention-head contributions"), (lay, plain, "no block CLS tokens")):
+        for cmd in ("score", "eval"):
+            r = run_cli(cmd, real if cmd == "score" else labelled_tree, "-d", det, "-c", cache)
+            assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+            assert len([ln for ln in r.output.splitlines() if ln.startswith("clipdet: error")]) == 1
+    # --prune on block tokens removes the same coordinates from every token (indices within one token)
+    r = run_cli("fit", "-c", heads_cache, "--head", "layers", "-k", "5", "--prune", "3", "-o", tmp_path / "p.clipdet",
+                "-p", "hidden_size=16", "-p", "max_epochs=20")
+    assert r.exit_code == 0, r.output
+    t = Detector.load(tmp_path / "p.clipdet").transform
+    width = FeatureCache(heads_cache).load(tiny_backbone.info.key, "clean", with_layers=True).layers.shape[2]
+    assert t.dim == width and len(t.removed) == 3 and t.removed.max() < width

@@ -214,6 +214,13 @@ def test_unreachable_address_is_one_line(cluster, tmp_path, tiny_spec, run_cli, 
                 "--engine", "ray", "--ray-address", cluster.address)
     assert r.exit_code == 2
     assert r.stderr == f"clipdet: error: backbone 'clipdet-tiny:{missing}': weights file {missing} not found\n"
+    # options the actors' model refuses: the local engine's line, not Ray's wrapper of it
+    for opt, line in ((["--heads", "99"], "--heads 99: expected a number of final blocks from 1 to 2"),
+                      (["--layers", "50"], "--layers 50"), (["--precision", "fp16"], "fp16")):
+        r = run_cli("extract", tmp_path / "x.png", "-b", tiny_spec, "-c", tmp_path / "c.h5", "--engine", "ray",
+                    "--ray-address", cluster.address, *opt)
+        assert r.exit_code == 2 and r.stderr.startswith("clipdet: error: ") and line in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Ray" not in r.stderr, r.stderr
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "clipdet-ray-*.log"))) == logs
 
 

@@ -226,6 +226,7 @@ def test_missing_caption_is_a_row_error_and_missing_captions_refused(tree_cache,
             w.writerow([sha256_bytes(read_file(ref.path)), caption_of(ref.path)])
     r = run_cli("score", str(tree), "-d", out, "-c", cache, "--captions", caps, "--out", tmp_path / "s.csv")
     assert r.exit_code == 1  # done, one row could not be scored
+    assert "; 0 could not be read; 1 without a caption" in r.stdout  # read fine: only its caption is missing
     rows = read_rows(tmp_path / "s.csv")
     assert len(rows) == 24
     bad = [x for x in rows if x["error"]]
@@ -311,3 +312,20 @@ def test_zeroshot_calibrated_on_held_out_images_only(tree_cache, tmp_path, run_c
     assert len(det.meta["calibration_sha256"]) == 24  # eval refuses these images (overlap guard)
     r = run_cli("eval", str(tree), "-d", out, "-c", cache)
     assert r.exit_code == 2 and "references of the detector" in r.stderr
+
+
+def test_unreadable_captions_csv_and_early_option_checks(tmp_path, run_cli, tree_cache):
+    from clipdet.errors import UsageError
+    from clipdet.text.captions import read_captions
+
+    tree, cache, _ = tree_cache
+    big = tmp_path / "big.csv"
+    big.write_text('path,caption\na.png,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(UsageError, match=rf"{big}: line \d+: not a readable CSV row"):
+        read_captions(big)
+    # a --features typo in bench is refused before anything is extracted
+    r = run_cli("bench", str(tree), "--features", "imgae", "-c", tmp_path / "fresh.h5", "-o", tmp_path / "b")
+    assert r.exit_code == 2 and "--features 'imgae'" in r.stderr and not (tmp_path / "fresh.h5").exists()
+    # --ray-address means nothing to the local engine: refused, not ignored
+    r = run_cli("extract", str(tree), "-c", cache, "--ray-address", "10.0.0.5:6379")
+    assert r.exit_code == 2 and "only used with --engine ray" in r.stderr

@@ -102,7 +102,10 @@ class HeadSelectionHead(LogisticHead):
         names = unit_names(layout, self.selected_) if layout.get("kind") == "heads" else \
             [str(u) for u in self.selected_]
         best = ", ".join(f"{n} (AUC {self.unit_auc_[u]:.3f})" for n, u in zip(names, self.selected_))
-        return [f"attention heads used (layer.head, {self.selection_cv_} AUC on the references): {best}"]
+        lines = [f"attention heads used (layer.head, {self.selection_cv_} AUC on the references): {best}"]
+        if int(self.k) > len(self.selected_):
+            lines.append(f"note: k={self.k} asked for, but the features hold {self.n_units} heads: all are used")
+        return lines
 
     def _state_arrays(self):
         return {**super()._state_arrays(), "selected": self.selected_, "unit_auc": self.unit_auc_}

@@ -112,8 +112,20 @@ class Embedder:
         return self.lazy.get()
 
     def __call__(self, batch: dict) -> dict:
+        from ..errors import ClipdetError
+
         n = len(batch["i"])
+        try:
+            return self._embed(batch, n)
+        except ClipdetError as e:  # the model or its options (precision, --layers, --heads): the run's error,
+            # handed to the driver as a column (Ray would lose the exception's type and text on the way)
+            out = {c: batch[c] for c in ("i", "sha256", "error", "width", "height", "format")}
+            out["fatal"] = np.array([f"{type(e).__name__}\t{e}"] * n, object)
+            return out
+
+    def _embed(self, batch: dict, n: int) -> dict:
         out = {c: batch[c] for c in ("i", "sha256", "error", "width", "height", "format")}
+        out["fatal"] = np.array([""] * n, object)
         info, layers, heads = "", "", ""
         for k, _v in enumerate(self.views):
             cols = {c: [b""] * n for c in OUTPUTS}
@@ -141,6 +153,17 @@ class Embedder:
         out["abs_layers"] = np.array([layers] * n, object)
         out["heads_spec"] = np.array([heads] * n, object)
         return out
+
+
+def _error(fatal: str):
+    """The clipdet error an embedding actor reported as "ClassName<TAB>message"."""
+    from .. import errors
+
+    name, _, msg = fatal.partition("\t")
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ClipdetError)) or cls is errors.ImageError:
+        cls = errors.ClipdetError
+    return cls(msg)
 
 
 class RemoteModel:
@@ -262,6 +285,9 @@ class RayStages:
     def _row(self, batch: dict, j: int, refs: list[ImageRef], lazy: LazyBackbone, views) -> Prepared:
         from ..extract import _abs
 
+        fatal = _s(batch["fatal"][j]) if "fatal" in batch else ""
+        if fatal:
+            raise _error(fatal)
         ref = refs[int(batch["i"][j])]
         p = Prepared(ref, _s(batch["sha256"][j]), error=_s(batch["error"][j]))
         if p.error:

@@ -77,7 +77,11 @@ def read_captions(path: str | os.PathLike | None) -> Captions:
         raise UsageError(f"{p}: a captions file needs a 'caption' column and a 'sha256' or 'path' column "
                          f"(got {reader.fieldnames})")
     by_sha, by_path = {}, {}
-    for row in reader:
+    try:
+        rows = list(reader)
+    except csv.Error as e:  # an oversized field, a NUL byte, a quote left open
+        raise UsageError(f"{p}: line {reader.line_num}: not a readable CSV row ({e})") from None
+    for row in rows:
         cap = (row.get("caption") or "").strip()
         if not cap:
             continue
