@@ -377,13 +377,13 @@ def extract(
     lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision,
                                                       heads=heads or 0)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
-    if not lazy.layers and not lazy.loaded and cache.exists():
-        stored = [g.layers for g in cache.groups(count=False) if g.key == lazy.key and g.view in views and g.layers]
-        if stored:
+    if not (lazy.layers and lazy.heads) and not lazy.loaded and cache.exists():
+        groups = [g for g in cache.groups(count=False) if g.key == lazy.key and g.view in views]
+        stored = [g.layers for g in groups if g.layers]
+        if stored and not lazy.layers:
             lazy.layers = tuple(stored[0])
-    if not lazy.heads and not lazy.loaded and cache.exists():
-        stored_h = [g.heads for g in cache.groups(count=False) if g.key == lazy.key and g.view in views and g.heads]
-        if stored_h:
+        stored_h = [g.heads for g in groups if g.heads]
+        if stored_h and not lazy.heads:
             lazy.heads = len(stored_h[0]["blocks"])
     cached = {v: cache.cached_shas(lazy.key, v) for v in views}
 

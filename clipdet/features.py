@@ -42,7 +42,7 @@ def group_layout(cache, key: str, view: str, kind: str) -> dict:
     """The row layout of `kind` features in group (key, view); UsageError with a hint when absent."""
     if kind == "embedding":
         return {"kind": "embedding", "units": 1}
-    g = next((g for g in cache.groups(count=False) if g.key == key and g.view == view), None)
+    g = cache.group(key, view)
     if g is None:
         raise UsageError(f"{cache.path}: no '{view}' features for {key}")
     if kind == "heads":
@@ -70,35 +70,22 @@ def load_kwargs(kinds: Iterable[str]) -> dict:
     return kw
 
 
-def extract_kwargs(cache, detector, view: str) -> dict:
-    """LazyBackbone arguments that make new images carry what `detector` reads: none when the cache's
-    group already stores it (extraction keeps a group's layers and heads), else the detector's layout."""
+def read_plan(cache, detector, view: str) -> tuple[np.ndarray | None, dict]:
+    """How `detector`'s rows are read from, and added to, the cache group (key, view) it scores from:
+    (unit order, LazyBackbone arguments for new images).
+
+    Without the group, new images are extracted with the detector's layout (`--heads N` / `--layers`)
+    and read as stored. A group holding exactly that layout is read as stored and keeps its own settings
+    (extraction follows a group's layers and heads); one holding the same blocks in another order is
+    read in the detector's order. Anything else (no head contributions / block tokens, other blocks or
+    heads) is a UsageError naming the cache and what differs, raised before any extraction."""
     lay = detector.layout
     kind = lay.get("kind", "embedding")
     if kind == "embedding":
-        return {}
-    g = next((g for g in cache.groups(count=False) if g.key == detector.backbone_key and g.view == view), None) \
-        if cache.exists() else None
-    if g is not None and (getattr(g, "heads", None) if kind == "heads" else g.layers):
-        return {}
-    if kind == "heads":
-        return {"heads": len(lay["blocks"])}
-    return {"layers": tuple(lay["blocks"])}
-
-
-def stored_order(cache, detector, view: str) -> np.ndarray | None:
-    """How to read `detector`'s rows from the cache group (key, view) it scores from: None when the group
-    is absent (new images get the detector's layout) or stores exactly its layout, else the unit order
-    (layers stored in another order). UsageError, naming the cache and what differs, when the group
-    stores something else (no head contributions / block tokens, or other blocks or heads)."""
-    lay = detector.layout
-    kind = lay.get("kind", "embedding")
-    if kind == "embedding" or not cache.exists():
-        return None
-    key = detector.backbone_key
-    g = next((g for g in cache.groups(count=False) if g.key == key and g.view == view), None)
+        return None, {}
+    g = cache.group(detector.backbone_key, view)
     if g is None:
-        return None
+        return None, ({"heads": len(lay["blocks"])} if kind == "heads" else {"layers": tuple(lay["blocks"])})
     want = [int(b) for b in lay.get("blocks", [])]
     other = "score with another --cache (new images are extracted there as the detector needs)"
     if kind == "heads":
@@ -110,22 +97,22 @@ def stored_order(cache, detector, view: str) -> np.ndarray | None:
         if [int(b) for b in have["blocks"]] != want or int(have["n_heads"]) != int(lay.get("n_heads", 0)):
             raise UsageError(f"{cache.path}: its {view} features hold the heads of blocks {have['blocks']} "
                              f"({have['n_heads']} per block); the detector reads {need}: {other}")
-        return None
+        return None, {}
     have = [int(b) for b in g.layers]
     if not have:
         raise UsageError(f"{cache.path}: its {view} features have no block CLS tokens; the detector reads blocks "
                          f"{want}: {other}, or extract with --layers {','.join(map(str, want))} into a new cache")
     if have == want:
-        return None
+        return None, {}
     if sorted(have) == sorted(want):
-        return np.array([have.index(b) for b in want], dtype=np.int64)
+        return np.array([have.index(b) for b in want], dtype=np.int64), {}
     raise UsageError(f"{cache.path}: its {view} features hold the CLS tokens of blocks {have}; the detector reads "
                      f"blocks {want}: {other}")
 
 
 def matrix(rows, kind: str, keep=None, order=None) -> np.ndarray:
     """The flat (n, F) float32 matrix of `kind` from `FeatureRows` (rows `keep` only, if given; units in
-    `order`, if given: see `stored_order`)."""
+    `order`, if given: see `read_plan`)."""
     src = {"embedding": rows.embedding, "heads": getattr(rows, "heads", None),
            "layers": getattr(rows, "layers", None)}.get(kind)
     if src is None:

@@ -91,9 +91,9 @@ def score_refs(
     from . import features
 
     kind = detector.layout.get("kind", "embedding")
-    order = features.stored_order(cache, detector, view)  # before any extraction: a mismatch is one line
+    order, new_layout = features.read_plan(cache, detector, view)  # before any extraction: a mismatch is one line
     lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device, key=detector.backbone_key,
-                        precision=precision, **features.extract_kwargs(cache, detector, view))
+                        precision=precision, **new_layout)
     load_kw = features.load_kwargs([kind])
     from .text.features import CaptionFeatures
 

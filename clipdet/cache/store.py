@@ -206,6 +206,10 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                                  int(attrs["dim"]), n, group_heads(attrs)))
         return out
 
+    def group(self, key: str, view: str) -> GroupInfo | None:
+        """The attributes of feature group (key, view) (count left 0), or None when the cache has none."""
+        return next((g for g in self.groups(count=False) if g.key == key and g.view == view), None)
+
     def cached_shas(self, key: str, view: str) -> ShaSet:
         """SHA-256 hex digests that have features for (key, view): a set-like view over the index
         (damaged rows found earlier in this process are left out, so they get re-extracted)."""

@@ -65,7 +65,7 @@ def _verify(cache, repair: bool) -> VerifyReport:
         except OSError:
             rep.unreadable.append(path)
             continue
-        bad_groups = {}
+        damaged_before = len(rep.damaged)
         try:
             with f:
                 f["images/sha256"][()]
@@ -76,11 +76,10 @@ def _verify(cache, repair: bool) -> VerifyReport:
                     if len(bad):
                         shas = g["sha256"][()][bad]
                         rep.damaged += [(path, f"{key}/{view}", s.decode()) for s in shas]
-                        bad_groups[(key, view)] = bad
         except (OSError, KeyError):
             rep.unreadable.append(path)
             continue
-        if repair and bad_groups:
+        if repair and len(rep.damaged) > damaged_before:  # this segment has damaged rows
             _rewrite_without(cache, path)
             rep.repaired.append(path)
     if repair and rep.unreadable:

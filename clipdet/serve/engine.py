@@ -86,7 +86,7 @@ class Engine:
         """Load the model; with a cache, check it matches and remember which images it already holds."""
         key = self.detector.backbone_key
         if self.cache is not None and self.cache.exists():
-            group = next((g for g in self.cache.groups(count=False) if g.key == key and g.view == self.view), None)
+            group = self.cache.group(key, self.view)
             if self.cache_write and group is not None:  # keep the group's layers and heads, as `extract` does
                 self.lazy.layers = tuple(group.layers or ())
                 self.lazy.heads = len(group.heads["blocks"]) if group.heads else 0
