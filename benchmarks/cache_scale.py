@@ -106,7 +106,7 @@ def make_images(folder: str, n: int, seed: int) -> list[str]:
 _RERUN = (
     "import sys, time\n"
     "from clipdet.extract import extract\n"
-    "from clipdet.images import discover\n"
+    "from clipdet.extract import discover\n"
     "t0 = time.perf_counter()\n"
     "refs = discover([sys.argv[1]])\n"
     "s = extract(refs, sys.argv[3], cache=sys.argv[2], quiet=True, rehash=len(sys.argv) > 4)\n"

@@ -32,7 +32,7 @@ import time
 
 def list_images(data: str, limit: int | None) -> list[str]:
     """Image files under `data`, sorted (clipdet's own discovery rules)."""
-    from clipdet.images import discover
+    from clipdet.extract.discover import discover
 
     refs = discover([data])
     return [r.path for r in refs][: limit or None]
@@ -92,8 +92,8 @@ def run_clipdet(paths, spec, device, batch, workers):
     """clipdet.extract end to end into a fresh cache."""
     import clipdet
     from clipdet.backbones import create_backbone
-    from clipdet.extract import LazyBackbone
-    from clipdet.images import ImageRef
+    from clipdet.extract.discover import ImageRef
+    from clipdet.extract.lazy import LazyBackbone
 
     # The model is built before the clock starts, as in the other modes (building it is not extraction).
     lazy = LazyBackbone(spec, device=device, loaded=create_backbone(spec, device=device))

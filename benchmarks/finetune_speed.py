@@ -36,10 +36,10 @@ def one_case(args) -> dict:
     import torch
 
     from clipdet.backbones.openclip import OpenClipBackbone, OpenClipProvider
+    from clipdet.extract.discover import discover
     from clipdet.finetune.data import Augment, class_names, list_images
     from clipdet.finetune.model import build_model
     from clipdet.finetune.train import Batches, TrainConfig, train
-    from clipdet.images import discover
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,7 +158,7 @@ def main() -> None:
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
-    from clipdet.protocols import versions
+    from clipdet.evaluate.record import versions
 
     command = "python benchmarks/finetune_speed.py " + " ".join(sys.argv[1:])
     record = {"command": command, "machine": machine(), "versions": versions(), "rows": rows}

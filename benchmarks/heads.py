@@ -38,8 +38,8 @@ def extraction(data: str, n: int, repeats: int) -> list[dict]:
     """images/s and bytes/image of plain and --heads 4 extraction (same model, same images)."""
     import clipdet
     from clipdet.backbones import create_backbone
-    from clipdet.extract import LazyBackbone
-    from clipdet.images import discover
+    from clipdet.extract.discover import discover
+    from clipdet.extract.lazy import LazyBackbone
 
     refs = sorted(discover([data]), key=lambda r: r.path)[:n]
     model = create_backbone(SPEC, device="cpu")

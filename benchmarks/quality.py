@@ -4,7 +4,7 @@
         --out benchmarks/results/quality-vitb32-random
 
 Extracts what the feature cache lacks (clean + the robustness views; the cache lives outside the repo,
-by default in the temp folder), runs `clipdet.protocols.run_bench` and writes into --out: the per-fit
+by default in the temp folder), runs `clipdet.evaluate.bench.run_bench` and writes into --out: the per-fit
 CSVs (kshot.csv, logo.csv, robustness.csv), summaries, run.json (config, data manifest hash, versions,
 machine, command), report.md with plots, and README.md with the headline numbers.
 
@@ -64,7 +64,7 @@ def _fmt(mean: float, half: float | None = None) -> str:
 
 def headline(res) -> str:
     """Markdown table per head: AUC at K=1/10/100, LOGO mean and worst, AUC per view, format-shortcut change."""
-    from clipdet.report import markdown_table
+    from clipdet.evaluate.report import markdown_table
 
     s = res.summaries()
     heads = res.record["config"]["heads"]
@@ -96,11 +96,11 @@ def headline(res) -> str:
 def main(argv=None) -> int:
     """Run the benchmark; returns an exit code."""
     args = parse_args(argv)
-    from clipdet.cli_bench import load_pools
     from clipdet.errors import ClipdetError
-    from clipdet.fewshot import parse_shots
-    from clipdet.images import parse_views
-    from clipdet.protocols import parse_protocols, run_bench, write_bench
+    from clipdet.evaluate.bench import parse_protocols, run_bench, write_bench
+    from clipdet.evaluate.pools import load_pools
+    from clipdet.extract.views import parse_views
+    from clipdet.fit.config import parse_shots
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 

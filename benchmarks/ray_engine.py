@@ -101,7 +101,7 @@ def main() -> None:
         cluster.wait_for_nodes()
         engines.append("ray-warm")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from clipdet.images import discover
+    from clipdet.extract.discover import discover
 
     half = [r.path for r in discover([args.data])]
     half = half[: len(half) // 2]

@@ -50,8 +50,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     import clipdet
-    from clipdet.images import discover
-    from clipdet.scoring import score_refs
+    from clipdet.extract.discover import discover
+    from clipdet.score.stream import score_refs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -187,7 +187,7 @@ def caption_alignment(manifest: str, cache: str) -> dict:
     import numpy as np
 
     from clipdet.cache import FeatureCache
-    from clipdet.images import read_file, sha256_bytes
+    from clipdet.extract.decode import read_file, sha256_bytes
     from clipdet.text import TEXT_VIEW, text_sha
 
     with open(manifest, newline="") as f:

@@ -4,10 +4,15 @@ Public API (torch, open_clip and faiss are imported only when a model or index i
 
 - `discover(paths)`, `extract(refs, backbone, cache=...)`: embed images into the feature cache.
 - `FeatureCache(path)`: read the HDF5 feature cache.
-- `fit(paths=None, head="svm", shots=10, ...) -> Detector`; `Detector.load(path)`, `.save(path)`,
-  `.decision_function(X)`, `.predict_proba(X)`, `.score_paths(paths)`.
+- `fit(paths=None, FitConfig(...) or head="svm", shots=10, ...) -> Detector`; `Detector.load(path)`,
+  `.save(path)`, `.decision_function(X)`, `.predict_proba(X)`.
+- `score_paths(detector, paths, cache=...)`: one row per image (also `detector.score_paths(paths)`).
 - `evaluate(refs, detector, ...)`: metrics on labelled images.
 - `create_backbone(spec)`, `list_backbones()`, `create_head(name, **params)`, `list_heads()`.
+
+The package is laid out as the pipeline: `extract` → `cache` → `fit` (heads from `detectors`) →
+`score` → `evaluate`, with `backbones`, `text`, `serve`, `finetune` and the `cli`. Module paths of
+0.2 (`clipdet.images`, `clipdet.fewshot`, ...) still import (see `clipdet._compat`).
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ import os as _os
 # benchmarks/results/extract_speed_cpu.md). Set before torch is imported; a user's own value wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import _compat
 from ._version import __version__
 from .backbones import create_backbone, list_backbones
 from .cache import FeatureCache
-from .detector import Detector
+from .detectors import Detector
 from .errors import ClipdetError
 from .evaluate import evaluate
-from .extract import extract
-from .fewshot import fit
-from .images import ImageRef, discover
+from .extract import ImageRef, discover, extract
+from .fit import FitConfig, fit
+from .score import score_paths
+
+_compat.install()
 
 
 def create_head(name: str, **params):
@@ -45,6 +53,6 @@ def list_heads() -> list[str]:
 
 
 __all__ = [
-    "__version__", "ClipdetError", "Detector", "FeatureCache", "ImageRef", "create_backbone", "create_head",
-    "discover", "evaluate", "extract", "fit", "list_backbones", "list_heads",
+    "__version__", "ClipdetError", "Detector", "FeatureCache", "FitConfig", "ImageRef", "create_backbone",
+    "create_head", "discover", "evaluate", "extract", "fit", "list_backbones", "list_heads", "score_paths",
 ]

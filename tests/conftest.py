@@ -132,8 +132,17 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CLIPDET_CACHE", None)
+    env.pop("TQDM_DISABLE", None)  # a subprocess shows its progress bar unless its own --quiet says otherwise
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def clear_tqdm_disable(monkeypatch) -> None:
+    """Unset TQDM_DISABLE for this test and unset it again at teardown: an in-process `--quiet` run sets it
+    (os.environ.setdefault), and a plain `delenv` of an absent variable records nothing to undo, so it
+    would leak into later tests' subprocesses (no progress bar where one is tested)."""
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    monkeypatch.delenv("TQDM_DISABLE")
 
 
 @pytest.fixture
@@ -145,7 +154,7 @@ def run_cli(monkeypatch):
 
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # --quiet sets it; restored at teardown
+    clear_tqdm_disable(monkeypatch)
     runner = CliRunner()
 
     def run(*args, input=None):
@@ -174,8 +183,8 @@ def fit_tree(labelled_tree, tiny_spec, tiny_backbone, tmp_path, head: str = "svm
     """Extract the labelled tree into tmp_path/c.h5 and save a `head` detector fitted on 4+4 references;
     returns (cache path, detector path)."""
     import clipdet
-    from clipdet.extract import LazyBackbone
-    from clipdet.images import discover
+    from clipdet.extract.discover import discover
+    from clipdet.extract.lazy import LazyBackbone
 
     cache = str(tmp_path / "c.h5")
     clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,

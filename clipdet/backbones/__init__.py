@@ -4,68 +4,29 @@ A spec is `ARCH:WEIGHTS` as in open_clip: `ViT-L-14:openai` (a pretrained tag),
 `ViT-B-32:/path/to/weights.safetensors` (a local checkpoint) or `ViT-B-32:random` (seeded random init;
 scores mean nothing — for tests and speed benchmarks). Providers register under a name; the default
 provider (`openclip`) accepts every architecture open_clip knows plus clipdet's built-in test configs.
+
+Modules: `base` (identity, `PROVIDERS`), `registry` (spec → provider → backbone), `openclip` (the
+open_clip provider), `text` (its text tower, built on demand), `decompose` (attention-head
+contributions), `preprocess` (open_clip's eval transform, split for speed), `attrs` (feature-group
+attributes without loading a model).
 """
 
 from __future__ import annotations
 
-from ..registry import Registry
-from .base import Backbone, BackboneInfo, parse_spec
-
-#: Provider name → class with `describe(spec) -> BackboneInfo` and `load(spec, device) -> Backbone`.
-PROVIDERS: Registry = Registry("backbone provider")
-
-DEFAULT_BACKBONE = "ViT-L-14:openai"
-
-
-def _provider_for(spec: str):
-    from . import openclip  # noqa: F401  (registers itself)
-
-    prefix, sep, rest = spec.partition("::")
-    if sep and prefix in PROVIDERS:
-        return PROVIDERS.get(prefix), rest
-    return PROVIDERS.get("openclip"), spec
-
-
-def describe_backbone(spec: str) -> BackboneInfo:
-    """Identity of a backbone (cache key, weights id) without building the model."""
-    provider, rest = _provider_for(spec)
-    return provider.describe(rest)
-
-
-def create_backbone(spec: str, device: str = "auto", **kwargs) -> Backbone:
-    """Build the backbone named by `spec` on `device` ('auto', 'cpu', 'cuda', 'cuda:1', ...)."""
-    provider, rest = _provider_for(spec)
-    return provider.load(rest, device=device, **kwargs)
-
-
-def create_text_tower(spec: str, device: str = "auto"):
-    """The text tower + tokenizer of `spec` (zero-shot prompts, captions); image-only runs never build it."""
-    from ..errors import UsageError
-
-    provider, rest = _provider_for(spec)
-    if not hasattr(provider, "load_text"):
-        raise UsageError(f"backbone {spec}: this backbone has no text tower")
-    return provider.load_text(rest, device=device)
-
-
-def list_backbones() -> list[tuple[str, list[str]]]:
-    """(architecture, [pretrained tags]) for every architecture the providers know."""
-    from . import openclip  # noqa: F401
-
-    out = []
-    for name in PROVIDERS.names():
-        out.extend(PROVIDERS.get(name).list())
-    return out
-
+from .attrs import backbone_attrs
+from .base import PROVIDERS, Backbone, BackboneInfo, feature_attrs, parse_spec
+from .registry import DEFAULT_BACKBONE, create_backbone, create_text_tower, describe_backbone, list_backbones
 
 __all__ = [
     "DEFAULT_BACKBONE",
     "PROVIDERS",
     "Backbone",
     "BackboneInfo",
+    "backbone_attrs",
     "create_backbone",
     "create_text_tower",
     "describe_backbone",
+    "feature_attrs",
     "list_backbones",
     "parse_spec",
 ]

@@ -5,9 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from .._version import __version__
 from ..errors import UsageError
+from ..registry import Registry
+
+#: Provider name → class with `describe(spec) -> BackboneInfo` and `load(spec, device) -> Backbone`.
+PROVIDERS: Registry = Registry("backbone provider")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -103,3 +109,10 @@ def resolve_device(device: str) -> str:
 def env_cache_dir() -> str | None:
     """Where pretrained weights are cached (CLIPDET_WEIGHTS_DIR, else open_clip's default)."""
     return os.environ.get("CLIPDET_WEIGHTS_DIR") or None
+
+
+def feature_attrs(model, layers: Sequence[int], dim: int, heads: dict | None = None) -> dict:
+    """The attributes a feature group is written with (backbone record, layer set, dim, version, and
+    with --heads the head set {"blocks": [absolute block indices], "n_heads": H})."""
+    return {"backbone": json.loads(model.info.to_json()), "layers": list(layers), "dim": int(dim),
+            "clipdet_version": __version__, "heads": heads}

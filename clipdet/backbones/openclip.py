@@ -9,8 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import BackboneError, UsageError, WeightsUnavailableError
-from . import PROVIDERS
-from .base import Backbone, BackboneInfo, env_cache_dir, file_sha256, parse_spec, resolve_device
+from .base import PROVIDERS, Backbone, BackboneInfo, env_cache_dir, file_sha256, parse_spec, resolve_device
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 #: Architectures defined by clipdet itself (tiny, for tests); registered with open_clip on first use.
@@ -83,7 +82,7 @@ class OpenClipBackbone(Backbone):
     """The image tower of an open_clip model (the text tower is dropped; `OpenClipProvider.load_text` builds it)."""
 
     def __init__(self, visual, preprocess_cfg: dict, info: BackboneInfo, device: str, precision: str = "fp32"):
-        from ..preprocess import FastPreprocess
+        from .preprocess import FastPreprocess
 
         self.visual = visual.eval()
         self.device = device
@@ -210,7 +209,7 @@ class OpenClipBackbone(Backbone):
         import torch
         import torch.nn.functional as F
 
-        from ..preprocess import normalize_batch
+        from .preprocess import normalize_batch
 
         cuda = self.device.startswith("cuda")
         amp = (
@@ -294,9 +293,10 @@ class OpenClipProvider:
     @staticmethod
     def load_text(spec: str, device: str = "auto"):
         """The text tower and tokenizer of `spec` (built on demand; see `clipdet.backbones.text`)."""
-        from .text import load_text_tower
+        from .text import text_tower_of
 
-        return load_text_tower(spec, device)
+        model, info, device = OpenClipProvider.build(spec, device)
+        return text_tower_of(model, info, _open_clip().get_tokenizer(info.arch), device)
 
     @staticmethod
     def build(spec: str, device: str = "auto"):

@@ -1,7 +1,7 @@
 """The text tower of an open_clip model, built only when a command needs it (zero-shot prompts, captions).
 
 Image-only runs never build it: `OpenClipProvider.load` keeps the image tower alone, exactly as before.
-`load_text_tower` builds the whole model once more, keeps the text parts and drops the image tower,
+`OpenClipProvider.load_text` builds the whole model once more, keeps the text parts and drops the image tower,
 so a process that needs both holds each tower once.
 """
 
@@ -85,15 +85,13 @@ class OpenClipTextTower:
         return int(self.info.extra.get("embed_dim", 0))
 
 
-def load_text_tower(spec: str, device: str = "auto") -> OpenClipTextTower:
-    """Build `spec`'s model and keep its text tower (fp32) and tokenizer on `device`.
+def text_tower_of(model, info: BackboneInfo, tokenizer, device) -> OpenClipTextTower:
+    """Keep the text tower (fp32) and tokenizer of a whole open_clip `model` (built by
+    `OpenClipProvider.build`) on `device`, dropping its image tower.
 
     The backbone record matches `OpenClipProvider.load`'s (same preprocess and embed_dim), so the
     text rows' feature-group attributes agree with the image rows' for the same weights.
     """
-    from .openclip import OpenClipProvider, _open_clip
-
-    model, info, device = OpenClipProvider.build(spec, device)
     visual = model.visual
     preprocess_cfg = dict(visual.preprocess_cfg)
     embed_dim = int(getattr(visual, "output_dim", 0) or 0)
@@ -101,5 +99,4 @@ def load_text_tower(spec: str, device: str = "auto") -> OpenClipTextTower:
     pp_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()}
     info = BackboneInfo(info.spec, info.arch, info.weights, info.weights_id, preprocess=pp_json,
                         extra={"embed_dim": embed_dim, "precision": "fp32"})
-    tokenizer = _open_clip().get_tokenizer(info.arch)
     return OpenClipTextTower(model.to(device), tokenizer, info, device)

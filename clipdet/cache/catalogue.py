@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ..errors import CacheError
 from .files import atomic_write_bytes
-from .segment import check_header, decode, write_header
+from .model import decode
+from .segment import check_header, write_header
 
 
 @dataclass
@@ -78,7 +79,7 @@ def write(path: str, segments: list[str], generation: int, retired: list[str] = 
     them leaves them named here, so the next writer deletes them instead of adopting them as orphans."""
     import h5py
 
-    from .segment import str_dtype
+    from .model import str_dtype
 
     names = [os.path.basename(s) for s in segments]
     rel = os.path.basename(seg_dir(path))

@@ -21,7 +21,7 @@ def conflicted(observations) -> bool:
 
 def read_conflicts(files) -> list[tuple[str, str, str, str]]:
     """Recorded conflict observations of open segment files: (sha256, label, generator, path) rows."""
-    from .segment import decode
+    from .model import decode
 
     out = []
     for f in files:
@@ -34,7 +34,7 @@ def read_conflicts(files) -> list[tuple[str, str, str, str]]:
 
 def write_conflicts(out, rows) -> None:
     """Write /images/conflicts (deduplicated, order kept)."""
-    from .segment import str_dtype
+    from .model import str_dtype
 
     rows = list(dict.fromkeys(tuple(r) for r in rows))
     g = out["images"].create_group("conflicts")

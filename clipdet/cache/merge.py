@@ -99,7 +99,8 @@ def merge_files(files: list, out_path: str) -> int:
 
 def _image_columns(f, vocab_code: dict) -> dict:
     """One file's /images table as columns, generators recoded into the shared `vocab_code`."""
-    from .segment import decode, image_columns
+    from .model import decode
+    from .segment import image_columns
 
     c = image_columns(f)
     remap = np.array([vocab_code.setdefault(v, len(vocab_code)) for v in c["vocab"]], np.int32)

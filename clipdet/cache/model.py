@@ -78,3 +78,15 @@ class GroupInfo:
     dim: int
     count: int
     heads: dict | None = None   # {"blocks": [...], "n_heads": H} when extracted with --heads
+
+
+def str_dtype():
+    """h5py's UTF-8 variable-length string dtype."""
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+def decode(a) -> list[str]:
+    """Bytes or str values → list of str."""
+    return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a]

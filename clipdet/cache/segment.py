@@ -30,22 +30,10 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import CacheError
-from .model import EXTRAS, FORMAT, FORMAT_VERSION, LABELS, FeatureRows, ImageMeta
+from .model import EXTRAS, FORMAT, FORMAT_VERSION, LABELS, FeatureRows, ImageMeta, decode, str_dtype
 
 #: rows per chunk of embedding datasets: a random read of one row costs one chunk (≈256 KiB)
 CHUNK_BYTES = 2**18
-
-
-def str_dtype():
-    """h5py's UTF-8 variable-length string dtype."""
-    import h5py
-
-    return h5py.string_dtype("utf-8")
-
-
-def decode(a) -> list[str]:
-    """Bytes or str values → list of str."""
-    return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a]
 
 
 def check_header(f, name: str, kinds=("segment",)) -> int:

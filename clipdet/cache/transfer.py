@@ -11,14 +11,12 @@ Both stream in batches: memory stays flat in the number of rows. Bad rows are co
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._version import __version__
 from ..errors import UsageError
 from .index import hex_to_raw, valid_raw
 from .model import FeatureRows
@@ -41,36 +39,6 @@ class ImportSummary:
         self.rejected += n
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}")
-
-
-def backbone_attrs(spec: str) -> tuple[str, dict]:
-    """Cache key and group attrs (backbone, layers, dim) for `spec`, without loading the model."""
-    from ..backbones import describe_backbone
-
-    info = describe_backbone(spec)
-    dim = _embed_dim(info.arch)
-    if not dim:
-        raise UsageError(f"--backbone {spec}: unknown embedding size for {info.arch}")
-    return info.key, {"backbone": json.loads(info.to_json()), "layers": [], "dim": dim,
-                      "clipdet_version": __version__}
-
-
-def _embed_dim(arch: str) -> int:
-    """Embedding size of an open_clip architecture, from its config file (without importing torch)."""
-    import importlib.util
-
-    dirs = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "backbones", "configs")]
-    spec = importlib.util.find_spec("open_clip")
-    if spec is not None and spec.submodule_search_locations:
-        dirs += [os.path.join(p, "model_configs") for p in spec.submodule_search_locations]
-    for d in dirs:
-        p = os.path.join(d, f"{arch}.json")
-        if os.path.exists(p):
-            with open(p) as fh:
-                return int(json.load(fh).get("embed_dim") or 0)
-    import open_clip  # an architecture registered some other way
-
-    return int((open_clip.get_model_config(arch) or {}).get("embed_dim") or 0)
 
 
 def _sha_of_file(path: str) -> str | None:
@@ -153,9 +121,9 @@ def _batches(sources: list[str]) -> Iterator[tuple[str, int, dict]]:
                 del table
 
 
-def import_embeddings(cache, sources: list[str], backbone: str, view: str = "clean") -> ImportSummary:
-    """Import embeddings into `cache` for (backbone, view); see the module docstring for the formats."""
-    key, attrs = backbone_attrs(backbone)
+def import_rows(cache, sources: list[str], key: str, attrs: dict, view: str = "clean") -> ImportSummary:
+    """Import embeddings into `cache` for the feature group (key, view) written with `attrs` (the
+    backbone's, from `clipdet.backbones.backbone_attrs`); see the module docstring for the formats."""
     dim = attrs["dim"]
     summary = ImportSummary()
     cached = cache.cached_shas(key, view) if cache.exists() else None

@@ -8,7 +8,8 @@ a head that needs them is fitted or used, so importing this package stays fast.
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import HEADS, BaseHead
+from .base import HEADS, BaseHead, head_from_state
+from .detector import Detector
 
 # Importing the head modules registers them in HEADS.
 from . import centroid, heads, knn, layers, linear, mlp, zeroshot  # noqa: F401  isort: skip
@@ -16,6 +17,7 @@ from . import centroid, heads, knn, layers, linear, mlp, zeroshot  # noqa: F401 
 __all__ = [
     "HEADS",
     "BaseHead",
+    "Detector",
     "create_head",
     "describe_heads",
     "head_description",
@@ -55,13 +57,3 @@ def create_head(name: str, **params) -> BaseHead:
             f"unknown parameter(s) for head {name!r}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
         )
     return cls(**params)
-
-
-def head_from_state(meta: dict, arrays: dict) -> BaseHead:
-    """Rebuild a fitted head from ``get_state()`` output, dispatching on ``meta["head"]``."""
-    from ..errors import DetectorFileError
-
-    name = meta.get("head") if isinstance(meta, dict) else None
-    if not isinstance(name, str) or name not in HEADS:
-        raise DetectorFileError(f"head state names an unknown head {name!r}; known: {', '.join(list_heads())}")
-    return HEADS.get(name).from_state(meta, arrays)

@@ -30,9 +30,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ..calibration import apply_temperature, cross_val_decision, fit_platt, fit_temperature, sigmoid
 from ..errors import DetectorFileError, UsageError
 from ..registry import Registry
+from .calibration import apply_temperature, cross_val_decision, fit_platt, fit_temperature, sigmoid
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _sk_validate_data
@@ -101,7 +101,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 
     _head_name: ClassVar[str] = ""
     _fixed_slope: ClassVar[float] = 1.0  # slope of the fixed sigmoid used without CV calibration
-    #: the feature kind the head reads (clipdet.features): "embedding", "heads" or "layers"
+    #: the feature kind the head reads (clipdet.detectors.features): "embedding", "heads" or "layers"
     needs: ClassVar[str] = "embedding"
     #: whether `fit` accepts ``groups`` (the references' generator names), for choices made by CV
     uses_groups: ClassVar[bool] = False
@@ -266,3 +266,11 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         """One-line description: the first line of the class docstring."""
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0].strip() if doc else ""
+
+
+def head_from_state(meta: dict, arrays: dict) -> BaseHead:
+    """Rebuild a fitted head from ``get_state()`` output, dispatching on ``meta["head"]``."""
+    name = meta.get("head") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or name not in HEADS:
+        raise DetectorFileError(f"head state names an unknown head {name!r}; known: {', '.join(HEADS.names())}")
+    return HEADS.get(name).from_state(meta, arrays)

@@ -71,7 +71,7 @@ class HeadSelectionHead(LogisticHead):
         return self._units(X)[:, self.selected_].reshape(len(X), -1)
 
     def _fit_core(self, X, y_idx):
-        from ..refcv import centroid_direction, column_auc, reference_folds
+        from .refcv import centroid_direction, column_auc, reference_folds
 
         U = self._units(X)
         groups = getattr(self, "_groups", None)
@@ -97,7 +97,7 @@ class HeadSelectionHead(LogisticHead):
 
     def describe_fit(self, layout: dict) -> list[str]:
         """The chosen heads as block.head with their cross-validated AUC."""
-        from ..features import unit_names
+        from .features import unit_names
 
         names = unit_names(layout, self.selected_) if layout.get("kind") == "heads" else \
             [str(u) for u in self.selected_]

@@ -93,7 +93,7 @@ class LayersHead(MLPHead):
 
     def describe_fit(self, layout: dict) -> list[str]:
         """The learned block importances."""
-        from ..features import unit_names
+        from .features import unit_names
 
         names = unit_names(layout, range(self.n_units)) if layout.get("kind") == "layers" else \
             [str(u) for u in range(self.n_units)]

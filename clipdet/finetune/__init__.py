@@ -43,8 +43,8 @@ class FinetuneResult:
 def _manifest(items) -> str:
     import numpy as np
 
-    from ..fewshot import Pool
-    from ..protocols import manifest_hash
+    from ..evaluate.record import manifest_hash
+    from ..fit.pools import Pool
 
     return manifest_hash(Pool([it.sha256 for it in items], [it.label for it in items],
                               [it.generator for it in items], [it.path for it in items], np.zeros((len(items), 0))))
@@ -53,7 +53,7 @@ def _manifest(items) -> str:
 def _train_pool(items):
     import numpy as np
 
-    from ..fewshot import Pool
+    from ..fit.pools import Pool
 
     return Pool([it.sha256 for it in items], [it.label for it in items], [it.generator for it in items],
                 [it.path for it in items], np.zeros((len(items), 0)))
@@ -117,9 +117,9 @@ def finetune(
     is called after each optimiser step; raising there interrupts the run as a kill would.
     """
     from ..backbones.openclip import OpenClipBackbone, OpenClipProvider
-    from ..extract import default_workers
-    from ..images import discover
-    from ..protocols import run_record, versions
+    from ..evaluate.record import run_record, versions
+    from ..extract.discover import discover
+    from ..extract.lazy import default_workers
     from .data import Augment, class_names, list_images, need_classes, split_validation
     from .export import MODEL_FILE, TRAIN_JSON, fit_detector, save_open_clip, write_json
     from .model import MODES, build_model

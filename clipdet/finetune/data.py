@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ImageError, UsageError
-from ..images import ImageRef, apply_view, decode_image, read_file, sha256_bytes
+from ..extract.decode import decode_image, read_file, sha256_bytes
+from ..extract.discover import ImageRef
+from ..extract.views import apply_view
 
 REAL_CLASS = "real"
 UNKNOWN_GENERATOR = "unknown"
@@ -63,7 +65,7 @@ def list_images(refs: Sequence[ImageRef], workers: int = 1) -> Listing:
     Unlabelled images are counted in a note (label them by layout real/** and fake/<generator>/**
     or with a manifest). The same content under two paths is kept once (the first path).
     """
-    from ..extract import iter_prepared
+    from ..extract.pipeline import iter_prepared
 
     out = Listing()
     labelled = [r for r in refs if r.label in ("real", "fake")]

@@ -38,7 +38,7 @@ def save_open_clip(full_model, visual, path: str) -> str:
 
 
 def _refs(items: Sequence[Item]):
-    from ..images import ImageRef
+    from ..extract.discover import ImageRef
 
     return [ImageRef(it.path, it.label, it.generator or None) for it in items]
 
@@ -51,7 +51,8 @@ def fit_detector(out_dir: str, spec: str, train_items: Sequence[Item], val_items
     Returns (detector, files skipped during extraction).
     """
     from ..cache import FeatureCache
-    from ..fewshot import fit_from_pool, pool_from_refs
+    from ..fit.head import fit_from_pool
+    from ..fit.pools import pool_from_refs
 
     cache = FeatureCache(os.path.join(out_dir, FEATURES_FILE))
     pool, key, rec, summary = pool_from_refs(_refs(train_items), cache, spec, "clean", ["clean"], device, quiet)

@@ -71,7 +71,7 @@ class Batches:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
     def _load(self, jobs, fn):
-        from ..extract import iter_prepared
+        from ..extract.pipeline import iter_prepared
 
         arrays, keep = [], []
         for i, (arr, error) in enumerate(iter_prepared(jobs, self.workers, fn, prefetch=2 * max(1, self.workers))):
@@ -83,7 +83,7 @@ class Batches:
         return arrays, keep
 
     def _tensor(self, arrays):
-        from ..preprocess import normalize_batch
+        from ..backbones.preprocess import normalize_batch
 
         if isinstance(arrays[0], np.ndarray):
             return normalize_batch(np.stack(arrays), self.mean, self.std, self.device)
@@ -130,7 +130,7 @@ def _autocast(device: str, precision: str):
 
 def _binary_auc(y: np.ndarray, probs: np.ndarray) -> float:
     """Real-vs-generated AUC from class probabilities (column 0 = real)."""
-    from ..metrics import roc_auc
+    from ..evaluate.metrics import roc_auc
 
     return roc_auc((y > 0).astype(np.int64), 1.0 - probs[:, 0]) if len(y) else float("nan")
 
@@ -202,7 +202,7 @@ def train(model, train_items: Sequence[Item], val_items: Sequence[Item], classes
     run like a kill would: the last checkpoint stays as it was). With `resume`, training continues
     after the last completed epoch of the checkpoint, whose `fingerprint` must equal this run's.
     """
-    from ..extract import _Progress
+    from ..extract.progress import Progress
 
     cfg.check()
     index = {c: i for i, c in enumerate(classes)}
@@ -239,7 +239,7 @@ def train(model, train_items: Sequence[Item], val_items: Sequence[Item], classes
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = epoch_order(len(train_items), cfg.seed, epoch)
-        bar = _Progress(len(train_items), quiet, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = Progress(len(train_items), quiet, f"epoch {epoch + 1}/{cfg.epochs}")
         loss_sum, n_seen, t0 = 0.0, 0, time.perf_counter()
         probs, ys = [], []
         try:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ClipdetError, ImageError
-from ..images import DEFAULT_MAX_PIXELS, apply_view, decode_image, sha256_bytes
-from ..scoring import COLUMNS
+from ..extract.decode import DEFAULT_MAX_PIXELS, decode_image, sha256_bytes
+from ..extract.views import apply_view
+from ..score.output import COLUMNS
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Engine:
                  max_pixels: int = DEFAULT_MAX_PIXELS, captions=None):
         from ..cache import FeatureCache
         from ..errors import UsageError
-        from ..extract import LazyBackbone
+        from ..extract.lazy import LazyBackbone
         from ..text import Captions, TextEmbedder, needs_captions
 
         kind = detector.layout.get("kind", "embedding")
@@ -201,8 +202,8 @@ class Engine:
 
     def _write(self, model, items: list[Item], emb16: np.ndarray, out: dict) -> None:
         """--cache-write: add the new features (and upload names) to the cache as one shard."""
+        from ..backbones.base import feature_attrs
         from ..cache import FeatureRows, ImageMeta
-        from ..extract import feature_attrs
 
         fresh = [i for i, it in enumerate(items) if it.sha256 not in self.cached]
         if not fresh:

@@ -103,8 +103,8 @@ class TextEmbedder:
         self._write(tower, missing, emb)
 
     def _write(self, tower, shas: list[str], emb: np.ndarray) -> None:
+        from ..backbones.base import feature_attrs
         from ..cache import FeatureRows
-        from ..extract import feature_attrs
 
         cache = self.cache
         if cache is None or cache.readonly or not cache.can_write():

@@ -1,0 +1,76 @@
+"""`clipdet fit`: fit a few-shot detector from the cache."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from .common import EXIT_OK, EXIT_PARTIAL, app, err, quiet_warnings, run_command
+from .options import BackboneOpt, CacheOpt, CaptionsOpt, ManifestOpt, QuietOpt
+
+
+@app.command()
+def fit(
+    paths: List[str] = typer.Argument(None, help="Reference images (folders/files/-); default: every labelled "
+                                      "image in the cache for the backbone"),
+    head: str = typer.Option("svm", "--head", help="Head name (see clipdet heads)"),
+    shots: str = typer.Option("10", "--shots", "-k", help="References per class (or per generator), or 'all'"),
+    seed: int = typer.Option(0, "--seed", help="Seed for drawing the shots and for the head"),
+    out: str = typer.Option("detector.clipdet", "--out", "-o", help="Detector file to write"),
+    backbone: Optional[str] = BackboneOpt,
+    cache: Optional[str] = CacheOpt,
+    manifest: Optional[str] = ManifestOpt,
+    view: str = typer.Option("clean", "--view", help="Cached view to fit on"),
+    augment_views: bool = typer.Option(False, "--augment-views", help="Add the cached perturbed views of the "
+                                       "same shots as extra training rows"),
+    per_generator: bool = typer.Option(False, "--per-generator", help="Draw K fakes per generator "
+                                       "(and K x generators reals)"),
+    exclude_generator: List[str] = typer.Option(None, "--exclude-generator", help="Hold this generator out "
+                                                "(repeatable)"),
+    param: List[str] = typer.Option(None, "--param", "-p", help="Head parameter key=value (repeatable)"),
+    calibrate: List[str] = typer.Option(None, "--calibrate", help="Held-out labelled images for threshold and "
+                                        "probabilities (default: cross-validation on the references)"),
+    target_fpr: float = typer.Option(0.05, "--target-fpr", help="False-positive rate on real images the "
+                                     "threshold aims at"),
+    attribute: bool = typer.Option(True, "--attribute/--no-attribute", help="Also fit generator attribution "
+                                   "when references name >= 2 generators"),
+    device: str = typer.Option("auto", "--device", help="For extracting images not yet cached"),
+    quiet: bool = QuietOpt,
+    prune: int = typer.Option(0, "--prune", min=0, help="Remove the K embedding components whose removal most "
+                              "improves leave-one-generator-out AUC on the references (greedy; 0: off)"),
+    prune_basis: str = typer.Option("coord", "--prune-basis", help="Components --prune removes: coord "
+                                    "(coordinates) or pca (principal directions of the references)"),
+    features: str = typer.Option("image", "--features", help="What the head sees: image, image+text (image and "
+                                 "caption embeddings) or residual (image minus its caption's direction); "
+                                 "the last two need captions"),
+    captions: Optional[str] = CaptionsOpt,
+) -> None:
+    """Fit a few-shot detector from cached features (images not yet cached are extracted first).
+
+    --head zeroshot --shots 0 needs no references (prompts only; uncalibrated)."""
+    quiet_warnings(quiet)
+
+    def go():
+        from ..fit import FitConfig, parse_params
+        from ..fit import fit as run_fit
+
+        config = FitConfig(head=head, params=parse_params(param or []), shots=shots, seed=seed, view=view,
+                           augment_views=augment_views, per_generator=per_generator,
+                           exclude_generators=tuple(exclude_generator or ()), calibrate=tuple(calibrate or ()),
+                           target_fpr=target_fpr, attribute=attribute, prune=prune, prune_basis=prune_basis,
+                           features=features)
+        det = run_fit(paths or None, config, backbone=backbone, cache=cache, manifest=manifest, device=device,
+                      quiet=quiet, captions=captions)
+        det.save(out)
+        for path, reason in getattr(det, "skipped", []):
+            err(f"skipped {path}: {reason}")
+        for note in det.meta.get("notes", []) + getattr(det, "input_notes", []):
+            err(f"note: {note}")
+        typer.echo(f"wrote {out}: {det.summary()}")
+        for line in det.explain():
+            typer.echo(line)
+        return det
+
+    det = run_command(go)
+    raise typer.Exit(EXIT_PARTIAL if getattr(det, "skipped", []) else EXIT_OK)

@@ -1,0 +1,243 @@
+"""`clipdet eval`: score labelled images with a fitted detector and report honest metrics.
+
+Evaluation images that are also the detector's references (same content hash) are refused unless
+`exclude_references` drops them or `allow_overlap` keeps them; either way the report says how many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Sequence
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import OverlapError, UsageError
+from ..extract.discover import ImageRef
+from ..extract.views import canonical_view
+
+
+def _labelled(rows: list[dict], refs_by_path: dict[str, ImageRef]):
+    y, s, p, gens, preds, shas = [], [], [], [], [], []
+    for r in rows:
+        ref = refs_by_path[r["path"]]
+        if r["error"] or ref.label not in ("real", "fake"):
+            continue
+        y.append(1 if ref.label == "fake" else 0)
+        s.append(r["score"])
+        p.append(r["p_fake"])
+        gens.append(ref.generator or ("" if ref.label == "real" else "unknown"))
+        preds.append(r)
+        shas.append(r["sha256"])
+    return np.array(y, dtype=np.int64), np.array(s, dtype=np.float64), np.array(p, dtype=np.float64), gens, preds, shas
+
+
+def _conflicting(rows: list[dict], refs_by_path: dict[str, ImageRef], cache) -> set[str]:
+    """Hashes of scored images whose labels disagree, among the inputs or in the cache's record."""
+    from ..cache import FeatureCache
+    from ..fit.pools import drop_conflicts
+
+    seen_as: dict[str, list] = {}
+    labels = {}
+    for r in rows:
+        ref = refs_by_path[r["path"]]
+        if r["error"] or not r["sha256"]:
+            continue
+        seen_as.setdefault(r["sha256"], []).append((ref.label, ref.generator or "", ref.path))
+        labels[r["sha256"]] = ref.label
+    fc = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    return drop_conflicts(labels, seen_as, fc if fc.exists() else None)
+
+
+def per_generator_auc(y: np.ndarray, scores: np.ndarray, generators: Sequence[str]) -> dict[str, float]:
+    """AUC of each generator's fakes against all real images."""
+    from .metrics import roc_auc
+
+    gens = np.asarray(generators, dtype=object)
+    real = y == 0
+    out = {}
+    for g in sorted({g for g, lab in zip(generators, y) if lab == 1}):
+        mask = real | ((y == 1) & (gens == g))
+        out[g] = roc_auc(y[mask], scores[mask])
+    return out
+
+
+def evaluate(
+    refs: Sequence[ImageRef],
+    detector,
+    cache=None,
+    views: Sequence[str] = (),
+    allow_overlap: bool = False,
+    exclude_references: bool = False,
+    device: str = "auto",
+    quiet: bool = True,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    backbone: str | None = None,
+    captions=None,
+) -> dict:
+    """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict.
+
+    `backbone` overrides the detector's backbone spec (e.g. the weights file moved); same weights only.
+    `captions` (a `clipdet.text.Captions`) for detectors fitted on caption features.
+    """
+    from ..score.stream import score_refs
+    from .metrics import binary_report, confusion_matrix, roc_auc
+
+    refs = list(refs)
+    labelled = [r for r in refs if r.label in ("real", "fake") or r.error]  # unusable inputs count as errors
+    if not any(r.label in ("real", "fake") for r in labelled):
+        raise UsageError("eval needs labelled images (layout real/** and fake/<generator>/**, or --manifest)")
+    by_path = {r.path: r for r in labelled}
+    kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers, backbone=backbone,
+              captions=captions)
+    rows = list(score_refs(labelled, detector, **kw))
+    ref_shas = detector.reference_shas
+    overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}
+    notes = []
+    if detector.backbone.get("weights") == "random":
+        notes.append("the backbone has RANDOM weights: these numbers say nothing about detection quality "
+                     "(use pretrained weights, e.g. ViT-L-14:openai)")
+    notes += [n for n in detector.meta.get("notes", []) if n.startswith("calibration")]  # said at fit, said again
+    if overlap and not (allow_overlap or exclude_references):
+        raise OverlapError(
+            f"{len(overlap)} evaluation image(s) are references of the detector (same content); "
+            "use --exclude-references to drop them, or --allow-overlap to keep them (optimistic metrics)"
+        )
+    if overlap and exclude_references:
+        rows = [r for r in rows if r["sha256"] not in overlap]
+        notes.append(f"{len(overlap)} evaluation image(s) were detector references and were excluded")
+    elif overlap:
+        notes.append(f"{len(overlap)} evaluation image(s) are detector references (kept: --allow-overlap); "
+                     "metrics are optimistic")
+    conflicting = _conflicting(rows, by_path, cache)
+    if conflicting:
+        rows = [r for r in rows if r["sha256"] not in conflicting]
+        notes.append(f"{len(conflicting)} evaluation image(s) with conflicting labels were excluded "
+                     "(clipdet cache conflicts lists them)")
+    errors = [{"path": r["path"], "error": r["error"]} for r in rows if r["error"]]
+    y, s, p, gens, scored, shas = _labelled(rows, by_path)
+    if len(y) == 0:
+        raise UsageError("no evaluation image could be scored")
+    report = binary_report(y, s, p, threshold=detector.threshold)
+    notes += report.pop("notes", [])
+    result = {
+        "detector": {"head": detector.meta.get("head"), "backbone": detector.backbone.get("spec"),
+                     "backbone_weights": detector.backbone.get("weights"),
+                     "view": detector.view, "features": detector.features, "threshold": detector.threshold,
+                     "target_fpr": detector.meta.get("target_fpr"), "shots": detector.meta.get("shots"),
+                     "seed": detector.meta.get("seed")},
+        "n_inputs": len(refs), "n_unlabelled": len(refs) - len(labelled), "n_errors": len(errors),
+        "n_conflicting": len(conflicting),
+        "overlap": {"count": len(overlap), "policy": "excluded" if exclude_references else
+                    ("allowed" if allow_overlap else "none")},
+        "metrics": report,
+        "per_generator_auc": per_generator_auc(y, s, gens),
+        "per_generator_n": {g: int(sum(1 for gg, yy in zip(gens, y) if yy == 1 and gg == g))
+                            for g in sorted({g for g, yy in zip(gens, y) if yy == 1})},
+        "n_real": int((y == 0).sum()),
+        "generators_not_evaluated": sorted(set(detector.meta.get("generators") or [])
+                                           - {g for g, yy in zip(gens, y) if yy == 1}),
+        "notes": notes, "errors": errors[:100],
+        "clipdet_version": __version__, "python": platform.python_version(),
+        "_curves": {"clean": (y, s)}, "_p": p,
+    }
+    if detector.attribution is not None:
+        true = ["real" if yy == 0 else g for yy, g in zip(y, gens)]
+        pred = ["real" if r["label"] == "real" else (r.get("generator") or "unknown") for r in scored]
+        labels = sorted(set(true) | set(pred), key=lambda x: (x != "real", x == "unknown", x))
+        lab, mat = confusion_matrix(true, pred, labels)
+        known = [i for i, t in enumerate(true) if t == "real" or t in detector.meta.get("generators", [])]
+        acc = float(np.mean([true[i] == pred[i] for i in known])) if known else float("nan")
+        counts = np.asarray(mat)
+        totals = counts.sum(axis=1, keepdims=True)
+        frac = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+        result["attribution"] = {"labels": list(lab), "matrix": counts.tolist(), "row_normalised": frac.tolist(),
+                                 "accuracy_on_known": acc}
+    robust = {}
+    for v in views:
+        v = canonical_view(v)
+        if v == detector.view:
+            continue
+        vrows = list(score_refs([by_path[r["path"]] for r in rows if not r["error"]], detector, view=v, **kw))
+        vy, vs, vp, _, _, _ = _labelled(vrows, by_path)
+        robust[v] = {"auc": roc_auc(vy, vs), "n": int(len(vy)),
+                     "accuracy": float(np.mean((vs >= detector.threshold) == (vy == 1))) if len(vy) else float("nan")}
+        result["_curves"][v] = (vy, vs)
+    if robust:
+        robust = {detector.view: {"auc": report["auc"], "n": int(len(y)), "accuracy": report["accuracy"]}, **robust}
+        result["robustness"] = robust
+    return result
+
+
+def json_safe(value):
+    """Copy of `value` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if np.isfinite(f) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def public(result: dict) -> dict:
+    """The result without its private arrays (for JSON)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def write_report(result: dict, directory: str) -> str:
+    """Markdown report with ROC curves, score histograms, per-generator bars and attribution matrix."""
+    from .plots import plot_bars, plot_confusion, plot_roc, plot_score_hist
+    from .report import markdown_table, random_weights_warning, write_markdown_report
+
+    os.makedirs(directory, exist_ok=True)
+    m = result["metrics"]
+    y, s = result["_curves"]["clean"]
+    plot_roc(result["_curves"], os.path.join(directory, "roc.png"), title="ROC (per view)")
+    plot_score_hist(y, s, result["detector"]["threshold"], os.path.join(directory, "scores.png"),
+                    title="Scores by class (line: calibrated threshold)")
+    sections = []
+    d = result["detector"]
+    sections.append(("Detector", (
+        f"{d['head']} head on `{d['backbone']}` (view {d['view']}), shots {d['shots']}, seed {d['seed']}; "
+        f"threshold {d['threshold']:.4g} calibrated on references at target FPR {d['target_fpr']}.\n\n"
+        f"{result['n_inputs']} inputs, {result['n_unlabelled']} unlabelled, {result['n_errors']} unreadable; "
+        f"overlap with references: {result['overlap']['count']} ({result['overlap']['policy']})."), []))
+    rows = [{"metric": k, "value": v} for k, v in m.items()]
+    sections.append(("Metrics", markdown_table(rows, ["metric", "value"]), ["roc.png", "scores.png"]))
+    if result["per_generator_auc"]:
+        plot_bars(result["per_generator_auc"], os.path.join(directory, "per_generator_auc.png"),
+                  title=f"AUC per generator (its fakes vs all {result['n_real']:,} real images)", ylabel="AUC",
+                  chance=0.5,
+                  counts=result.get("per_generator_n"), excluded=result.get("generators_not_evaluated", []))
+        rows = [{"generator": g, "auc": a} for g, a in result["per_generator_auc"].items()]
+        sections.append(("Per generator", markdown_table(rows, ["generator", "auc"]), ["per_generator_auc.png"]))
+    if "robustness" in result:
+        rows = [{"view": v, **r} for v, r in result["robustness"].items()]
+        plot_bars({v: r["auc"] for v, r in result["robustness"].items()}, os.path.join(directory, "robustness.png"),
+                  title="AUC per view (real and fake perturbed alike)", ylabel="AUC", chance=0.5)
+        sections.append(("Robustness", markdown_table(rows, ["view", "auc", "accuracy", "n"]), ["robustness.png"]))
+    if "attribution" in result:
+        a = result["attribution"]
+        counts = np.array(a["matrix"])
+        plot_confusion(a["labels"], counts, os.path.join(directory, "attribution.png"),
+                       title="Attribution (rows: true, row-normalised; counts in brackets)", normalise=True)
+        table = [{"true \\ predicted": t, **{p: f"{f:.2f} ({int(c)})" for p, f, c in zip(a["labels"], fr, row)},
+                  "images": int(row.sum())}
+                 for t, fr, row in zip(a["labels"], a["row_normalised"], counts)]
+        sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}. Each row "
+                         "is row-normalised (the share of that true class given each prediction), with the "
+                         "image count in brackets.\n\n" + markdown_table(table), ["attribution.png"]))
+    if result["notes"]:
+        sections.append(("Notes", "\n".join(f"- {n}" for n in result["notes"]), []))
+    path = write_markdown_report(directory, "clipdet evaluation", sections,
+                                 warning=random_weights_warning({"weights": d.get("backbone_weights")}))
+    with open(os.path.join(directory, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(json_safe(public(result)), f, indent=1, allow_nan=False)
+    return str(path)

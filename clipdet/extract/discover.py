@@ -1,0 +1,224 @@
+"""Finding images: folders (labels from the real/** and fake/<generator>/** layout) and manifests."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NoImagesError, UsageError
+
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
+    ".avif",
+}
+
+REAL, FAKE = "real", "fake"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: its path and, when known, its label ("real"/"fake") and generator."""
+
+    path: str
+    label: str | None = None
+    generator: str | None = None
+    error: str | None = None  # set by discovery for an input that cannot be used (e.g. an unreadable folder)
+    caption: str | None = None  # from a manifest `caption` column (features image+text / residual)
+
+
+class Discovered(list):
+    """The `ImageRef`s `discover` found (a plain list), plus what it skipped and why.
+
+    `not_images`: files inside folders that Pillow cannot open (skipped); `empty`: inputs in which no
+    image was found; `notes`: other remarks (symlinked folders not entered again, loops).
+    """
+
+    def __init__(self, refs=()):
+        super().__init__(refs)
+        self.not_images: list[str] = []
+        self.empty: list[str] = []
+        self.notes: list[str] = []
+
+    def summary(self, limit: int = 3) -> str:
+        """'N file(s) not images (skipped): a.txt, b.heic, ...', or '' when every file was an image."""
+        if not self.not_images:
+            return ""
+        shown = ", ".join(self.not_images[:limit]) + (", ..." if len(self.not_images) > limit else "")
+        return f"{len(self.not_images)} file(s) not images (skipped): {shown}"
+
+
+def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """Label and generator read from the layout `real/**` or `fake/<generator>/**`.
+
+    The innermost `real` or `fake` folder in the path wins, at any depth. A file directly inside
+    `fake/` is fake with an unknown generator (None).
+    """
+    parts = [p for p in os.fspath(path).split(os.sep) if p and p != "."][:-1]  # Path.parts, without its cost
+    for i in range(len(parts) - 1, -1, -1):
+        name = parts[i].lower()
+        if name == REAL:
+            return REAL, None
+        if name == FAKE:
+            gen = parts[i + 1] if i + 1 < len(parts) else None
+            return FAKE, gen
+    return None, None
+
+
+def _normalise_label(value: str | None, where: str) -> str | None:
+    if value is None or not value.strip():
+        return None
+    v = value.strip().lower()
+    aliases = {"0": REAL, "1": FAKE, "real": REAL, "fake": FAKE, "generated": FAKE, "synthetic": FAKE}
+    if v not in aliases:
+        raise UsageError(f"{where}: label {value!r} is not one of real/fake/0/1")
+    return aliases[v]
+
+
+def read_manifest(manifest: str | os.PathLike) -> list[ImageRef]:
+    """Rows of a CSV manifest with columns `path` (required), `label`, `generator`, `caption`.
+
+    Relative paths are resolved against the manifest's folder. An empty label falls back to the layout.
+    """
+    mpath = Path(manifest)
+    if not mpath.is_file():
+        raise UsageError(f"{mpath}: manifest not found")
+    base = mpath.parent
+    refs: list[ImageRef] = []
+    raw = mpath.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets write a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{mpath}: not UTF-8 (byte 0x{raw[e.start]:02x} at line {line}); save it as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise UsageError(f"{mpath}: manifest needs a 'path' column (got {reader.fieldnames})")
+        for lineno, row in enumerate(reader, start=2):
+            p = (row.get("path") or "").strip()
+            if not p:
+                continue
+            full = p if os.path.isabs(p) else str(base / p)
+            label = _normalise_label(row.get("label"), f"{mpath}:{lineno}")
+            gen = (row.get("generator") or "").strip() or None
+            if label is None:
+                label, lgen = label_from_layout(full)
+                gen = gen or lgen
+            if label == REAL:
+                gen = None
+            caption = (row.get("caption") or "").strip() or None
+            refs.append(ImageRef(full, label, gen, caption=caption))
+    return refs
+
+
+def _pillow_opens(path: str) -> bool:
+    """Whether Pillow identifies `path` as an image it can decode (reads the header only)."""
+    from PIL import Image, ImageFile
+
+    try:
+        with Image.open(path) as im:
+            return not isinstance(im, ImageFile.StubImageFile)  # HDF5/GRIB/BUFR stubs decode nothing
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image to us
+        return False
+
+
+def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
+    """Images under `folder`: each folder's files sorted, then its sub-folders sorted; hidden names skipped.
+
+    Symlinked sub-folders are followed; a folder already visited (a loop, or two links to one folder)
+    is entered once and the skip noted. A folder that cannot be listed becomes an `ImageRef` with an
+    error (reported like an unreadable file). Files with an image extension are kept; others are kept
+    when Pillow can open them, else counted in `found.not_images`.
+    """
+    visited: set[tuple[int, int]] = set()
+
+    def visit(d: str) -> Iterator[ImageRef]:
+        try:
+            st = os.stat(d)
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                found.notes.append(f"{d}: folder already visited through another path (symlink loop?); "
+                                   "not entered again")
+                return
+            visited.add(key)
+            with os.scandir(d) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            yield ImageRef(d, *label_from_layout(os.path.join(d, "x")),
+                           error=f"cannot list folder: {e.strerror or e}")
+            return
+        dirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                dirs.append(e.path)
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS or (e.is_file() and _pillow_opens(e.path)):
+                yield ImageRef(e.path, *label_from_layout(e.path))
+            else:
+                found.not_images.append(e.path)
+        for sub in dirs:
+            yield from visit(sub)
+
+    yield from visit(str(folder))
+
+
+def discover(
+    inputs: Iterable[str], manifest: str | None = None, stdin: Iterable[str] | None = None
+) -> Discovered:
+    """Expand folders (recursively), files and `-` (paths on stdin) into refs (a `Discovered` list).
+
+    Inside folders, files with an image extension are kept, and any other file Pillow can open (say
+    `.avif`, or a PNG without extension); the rest are listed in `.not_images`. Symlinked folders are
+    followed (each folder entered once); a folder that cannot be listed becomes a ref with `.error`.
+    Order is stable: inputs in the order given, each folder walked in sorted order; a path seen twice
+    is kept once. Files named explicitly are kept whatever their extension (so a bad file is
+    reported, not silently ignored). A path that does not exist raises `UsageError`.
+    Inputs that yielded no image are listed in `.empty` (see `require_images`).
+    """
+    refs: list[ImageRef] = []
+    found = Discovered()
+    if manifest:
+        refs.extend(read_manifest(manifest))
+        if not refs:
+            found.empty.append(str(manifest))
+    for item in inputs:
+        before = len(refs)
+        if item == "-":
+            lines = stdin if stdin is not None else sys.stdin
+            for line in lines:
+                line = line.strip()
+                if line:
+                    refs.append(ImageRef(line, *label_from_layout(line)))
+            if len(refs) == before:
+                found.empty.append("- (stdin)")
+            continue
+        p = Path(item)
+        if p.is_dir():
+            refs.extend(_walk(p, found))
+            if len(refs) == before:
+                found.empty.append(item)
+        elif p.exists() or p.is_symlink():
+            refs.append(ImageRef(str(p), *label_from_layout(p)))
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    seen: set[str] = set()
+    for r in refs:
+        if r.path not in seen:
+            seen.add(r.path)
+            found.append(r)
+    return found
+
+
+def require_images(refs: list[ImageRef], inputs: Iterable[str] = ()) -> None:
+    """Raise `NoImagesError` ("no images found in PATH", exit code 1) when `refs` is empty."""
+    if not refs:
+        where = list(getattr(refs, "empty", [])) or [str(i) for i in inputs] or ["the inputs"]
+        raise NoImagesError(f"no images found in {', '.join(where)}")
