@@ -29,11 +29,14 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "note: chromium not installed (needs root and apt-get); the browser test will be skipped"
 
+# The import contracts first (.importlinter: stage layers, no circles), then the suite.
 test: venv browser
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check clipdet tests benchmarks
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # extract → fit --shots $(SHOTS) → score → eval (with report), on DATA laid out as real/ and fake/<generator>/
 # Exit code 1 from extract/score means "some files skipped" (listed on stderr): the demo goes on.
