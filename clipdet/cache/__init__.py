@@ -9,9 +9,10 @@ On disk (see README "Feature cache layout"):
 
 Modules: files (locks, atomic writes, free space), segment (one file's layout), catalogue, index
 (numpy columnar index), merge (tiered merging of files), conflicts, store (FeatureCache: sessions,
-reads, batch writes), labels (label resolution from the index), maintain (catalogue updates, v1
-upgrade, orphans, merges), statindex (skip re-hashing), transfer (Parquet / clip-retrieval import
-and export), verify (checksums, repair).
+reads, batch writes), segindex (the live-segment index store builds), labels (label resolution from
+the index), maintain (catalogue updates, v1 upgrade, orphans, merges), statindex (skip re-hashing),
+transfer (Parquet / clip-retrieval import rows and export; `clipdet.extract.ingest` names the
+backbone), verify (checksums, repair).
 """
 
 from __future__ import annotations

@@ -1,8 +1,16 @@
-"""Few-shot detector heads: a registry of scikit-learn classifiers over frozen embeddings.
+"""Few-shot detector heads and the fitted `Detector` that carries one.
 
-``create_head("svm", C=0.5)``, ``list_heads()``, ``head_params("mlp")``, ``describe_heads()``;
-``head_from_state(meta, arrays)`` rebuilds any saved head. torch and faiss are imported only when
-a head that needs them is fitted or used, so importing this package stays fast.
+- Heads: a registry of scikit-learn classifiers over frozen embeddings (linear, mlp, knn, centroid,
+  heads, layers, zeroshot). ``create_head("svm", C=0.5)``, ``list_heads()``, ``head_params("mlp")``,
+  ``describe_heads()``; ``head_from_state(meta, arrays)`` rebuilds any saved head.
+- `detector`: `Detector`, the fitted bundle (head, threshold and calibration, attribution with the
+  open-set rule, pruner) and its pickle-free file. It lives with the heads because loading it rebuilds them.
+- What heads and the bundle need: `features` (which rows a head reads), `calibration` (Platt,
+  temperature, thresholds), `refcv` (reference-only cross-validation), `openset`, `prune` (the fitted
+  pruner; choosing its components is the fit stage's).
+
+torch and faiss are imported only when a head that needs them is fitted or used, so importing this
+package stays fast.
 """
 
 from __future__ import annotations
