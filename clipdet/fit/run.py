@@ -41,21 +41,22 @@ def fit(
     path; manifests may carry a caption column) choose what the head sees; candidates without a
     caption are left out (noted). `shots=0` fits a zero-shot head (zeroshot) without references.
     """
-    cfg = with_options(config, options)
-    head, shots, seed, view = cfg.head, cfg.shots, cfg.seed, cfg.view
-    per_generator, exclude_generators, calibrate = cfg.per_generator, cfg.exclude_generators, cfg.calibrate
-    augment_views, features, prune = cfg.augment_views, cfg.features, cfg.prune
     from ..cache import FeatureCache
     from ..detectors.features import kinds_for
     from ..extract.discover import discover, require_images
     from ..extract.views import canonical_view
     from .text import FitText
 
+    cfg = with_options(config, options)
+    head, shots, seed = cfg.head, cfg.shots, cfg.seed
+    per_generator, exclude_generators, calibrate = cfg.per_generator, cfg.exclude_generators, cfg.calibrate
+    augment_views, features, prune = cfg.augment_views, cfg.features, cfg.prune
     kinds = kinds_for([head])
     check_kinds_features(kinds, features)
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-    view = canonical_view(view)
+    cfg = cfg.replace(view=canonical_view(cfg.view))
+    view = cfg.view
     k = parse_shots(shots)
     ft = FitText(head, features, captions, k)
     if k == 0 and prune:
