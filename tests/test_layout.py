@@ -149,6 +149,17 @@ def test_modules_are_small_and_the_top_level_is_short():
     assert len(top) <= MAX_TOP_MODULES, top
 
 
+def test_importing_clipdet_and_its_cli_loads_no_heavy_library():
+    """`clipdet --help` stays instant: the package and the CLI import no model, array-store or ML library
+    until a command needs it (heads are registered on first use, torch and h5py inside functions)."""
+    heavy = ("torch", "sklearn", "scipy", "h5py", "open_clip", "faiss", "ray", "fastapi", "matplotlib", "pyarrow",
+             "PIL")
+    code = f"import sys, clipdet, clipdet.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_every_package_says_what_it_owns():
     for init in PKG.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))

@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
                                  "of zero-shot heads)")
             view_list = parse_views(views) if "robustness" in protos else ["clean"]
             prepare_output_dir(out, "--out")  # before any extraction or fit
-            from ..detectors.features import kinds_for
+            from ..detectors import kinds_for
             from ..fit.config import check_kinds_features
             from ..text.features import check_features
 

@@ -9,18 +9,24 @@
   temperature, thresholds), `refcv` (reference-only cross-validation), `openset`, `prune` (the fitted
   pruner; choosing its components is the fit stage's).
 
-torch and faiss are imported only when a head that needs them is fitted or used, so importing this
-package stays fast.
+Importing this package loads no head module (`registry` fills the registry on first use), and torch
+and faiss are imported only when a head that needs them is fitted or used.
 """
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from .base import HEADS, BaseHead, head_from_state
 from .detector import Detector
-
-# Importing the head modules registers them in HEADS.
-from . import centroid, heads, knn, layers, linear, mlp, zeroshot  # noqa: F401  isort: skip
+from .registry import (
+    create_head,
+    describe_heads,
+    head_description,
+    head_from_state,
+    head_kind,
+    head_params,
+    heads_registry,
+    kinds_for,
+    list_heads,
+)
 
 __all__ = [
     "HEADS",
@@ -30,38 +36,20 @@ __all__ = [
     "describe_heads",
     "head_description",
     "head_from_state",
+    "head_kind",
     "head_params",
+    "heads_registry",
+    "kinds_for",
     "list_heads",
 ]
 
 
-def list_heads() -> list[str]:
-    """Names of the registered heads, sorted."""
-    return HEADS.names()
+def __getattr__(name: str):
+    """`HEADS` (the filled registry) and `BaseHead`, loaded on first use (they import scikit-learn)."""
+    if name == "HEADS":
+        return heads_registry()
+    if name == "BaseHead":
+        from .base import BaseHead
 
-
-def head_params(name: str) -> dict:
-    """Parameters of head ``name`` with their defaults (``get_params`` of a default instance)."""
-    return HEADS.get(name)().get_params(deep=False)
-
-
-def head_description(name: str) -> str:
-    """One-line description of head ``name`` (first line of its class docstring)."""
-    return HEADS.get(name).describe()
-
-
-def describe_heads() -> list[tuple[str, str, dict]]:
-    """``(name, description, default params)`` of every head, for a ``clipdet heads`` listing."""
-    return [(n, head_description(n), head_params(n)) for n in list_heads()]
-
-
-def create_head(name: str, **params) -> BaseHead:
-    """A new, unfitted head ``name`` with ``params``; unknown names or parameters raise `UsageError`."""
-    cls = HEADS.get(name)
-    valid = cls().get_params(deep=False)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise UsageError(
-            f"unknown parameter(s) for head {name!r}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-        )
-    return cls(**params)
+        return BaseHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

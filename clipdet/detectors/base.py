@@ -266,11 +266,3 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         """One-line description: the first line of the class docstring."""
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0].strip() if doc else ""
-
-
-def head_from_state(meta: dict, arrays: dict) -> BaseHead:
-    """Rebuild a fitted head from ``get_state()`` output, dispatching on ``meta["head"]``."""
-    name = meta.get("head") if isinstance(meta, dict) else None
-    if not isinstance(name, str) or name not in HEADS:
-        raise DetectorFileError(f"head state names an unknown head {name!r}; known: {', '.join(HEADS.names())}")
-    return HEADS.get(name).from_state(meta, arrays)

@@ -200,9 +200,9 @@ class Detector:
     def load(cls, path: str | os.PathLike) -> Detector:
         """Read a detector file; refuses truncated, edited or newer-format files (DetectorFileError)."""
         from ..persist import load_bundle
-        from .base import head_from_state
         from .openset import OpenSetRule
         from .prune import Pruner
+        from .registry import head_from_state
 
         meta, arrays = load_bundle(path, kind=BUNDLE_KIND, max_version=FORMAT_VERSION)
 

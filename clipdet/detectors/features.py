@@ -21,23 +21,6 @@ HINTS = {"heads": "extract with --heads 4 first (clipdet extract --heads 4 ...)"
          "layers": "extract with --layers first (clipdet extract --layers -1,-2,-3,-4 ...)"}
 
 
-def head_kind(head: str) -> str:
-    """The feature kind head `head` reads (its class attribute ``needs``)."""
-    from .base import HEADS
-
-    return getattr(HEADS.get(head), "needs", "embedding")
-
-
-def kinds_for(heads: Iterable[str]) -> list[str]:
-    """The feature kinds a set of heads needs, "embedding" first."""
-    out = ["embedding"]
-    for h in heads:
-        k = head_kind(h)
-        if k not in out:
-            out.append(k)
-    return out
-
-
 def load_kwargs(kinds: Iterable[str]) -> dict:
     """Keyword arguments of `FeatureCache.load` that read what `kinds` need."""
     kinds = set(kinds)

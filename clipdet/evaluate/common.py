@@ -76,9 +76,9 @@ def decide(det, pool: Pool) -> np.ndarray:
 
 def zero_shot_heads(heads: Sequence[str]) -> list[str]:
     """The heads among `heads` that work without references (K = 0 on a k-shot curve)."""
-    from ..detectors import HEADS
+    from ..detectors import heads_registry
 
-    return [h for h in heads if getattr(HEADS.get(h), "zero_shot", False)]
+    return [h for h in heads if getattr(heads_registry().get(h), "zero_shot", False)]
 
 
 def _score(det, test: Pool) -> dict:

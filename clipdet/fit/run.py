@@ -42,7 +42,7 @@ def fit(
     caption are left out (noted). `shots=0` fits a zero-shot head (zeroshot) without references.
     """
     from ..cache import FeatureCache
-    from ..detectors.features import kinds_for
+    from ..detectors import kinds_for
     from ..extract.discover import discover, require_images
     from ..extract.views import canonical_view
     from .text import FitText

@@ -19,13 +19,13 @@ class FitText:
     `notes` collects what was left out (candidates without a caption), said once per fit."""
 
     def __init__(self, head: str, features: str | None, captions, shots: int | None):
-        from ..detectors import HEADS
+        from ..detectors import heads_registry
 
-        cls = HEADS.get(head)
+        cls = heads_registry().get(head)
         self.head, self.features = head, check_features(features)
         self.needs_prompts = bool(getattr(cls, "needs_prompts", False))
         if shots == 0 and not getattr(cls, "zero_shot", False):
-            zs = [n for n in HEADS.names() if getattr(HEADS.get(n), "zero_shot", False)]
+            zs = [n for n in heads_registry().names() if getattr(heads_registry().get(n), "zero_shot", False)]
             raise UsageError(f"--shots 0: head {head} needs references; heads that work without any: {', '.join(zs)}")
         if self.needs_prompts and self.features != "image":
             raise UsageError(f"head {head} scores image embeddings against prompts: use --features image")
@@ -134,11 +134,11 @@ def bench_text(heads, features: str | None, captions, pools: dict, refs, spec: s
                device: str = "auto"):
     """What `clipdet bench` needs from the text tower: (text embedder or None, pools with the chosen
     features, notes). Images without a caption leave every view's pool (said in a note)."""
-    from ..detectors import HEADS
+    from ..detectors import heads_registry
     from ..text.features import pool_features
 
     features = check_features(features)
-    prompt_heads = [h for h in heads if getattr(HEADS.get(h), "needs_prompts", False)]
+    prompt_heads = [h for h in heads if getattr(heads_registry().get(h), "needs_prompts", False)]
     if prompt_heads and features != "image":
         raise UsageError(f"head(s) {', '.join(prompt_heads)} score image embeddings against prompts: "
                          "bench them with --features image")

@@ -11,9 +11,8 @@ import pytest
 
 import clipdet
 from clipdet.cache import FeatureCache, FeatureRows, ImageMeta
-from clipdet.detectors import list_heads
+from clipdet.detectors import head_kind, list_heads
 from clipdet.detectors.detector import Detector
-from clipdet.detectors.features import head_kind
 from clipdet.errors import DetectorFileError, UsageError
 from clipdet.extract.lazy import LazyBackbone
 from clipdet.fit.config import FitConfig, parse_params, parse_shots
