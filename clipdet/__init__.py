@@ -28,7 +28,7 @@ from . import _compat
 from ._version import __version__
 from .backbones import create_backbone, list_backbones
 from .cache import FeatureCache
-from .detectors import Detector
+from .detectors import Detector, create_head, list_heads
 from .errors import ClipdetError
 from .evaluate import evaluate
 from .extract import ImageRef, discover, extract
@@ -36,20 +36,6 @@ from .fit import FitConfig, fit
 from .score import score_paths
 
 _compat.install()
-
-
-def create_head(name: str, **params):
-    """A new, unfitted detector head (see `list_heads`)."""
-    from .detectors import create_head as _create
-
-    return _create(name, **params)
-
-
-def list_heads() -> list[str]:
-    """Names of the registered detector heads."""
-    from .detectors import list_heads as _list
-
-    return _list()
 
 
 __all__ = [
