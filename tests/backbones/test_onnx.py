@@ -205,13 +205,14 @@ def test_torch_free_run(tiny_onnx, labelled_tree, tmp_path, subprocess_env):
              ("score", labelled_tree, "--detector", tmp_path / "d.clipdet", "--cache", c, "--out",
               tmp_path / "s.csv", "-q"),
              ("eval", labelled_tree, "--detector", tmp_path / "d.clipdet", "--cache", c, "--exclude-references", "-q"),
-             ("bench", labelled_tree, "--backbone", spec, "--cache", c, "--heads", "svm", "--ks", "2",
+             ("bench", labelled_tree, "--backbone", spec, "--cache", c, "--protocol", "kshot", "--heads", "svm", "--ks", "2",
               "--seeds", "1", "--out", tmp_path / "bench", "-q")]
     for args in steps:
         r = run(*args)
         assert r.returncode == 0, (args[0], r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
     assert (tmp_path / "s.csv").read_text().count("\n") == 25
+    _serve_once(env, tmp_path, tmp_path / "d.clipdet", next(labelled_tree.rglob("*.png")))
     for args, needle in ((("fit", "--cache", c, "--shots", "4", "--head", "mlp", "--out", tmp_path / "m.clipdet"),
                           "--head mlp (it trains a network) needs torch"),
                          (("extract", labelled_tree, "--backbone", "clipdet-tiny:random", "--cache", tmp_path / "x.h5"),
@@ -219,6 +220,42 @@ def test_torch_free_run(tiny_onnx, labelled_tree, tmp_path, subprocess_env):
         r = run(*args)
         assert r.returncode == 2 and needle in r.stderr and "pip install 'clipdet[torch]'" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def _serve_once(env: dict, tmp_path: Path, detector: Path, image: Path) -> None:
+    """`clipdet serve` in the torch-free environment answers one /v1/score request, then is stopped."""
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "clipdet", "serve", "--detector", str(detector), "--host",
+                                 "127.0.0.1", "--port", str(port), "--device", "cpu"], env=env, cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url, t0, ok = f"http://127.0.0.1:{port}", time.monotonic(), False
+            while time.monotonic() - t0 < 120 and proc.poll() is None and not ok:
+                try:
+                    ok = httpx.get(url + "/healthz", timeout=2).status_code == 200
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            assert ok, (tmp_path / "serve.log").read_text()
+            r = httpx.post(url + "/v1/score", files=[("files", (image.name, image.read_bytes(), "image/png"))],
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            row = r.json()["results"][0]
+            assert row["label"] in ("real", "fake") and isinstance(row["score"], float)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def _dinov2_model() -> str | None:
