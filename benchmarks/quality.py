@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--views", default=DEFAULT_VIEWS, help="Robustness views [default: %(default)s]")
     p.add_argument("--protocol", default="all", help="kshot, logo, robustness or all")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--label", default=None, help="What the backbone is, for the title and notes (e.g. 'DINOv2-S, "
+                   "not CLIP'); default: the spec")
     return p.parse_args(argv)
 
 
@@ -77,6 +79,11 @@ def headline(res) -> str:
         for k in show_k:
             m = next((r for r in s["kshot"] if r["head"] == h and r["k"] == k), None)
             row[f"AUC K={k}"] = _fmt(m["auc_mean"], m["auc_ci95"]) if m else "n/a"
+        cal_k = 10 if 10 in ks else show_k[-1]
+        m = next((r for r in s["kshot"] if r["head"] == h and r["k"] == cal_k), None)
+        if m and "fpr_mean" in m:
+            row[f"FPR at threshold K={cal_k}"] = _fmt(m["fpr_mean"])
+            row[f"ECE K={cal_k}"] = _fmt(m["ece_mean"])
         lg = [r for r in s["logo"] if r["head"] == h and not math.isnan(r["auc_mean"])]
         if lg:
             row["LOGO mean AUC"] = _fmt(sum(r["auc_mean"] for r in lg) / len(lg))
@@ -127,8 +134,9 @@ def main(argv=None) -> int:
         print(f"quality.py: error: {e}", file=sys.stderr)
         return 2
     is_random = info["backbone"].get("weights") == "random"
+    label = args.label or config["backbone"]
     preamble = (f"> {RANDOM_WARNING}\n\n" if is_random else "") + f"Command: `{command}`"
-    files = write_bench(res, args.out, title=f"clipdet quality benchmark: {config['backbone']}", preamble=preamble)
+    files = write_bench(res, args.out, title=f"clipdet quality benchmark: {label}", preamble=preamble)
     rec = res.record
     m = rec["machine"]
     ext = config["extract"]
@@ -138,9 +146,9 @@ def main(argv=None) -> int:
         return ", ".join(f"{r['format']} {r['fraction']:.0%}" for r in res.formats["rows"] if r["label"] == label)
 
     readme = [
-        f"# Quality benchmark: `{config['backbone']}` on `{os.path.basename(os.path.normpath(args.data))}`", "",
-        (f"> {RANDOM_WARNING}" if is_random else
-         "> Pretrained weights: these numbers measure the detector on this data set."), "",
+        f"# Quality benchmark: {label} (`{config['backbone']}`) on `{os.path.basename(os.path.normpath(args.data))}`",
+        "", (f"> {RANDOM_WARNING}" if is_random else
+             f"> Pretrained weights ({label}): these numbers measure the detector on this data set."), "",
         "## Command", "", "```", command, "```", "",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs. Versions: "
         + ", ".join(f"{k} {v}" for k, v in rec["versions"].items())
@@ -156,7 +164,9 @@ def main(argv=None) -> int:
         "## Headline numbers", "",
         f"Mean over seeds {rec['config']['seeds']} (± 95% t-interval half-width). k-shot: K references per class, "
         f"tested on every other image. LOGO: {rec['config']['shots']} references per class from the other "
-        "generators, tested on the held-out one (mean and hardest over generators). Views: fit on clean, test on "
+        "generators, tested on the held-out one (mean and hardest over generators). FPR at threshold: the share "
+        "of real test images flagged at the reference-calibrated threshold (target "
+        f"{rec['config'].get('target_fpr', 0.05)}); ECE: expected calibration error of p_fake (15 bins). Views: fit on clean, test on "
         "the perturbed images (real and fake alike). Format Δ: AUC change when every image is re-encoded as "
         "JPEG 95.", "",
         headline(res),

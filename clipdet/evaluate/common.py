@@ -32,6 +32,9 @@ from ..fit.shots import sample_shots
 
 #: Per-row metrics, as named by `metrics.binary_report`.
 METRICS = ("auc", "ap", "accuracy", "balanced_accuracy", "tpr_at_1pct_fpr", "eer")
+#: what summaries average over seeds: the ranking metrics plus the calibration ones (FPR at the
+#: reference-calibrated threshold, to hold against the target; ECE of p_fake)
+SUMMARY_METRICS = METRICS + ("fpr", "ece")
 
 
 class Rows(list):
@@ -87,7 +90,8 @@ def _score(det, test: Pool) -> dict:
 
     y = test.y
     s = decide(det, test) if len(test) else np.zeros(0)
-    rep = binary_report(y, s, threshold=det.threshold)
+    p = det.proba_from_scores(s) if len(s) else None
+    rep = binary_report(y, s, threshold=det.threshold, p_fake=p)
     out = {m: rep[m] for m in METRICS}
     flagged = s >= det.threshold
     out.update({
@@ -95,6 +99,7 @@ def _score(det, test: Pool) -> dict:
         "tpr": float(flagged[y == 1].mean()) if (y == 1).any() else math.nan,
         "threshold": float(det.threshold),
         "calibration": det.meta["calibration"]["method"],
+        "ece": float(rep["ece"]),
         "n_test": int(len(y)), "n_test_real": int((y == 0).sum()), "n_test_fake": int((y == 1).sum()),
     })
     return out
@@ -131,7 +136,7 @@ def _testable_split(pool, shots, seed, per_generator, notes: list, what: str, hi
 # --------------------------------------------------------------------------- summaries
 
 
-def summarise(rows: Iterable[Mapping], by: Sequence[str], metrics: Sequence[str] = METRICS,
+def summarise(rows: Iterable[Mapping], by: Sequence[str], metrics: Sequence[str] = SUMMARY_METRICS,
               level: float = 0.95) -> list[dict]:
     """Rows grouped by the `by` columns (first-seen order): n, and per metric `<m>_mean` and `<m>_ci95`
     (half-width of the t-interval over seeds at `level`; NaN values are left out, NaN with one value)."""
