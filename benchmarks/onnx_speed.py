@@ -174,7 +174,8 @@ def main() -> None:
             if spec == "timm":
                 bb = TimmTorch(create_backbone(f"onnx:{args.dinov2}", device="cpu"))
             else:
-                bb = create_backbone(spec, device="cpu", **({"precision": "fp32"} if not spec.startswith("onnx:") else {}))
+                kw = {} if spec.startswith("onnx:") else {"precision": "fp32"}
+                bb = create_backbone(spec, device="cpu", **kw)
             x = batch_of(bb, paths[: args.batch])
             mo = model_only(bb, x, max(1, args.n // args.batch), args.repeats)
             wp = whole_process(spec, paths[: args.n_process], args.repeats, work) if spec != "timm" else None
@@ -201,7 +202,7 @@ def write(res: dict, out: str) -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(os.path.splitext(out)[0] + ".json", "w") as fh:
         json.dump(res, fh, indent=1)
-    lines = [f"# Backbone runtimes on CPU: torch fp32 vs ONNX Runtime fp32 / int8\n",
+    lines = ["# Backbone runtimes on CPU: torch fp32 vs ONNX Runtime fp32 / int8\n",
              f"CPU: {res['cpu']}. Python {res['python']}. Command: `python benchmarks/onnx_speed.py "
              f"--data ../shared/data/aigi-dev --dinov2 PATH/dinov2s.onnx --out {out}`. Medians of "
              f"{res['args']['repeats']} runs; batch {res['args']['batch']}. The machine was shared with other "
