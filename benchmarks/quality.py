@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         f"tested on every other image. LOGO: {rec['config']['shots']} references per class from the other "
         "generators, tested on the held-out one (mean and hardest over generators). FPR at threshold: the share "
         "of real test images flagged at the reference-calibrated threshold (target "
-        f"{rec['config'].get('target_fpr', 0.05)}); ECE: expected calibration error of p_fake (15 bins). Views: fit on clean, test on "
+        f"{rec['config'].get('target_fpr', 0.05)}); ECE: expected calibration error of p_fake (15 bins). "
+        "Views: fit on clean, test on "
         "the perturbed images (real and fake alike). Format Δ: AUC change when every image is re-encoded as "
         "JPEG 95.", "",
         headline(res),

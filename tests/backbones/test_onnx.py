@@ -205,8 +205,8 @@ def test_torch_free_run(tiny_onnx, labelled_tree, tmp_path, subprocess_env):
              ("score", labelled_tree, "--detector", tmp_path / "d.clipdet", "--cache", c, "--out",
               tmp_path / "s.csv", "-q"),
              ("eval", labelled_tree, "--detector", tmp_path / "d.clipdet", "--cache", c, "--exclude-references", "-q"),
-             ("bench", labelled_tree, "--backbone", spec, "--cache", c, "--protocol", "kshot", "--heads", "svm", "--ks", "2",
-              "--seeds", "1", "--out", tmp_path / "bench", "-q")]
+             ("bench", labelled_tree, "--backbone", spec, "--cache", c, "--protocol", "kshot", "--heads", "svm",
+              "--ks", "2", "--seeds", "1", "--out", tmp_path / "bench", "-q")]
     for args in steps:
         r = run(*args)
         assert r.returncode == 0, (args[0], r.stdout, r.stderr)
