@@ -136,6 +136,10 @@ def eval_cmd(
                                            "spec (e.g. weights moved); must be the same weights "
                                            "[default: the detector's]"),
     captions: Optional[str] = CaptionsOpt,
+    stability: bool = typer.Option(False, "--stability", help="Score as score --stability does (labels unread) "
+                                   "and report coverage, accuracy on decided images, unsure rates"),
+    stability_views: Optional[str] = typer.Option(None, "--stability-views", help="Views for --stability "
+                                                  "[default: jpeg:75,resize:0.5,crop:224]; 'none': the band only"),
 ) -> None:
     """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
     quiet_warnings(quiet)
@@ -152,9 +156,16 @@ def eval_cmd(
             prepare_output_dir(report, "--report")  # before scoring, not after
         refs = input_refs(paths or [], manifest)
         extra = parse_views(views)[1:] if views else []
+        if stability_views is not None and not stability:
+            from ..errors import UsageError
+
+            raise UsageError("--stability-views goes with --stability: give --stability too")
+        from ..score.stability import stability_views as parse_stability
+
+        stab = parse_stability(stability_views, det.view) if stability else None
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
                        exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone,
-                       captions=captions_for(det, refs, captions, "eval"))
+                       captions=captions_for(det, refs, captions, "eval"), stability=stab)
         if json_out:
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:
@@ -171,6 +182,16 @@ def eval_cmd(
                 typer.echo(f"  {g:24s} AUC {a:.3f}")
             for v, r in res.get("robustness", {}).items():
                 typer.echo(f"  view {v:19s} AUC {r['auc']:.3f}")
+            if "trust" in res:
+                t = res["trust"]
+                typer.echo(f"stability ({','.join(stab) or 'band only'}): coverage {t['coverage']:.3f}, accuracy on "
+                           f"decided {t['accuracy_decided']:.3f}, unsure {t['unsure_rate']:.3f} (reals "
+                           f"{t['unsure_real']:.3f}; flips {t['flip_rate']:.3f}, band only {t['band_only_rate']:.3f})")
+                for g, u in t["unsure_per_generator"].items():
+                    typer.echo(f"  {g:24s} unsure {u:.3f}")
+            pv = res["provenance"]
+            typer.echo(f"provenance marks (not in any metric): real {pv['real']['marked']}/{pv['real']['n']}, "
+                       f"fake {pv['fake']['marked']}/{pv['fake']['n']}")
             for n in res["notes"]:
                 typer.echo(f"note: {n}")
         discovery_summary(refs)
