@@ -264,9 +264,9 @@ def write_report(result: dict, directory: str) -> str:
                          + markdown_table(rows, ["measure", "value"]), []))
     p = result.get("provenance")
     if p:
-        rows = [{"class": c, "files": d["n"], "marked": d["marked"], "ai_marked": d["ai_marked"],
-                 "sources": ", ".join(f"{k} {n}" for k, n in d["by_source"].items())}
-                for c, d in [("real", p["real"]), ("fake", p["fake"])] + list(p["per_generator"].items())]
+        from .trust import provenance_rows
+
+        rows = provenance_rows(p)
         sections.append(("Provenance marks (not used in any metric)", "Files carrying C2PA, XMP DigitalSourceType, "
                          "generator PNG text or EXIF Software marks. A mark is not part of any score; missing "
                          "marks prove nothing.\n\n" + markdown_table(rows, ["class", "files", "marked",

@@ -76,3 +76,29 @@ def provenance_note(report: dict) -> str | None:
     return (f"provenance marks differ between classes ({fr:.0%} of fakes, {rr:.0%} of reals carry one): real and "
             "fake files come from different pipelines, a shortcut for any method reading metadata; clipdet's "
             "scores never use marks")
+
+
+def pool_provenance(pool) -> dict:
+    """`provenance_report` of a labelled pool's files, read at their recorded paths (`clipdet bench`); files
+    that cannot be read any more are counted per class as `unread`."""
+    from ..provenance import read_provenance_file
+
+    rows, unread = [], {"real": 0, "fake": 0}
+    for path, lab in zip(pool.path, pool.label):
+        p = read_provenance_file(path) if path else None
+        if p is None or (not p.marks and any("cannot read" in x for x in p.problems)):
+            unread[lab] = unread.get(lab, 0) + 1
+            rows.append({})
+        else:
+            rows.append({"provenance_details": p.to_dict()})
+    rep = provenance_report(rows, pool.y, [g or "unknown" if lab == "fake" else "" for g, lab in
+                                           zip(pool.generator, pool.label)])
+    rep["real"]["unread"], rep["fake"]["unread"] = unread["real"], unread["fake"]
+    return rep
+
+
+def provenance_rows(report: dict) -> list[dict]:
+    """Table rows (class, files, marked, ai_marked, sources) of a provenance report, for Markdown."""
+    parts = [("real", report["real"]), ("fake", report["fake"])] + list(report["per_generator"].items())
+    return [{"class": c, "files": d["n"], "marked": d["marked"], "ai_marked": d["ai_marked"],
+             "sources": ", ".join(f"{k} {n}" for k, n in d["by_source"].items())} for c, d in parts]

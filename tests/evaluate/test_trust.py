@@ -62,3 +62,39 @@ def test_eval_stability_and_provenance(labelled_tree, tiny_spec, tiny_backbone, 
     human = run_cli(*base[:-1], "--stability")
     assert "stability (jpeg:75,resize:0.5,crop:224): coverage" in human.stdout
     assert "provenance marks (not in any metric): real 0/" in human.stdout
+
+
+def test_bench_counts_provenance_apart_and_never_fits_on_it(tmp_path):
+    from marked_files import jpeg_with_xmp
+
+    from clipdet.evaluate import bench
+    from clipdet.fit.pools import Pool
+
+    rng = np.random.default_rng(0)
+    n = 12
+    paths = []
+    for i in range(2 * n):
+        p = tmp_path / f"f{i}.jpg"
+        if i >= n and i % 2:  # half the fakes carry an XMP DigitalSourceType
+            jpeg_with_xmp(p)
+        else:
+            Image.new("RGB", (16, 16), (i, 0, 0)).save(p)
+        paths.append(str(p))
+    paths[1] = str(tmp_path / "gone.jpg")  # a real whose file has moved
+    X = rng.normal(size=(2 * n, 8)).astype(np.float32)
+    X[n:, 0] += 2
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    pool = Pool([f"{i:064x}" for i in range(2 * n)], ["real"] * n + ["fake"] * n, [""] * n + ["g1"] * n, paths, X)
+    kw = dict(protocols="kshot", heads="centroid", ks=[2], seeds=2)
+    with_marks = bench.run_bench({"clean": pool}, provenance=True, **kw)
+    without = bench.run_bench({"clean": pool}, **kw)
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "second" not in k} for r in rows]
+
+    assert strip(with_marks.kshot) == strip(without.kshot) and without.provenance == {}
+    pv = with_marks.provenance
+    assert pv["fake"]["marked"] == n // 2 and pv["real"]["marked"] == 0 and pv["real"]["unread"] == 1
+    assert any("shortcut" in note for note in with_marks.notes)
+    bench.write_bench(with_marks, tmp_path / "out")
+    assert "Provenance marks (not used in any fit or AUC)" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["provenance"]["fake"]["ai_marked"] == n // 2
