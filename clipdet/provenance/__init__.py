@@ -63,14 +63,21 @@ def read_provenance(data: bytes) -> Provenance:
 
 
 def read_provenance_file(path: str | os.PathLike) -> Provenance:
-    """`read_provenance` of a file on disk (for files a run did not otherwise read); an unreadable file
-    is one problem, not an exception."""
+    """`read_provenance` of a file on disk (for files a run did not otherwise read), reading only its
+    metadata segments or chunks where it can (`files.metadata_bytes`); the whole file when it holds a
+    C2PA store. An unreadable file is one problem, not an exception."""
+    from .files import metadata_bytes
+
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE)
+            data, whole = metadata_bytes(f, MAX_FILE)
+            if not whole and read_blocks(data).c2pa:  # a C2PA signature covers every byte: read them all
+                f.seek(0)
+                data = f.read(MAX_FILE)
+            out = read_provenance(data)
     except OSError as e:
         return Provenance(problems=[f"{path}: cannot read ({e.strerror or e})"])
-    return read_provenance(data)
+    return out
 
 
 __all__ = ["Mark", "Provenance", "read_provenance", "read_provenance_file"]

@@ -6,9 +6,10 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from marked_files import c2pa_jpeg, jpeg_bytes, jpeg_with_software, jpeg_with_xmp, png_with_text, xmp_packet
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from clipdet.provenance import read_provenance, read_provenance_file
 
@@ -86,9 +87,11 @@ def test_malformed_files_never_raise(tmp_path):
              b"\x89PNG\r\n\x1a\n" + struct.pack(">I4s", 8, b"zTXt") + b"k\x00\x00notzlib" + b"\0" * 4,
              good[:2] + b"\xff\xeb\x00\x10jumbc2pa....." + good[2:],  # a JUMBF that is not a manifest
              b"RIFF\x00\x00\x00\x00WEBP<x:xmpmeta Iptc4xmpExt:DigitalSourceType='x'"]
-    for data in cases:
+    for i, data in enumerate(cases):
         p = read_provenance(data)
         assert isinstance(p.short, str)
+        (tmp_path / f"bad{i}").write_bytes(data)
+        assert isinstance(read_provenance_file(tmp_path / f"bad{i}").short, str)  # the metadata-only reader too
     assert read_provenance(cases[3]).problems and "past the end" in read_provenance(cases[3]).problems[0]
     assert "zTXt" in read_provenance(cases[6]).problems[0]
     bad_c2pa = read_provenance(cases[7])
@@ -106,3 +109,38 @@ def test_zip_bomb_text_is_cut(tmp_path):
     png = buf.getvalue()
     p = read_provenance(png[:33] + chunk + png[33:])
     assert p.short.startswith("png:parameters") and len(p.to_dict()["marks"][0]["parameters"]) <= 2000
+
+
+def test_file_reader_reads_metadata_only_and_agrees_with_bytes(tmp_path, monkeypatch):
+    import clipdet.provenance.files as files_mod
+
+    big = tmp_path / "big.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", WEBUI)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(big, pnginfo=info)
+    jpg = jpeg_with_xmp(tmp_path / "x.jpg")
+    c2 = tmp_path / "c.jpg"
+    c2.write_bytes(c2pa_jpeg("TestGen")) if _has_c2pa() else c2.write_bytes(jpeg_bytes())
+    for path in (big, jpg, c2):
+        assert read_provenance_file(path).short == read_provenance(path.read_bytes()).short
+    seen = []
+    real = files_mod.metadata_bytes
+
+    def spy(f, limit):
+        data, whole = real(f, limit)
+        seen.append((len(data), whole))
+        return data, whole
+
+    monkeypatch.setattr(files_mod, "metadata_bytes", spy)
+    read_provenance_file(big)
+    assert seen[-1][1] is False and seen[-1][0] < 5000 < big.stat().st_size // 100  # not the pixels
+
+
+def _has_c2pa() -> bool:
+    try:
+        import c2pa  # noqa: F401
+        import cryptography  # noqa: F401
+    except ImportError:
+        return False
+    return True
