@@ -68,22 +68,18 @@ def subset(refs, limit: int | None, seed: int):
     return out
 
 
-def score_pass(refs, det, cache, stability, repeats: int):
+def score_pass(refs, det, cache, stability, repeats: int, device: str):
     """(rows of the last pass, seconds per pass) scoring `refs` from a read-only view of the cache."""
     times, rows = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         rows = list(score_refs(refs, det, cache=FeatureCache(cache, readonly=True), stability=stability,
-                               provenance=False, device=DEVICE, quiet=True))
+                               provenance=False, device=device, quiet=True))
         times.append(time.perf_counter() - t0)
     return rows, times
 
 
-DEVICE = "auto"
-
-
 def main() -> None:
-    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", required=True, help="backbone spec (ARCH:WEIGHTS, onnx:PATH, clipdet-tiny:random)")
     ap.add_argument("--cache", required=True, help="feature cache (clean features are added; views never are)")
@@ -97,7 +93,6 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/clipdet-stability", help="folder for the subset manifest and detector")
     ap.add_argument("--out", default=None, help="output prefix [benchmarks/results/stability_<backbone>]")
     a = ap.parse_args()
-    DEVICE = a.device
     tag = a.backbone.split(":", 1)[0].replace("/", "_") + ("-random" if a.backbone.endswith(":random") else "")
     out = a.out or os.path.join("benchmarks", "results", f"stability_{tag}" + (f"_limit{a.limit}" if a.limit else ""))
     os.makedirs(a.work, exist_ok=True)
@@ -122,8 +117,8 @@ def main() -> None:
     rest = [r for r in refs if sha_of.get(r.path) and sha_of[r.path] not in ref_shas]
     views = stability_views(a.views, det.view)
 
-    plain_rows, t_plain = score_pass(rest, det, a.cache, None, a.repeats)
-    stab_rows, t_stab = score_pass(rest, det, a.cache, views, a.repeats)
+    _, t_plain = score_pass(rest, det, a.cache, None, a.repeats, a.device)
+    stab_rows, t_stab = score_pass(rest, det, a.cache, views, a.repeats, a.device)
     n = len(rest)
     ms_plain = statistics.median(t / n * 1000 for t in t_plain)
     ms_stab = statistics.median(t / n * 1000 for t in t_stab)
