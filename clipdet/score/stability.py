@@ -5,7 +5,8 @@ perturbed view (`--stability`: a JPEG re-save, a resize, a crop...), or when its
 detector's unsure band (set at fit from the references' cross-validated scores only). Nothing here
 reads evaluation labels. Perturbed views are embedded through the same extract path as clean images,
 into a read-only overlay of the cache (kept in memory, dropped after each chunk) unless the caller
-consents to caching them (`score --stability-cache`).
+consents to caching them (`score --stability-cache`). Cost: one decode (two for images whose clean view
+is new to the cache: the cache's pass and the overlay's), the views and one embedding per view per image.
 """
 
 from __future__ import annotations
