@@ -291,6 +291,8 @@ def test_stability_field_equals_clipdet_score_stability(client, served, run_cli,
 
 
 def test_provenance_in_json_and_page(client, tmp_path):
+    pytest.importorskip("c2pa", reason="the 'c2pa' extra is not installed (pip install 'clipdet[c2pa]')")
+    pytest.importorskip("cryptography", reason="the test certificate needs cryptography (dev extra)")
     from marked_files import c2pa_jpeg, jpeg_with_xmp
 
     files = [("files", ("x.jpg", jpeg_with_xmp(tmp_path / "x.jpg").read_bytes(), "image/jpeg")),
