@@ -87,6 +87,9 @@ def register(app: typer.Typer) -> None:
                                      "residual (the last two need captions: --captions or a manifest caption column)"),
         captions: Optional[str] = typer.Option(None, "--captions", help="CSV with columns sha256 or path, and "
                                                "caption (for --features image+text or residual)"),
+        provenance: bool = typer.Option(True, "--provenance/--no-provenance", help="Count files carrying "
+                                        "provenance marks per class (read at their recorded paths; reported "
+                                        "apart, never used in a fit or AUC)"),
     ) -> None:
         """Benchmark heads on labelled images: k-shot curves over seeds, leave-one-generator-out, robustness.
 
@@ -138,7 +141,7 @@ def register(app: typer.Typer) -> None:
                       "command": "clipdet " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "features": features}
             res = run_bench(pools, protos, head_list, k_list, seeds, k, target_fpr, per_generator,
                             formats=info["formats"], config=config, progress=None if quiet else err, text=text,
-                            fit_config=FitConfig(prune=prune, prune_basis=prune_basis))
+                            fit_config=FitConfig(prune=prune, prune_basis=prune_basis), provenance=provenance)
             files = write_bench(res, out)
             c = res.counts
             if info["backbone"].get("weights") == "random":
@@ -150,6 +153,10 @@ def register(app: typer.Typer) -> None:
                        f"manifest {res.record['manifest_hash'][:12]}")
             for line in _summary_lines(res):
                 typer.echo(line)
+            if res.provenance:
+                pv = res.provenance
+                typer.echo(f"provenance marks (not in any fit or AUC): real {pv['real']['marked']}/{pv['real']['n']}, "
+                           f"fake {pv['fake']['marked']}/{pv['fake']['n']}")
             for note in res.notes:
                 err(f"note: {note}")
             typer.echo(f"report: {files['report.md']}")

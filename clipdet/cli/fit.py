@@ -45,6 +45,9 @@ def fit(
                                  "caption embeddings) or residual (image minus its caption's direction); "
                                  "the last two need captions"),
     captions: Optional[str] = CaptionsOpt,
+    unsure_accuracy: float = typer.Option(0.9, "--unsure-accuracy", help="Accuracy each side of the threshold "
+                                          "must reach on the references' cross-validated scores; the scores "
+                                          "between are the detector's unsure band (score --stability)"),
 ) -> None:
     """Fit a few-shot detector from cached features (images not yet cached are extracted first).
 
@@ -59,7 +62,7 @@ def fit(
                            augment_views=augment_views, per_generator=per_generator,
                            exclude_generators=tuple(exclude_generator or ()), calibrate=tuple(calibrate or ()),
                            target_fpr=target_fpr, attribute=attribute, prune=prune, prune_basis=prune_basis,
-                           features=features)
+                           features=features, unsure_accuracy=unsure_accuracy)
         det = run_fit(paths or None, config, backbone=backbone, cache=cache, manifest=manifest, device=device,
                       quiet=quiet, captions=captions)
         det.save(out)
@@ -68,6 +71,8 @@ def fit(
         for note in det.meta.get("notes", []) + getattr(det, "input_notes", []):
             err(f"note: {note}")
         typer.echo(f"wrote {out}: {det.summary()}")
+        if not det.meta.get("uncalibrated") and det.meta.get("calibration", {}).get("method") != "none":
+            typer.echo(det.describe_unsure())
         for line in det.explain():
             typer.echo(line)
         return det

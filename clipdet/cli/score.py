@@ -38,15 +38,30 @@ def score(
     captions: Optional[str] = CaptionsOpt,
     engine: str = EngineOpt,
     ray_address: Optional[str] = RayAddressOpt,
+    stability: bool = typer.Option(False, "--stability", help="Also score each image on perturbed views "
+                                   "(embedded in memory) and apply the detector's unsure band: rows gain stable, "
+                                   "score_min, score_max, flips, unsure_reason; label 'unsure' when the verdict "
+                                   "is not the same on every view or the score is in the band"),
+    stability_views: Optional[str] = typer.Option(None, "--stability-views", help="Views for --stability "
+                                                  "[default: jpeg:75,resize:0.5,crop:224]; 'none': the unsure "
+                                                  "band only"),
+    stability_cache: bool = typer.Option(False, "--stability-cache", help="Keep the perturbed views' features "
+                                         "in --cache (default: computed in memory, never written)"),
+    provenance: bool = typer.Option(True, "--provenance/--no-provenance", help="Read provenance marks (C2PA, "
+                                    "XMP DigitalSourceType, generator PNG text, EXIF Software) into the "
+                                    "provenance column; never part of the score"),
 ) -> None:
-    """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error)."""
+    """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error, provenance)."""
     quiet_warnings(quiet)
-    state = {"errors": 0, "uncaptioned": 0}
+    state = {"errors": 0, "uncaptioned": 0, "flipped": 0}
 
     def go():
         from ..cache import FeatureCache
         from ..detectors.detector import Detector
-        from ..score.output import RowWriter, summarise, verdict
+        from ..errors import UsageError
+        from ..score.output import COLUMNS, RowWriter, summarise, verdict
+        from ..score.stability import STABILITY_COLUMNS
+        from ..score.stability import stability_views as parse_stability
         from ..score.stream import score_refs
         from ..text import MISSING_CAPTION
 
@@ -59,7 +74,14 @@ def score(
         one_file = len(paths or []) == 1 and not manifest and paths[0] != "-" and not os.path.isdir(paths[0])
         verdicts = (verdict_out or one_file) and out != "-"
         dest = out if (out or verdicts) else "-"
-        writer = RowWriter(dest)
+        if (stability_cache or stability_views is not None) and not stability:
+            raise UsageError("--stability-views and --stability-cache go with --stability: give --stability too")
+        if stability_cache and cache_readonly:
+            raise UsageError("--stability-cache writes to the cache: drop --cache-readonly")
+        stab = parse_stability(stability_views, det.view) if stability else None
+        if stab is not None and det.unsure_range() is None:
+            err("note: " + det.describe_unsure() + "; only view flips make a verdict unsure")
+        writer = RowWriter(dest, COLUMNS + (STABILITY_COLUMNS if stability else []))
         counts: dict[str, int] = {}
         n = 0
         try:
@@ -67,10 +89,12 @@ def score(
             for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
                                   batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
                                   on_chunk=writer.flush, captions=caps, engine=engine_option(engine, ray_address),
-                                  ray_address=ray_address):
+                                  ray_address=ray_address, stability=stab, stability_cache=stability_cache,
+                                  provenance=provenance):
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1
+                state["flipped"] += bool(row.get("flips"))
                 if row["error"]:
                     state["errors"] += 1
                     state["uncaptioned"] += row["error"] == MISSING_CAPTION
@@ -83,7 +107,8 @@ def score(
             writer.close()
         if not one_file or not verdicts:
             line = summarise(counts, state["errors"], n, state["uncaptioned"]) + (
-                f"; rows in {dest}" if dest and dest != "-" else "")
+                f"; {state['flipped']} change verdict under {','.join(stab) or 'no view'}" if stab is not None
+                else "") + (f"; rows in {dest}" if dest and dest != "-" else "")
             (err if dest == "-" or verdicts else typer.echo)(line)
         discovery_summary(refs)
 
@@ -111,6 +136,10 @@ def eval_cmd(
                                            "spec (e.g. weights moved); must be the same weights "
                                            "[default: the detector's]"),
     captions: Optional[str] = CaptionsOpt,
+    stability: bool = typer.Option(False, "--stability", help="Score as score --stability does (labels unread) "
+                                   "and report coverage, accuracy on decided images, unsure rates"),
+    stability_views: Optional[str] = typer.Option(None, "--stability-views", help="Views for --stability "
+                                                  "[default: jpeg:75,resize:0.5,crop:224]; 'none': the band only"),
 ) -> None:
     """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
     quiet_warnings(quiet)
@@ -127,9 +156,16 @@ def eval_cmd(
             prepare_output_dir(report, "--report")  # before scoring, not after
         refs = input_refs(paths or [], manifest)
         extra = parse_views(views)[1:] if views else []
+        if stability_views is not None and not stability:
+            from ..errors import UsageError
+
+            raise UsageError("--stability-views goes with --stability: give --stability too")
+        from ..score.stability import stability_views as parse_stability
+
+        stab = parse_stability(stability_views, det.view) if stability else None
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
                        exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone,
-                       captions=captions_for(det, refs, captions, "eval"))
+                       captions=captions_for(det, refs, captions, "eval"), stability=stab)
         if json_out:
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:
@@ -146,6 +182,16 @@ def eval_cmd(
                 typer.echo(f"  {g:24s} AUC {a:.3f}")
             for v, r in res.get("robustness", {}).items():
                 typer.echo(f"  view {v:19s} AUC {r['auc']:.3f}")
+            if "trust" in res:
+                t = res["trust"]
+                typer.echo(f"stability ({','.join(stab) or 'band only'}): coverage {t['coverage']:.3f}, accuracy on "
+                           f"decided {t['accuracy_decided']:.3f}, unsure {t['unsure_rate']:.3f} (reals "
+                           f"{t['unsure_real']:.3f}; flips {t['flip_rate']:.3f}, band only {t['band_only_rate']:.3f})")
+                for g, u in t["unsure_per_generator"].items():
+                    typer.echo(f"  {g:24s} unsure {u:.3f}")
+            pv = res["provenance"]
+            typer.echo(f"provenance marks (not in any metric): real {pv['real']['marked']}/{pv['real']['n']}, "
+                       f"fake {pv['fake']['marked']}/{pv['fake']['n']}")
             for n in res["notes"]:
                 typer.echo(f"note: {n}")
         discovery_summary(refs)

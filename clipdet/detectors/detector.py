@@ -71,6 +71,29 @@ class Detector:
         """What the head sees of an image: image, image+text or residual (see `clipdet.text.features`)."""
         return self.meta.get("features", "image")
 
+    def unsure_range(self, threshold: float | None = None) -> tuple[float, float] | None:
+        """``(low, high)``: scores in ``[low, high)`` are "unsure" (fit's band from the references'
+        cross-validated scores, `clipdet.detectors.refcv.unsure_band`), moved with `threshold` when another
+        one is given; None for detectors without a band (fitted before bands, or uncalibrated)."""
+        band = self.meta.get("unsure")
+        if not band:
+            return None
+        shift = 0.0 if threshold is None else float(threshold) - float(band.get("threshold", self.threshold))
+        return float(band["low"]) + shift, float(band["high"]) + shift
+
+    def describe_unsure(self) -> str:
+        """One line on the unsure band (or its absence)."""
+        band = self.meta.get("unsure")
+        if not band:
+            return "unsure band: none (detector fitted without cross-validated reference scores)"
+        lo, hi = band["low"], band["high"]
+        if lo == hi:
+            return (f"unsure band: empty (every reference was classified correctly in {band.get('method')}; "
+                    "only --stability flips make a verdict unsure)")
+        return (f"unsure band: scores in [{lo:.4g}, {hi:.4g}) are 'unsure' (outside it, {band.get('method')} on the "
+                f"references is >= {band['accuracy']:.0%} accurate on each side; {band['unsure_rate']:.0%} of "
+                f"{band['n']} references fall inside)")
+
     def explain(self) -> list[str]:
         """Lines saying what the detector relies on: the head's choices (e.g. attention heads)."""
         return self.head.describe_fit(self.layout) if hasattr(self.head, "describe_fit") else []

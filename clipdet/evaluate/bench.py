@@ -55,6 +55,7 @@ class BenchResult:
     counts: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # files carrying marks per class (never in a metric)
 
     def summaries(self) -> dict[str, list[dict]]:
         """Per-protocol summaries (mean and 95% half-width over seeds)."""
@@ -87,6 +88,7 @@ def run_bench(
     params: Mapping[str, dict] | None = None,
     fit_config: FitConfig | None = None,
     text=None,
+    provenance: bool = False,
 ) -> BenchResult:
     """Run the selected protocols on `pools_by_view` ("clean" plus perturbed views for robustness).
 
@@ -94,7 +96,9 @@ def run_bench(
     (e.g. backbone, data paths, command) is stored in the run record with the protocol settings.
     `progress(line)` is called after each protocol (the library itself prints nothing). `params`: head
     name → parameters; `fit_config`: the `FitConfig` every fit starts from (prune, prune_basis).
-    `text`: the backbone's `TextEmbedder`, for heads that embed prompts (zeroshot).
+    `text`: the backbone's `TextEmbedder`, for heads that embed prompts (zeroshot). `provenance`: also
+    count the clean pool's files carrying provenance marks per class (read at their recorded paths;
+    reported apart, never a feature of any fit or AUC).
     """
     protocols, heads, seeds = parse_protocols(protocols), parse_heads(heads), parse_seeds(seeds)
     ks = parse_ks(ks)
@@ -114,6 +118,13 @@ def run_bench(
         if tv == tv and tv > 0.5:
             res.notes.append(f"real and fake images differ in file format (total variation {tv:.2f}): "
                              "a detector can learn the format instead of the content; see the format-shortcut check")
+    if provenance:
+        from .trust import pool_provenance, provenance_note
+
+        res.provenance = pool_provenance(clean)
+        note = provenance_note(res.provenance)
+        if note:
+            res.notes.append(note)
     say = progress or (lambda line: None)
     if "kshot" in protocols:
         t0 = time.perf_counter()
@@ -299,6 +310,13 @@ def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = 
                              "Every image (real and fake) re-encoded the same way; a large AUC drop means the "
                              "detector used the file format or compression as a cue.\n\n"
                              + markdown_table(result.shortcut, cols)))
+    if result.provenance:
+        from .trust import provenance_rows
+
+        sections.append(("Provenance marks (not used in any fit or AUC)", "Files carrying C2PA, XMP "
+                         "DigitalSourceType, generator PNG text or EXIF Software marks, per class. Missing marks "
+                         "prove nothing.\n\n" + markdown_table(provenance_rows(result.provenance),
+                                                                ["class", "files", "marked", "ai_marked", "sources"])))
     if result.notes:
         sections.append(("Notes", "\n".join(f"- {n}" for n in result.notes)))
     v = rec["versions"]
@@ -313,6 +331,7 @@ def write_bench(result: BenchResult, directory: str | os.PathLike, title: str = 
     for sec in sections:
         files.update({img: os.path.join(d, img) for img in (sec[2] if len(sec) == 3 else [])})
     run = {**rec, "counts": result.counts, "formats": result.formats, "notes": result.notes,
+           "provenance": result.provenance,
            "summaries": summ, "format_shortcut": result.shortcut, "view_shift": result.view_shift,
            "files": sorted(files)}
     tmp = os.path.join(d, ".run.json.tmp")

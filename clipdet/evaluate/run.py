@@ -77,8 +77,14 @@ def evaluate(
     workers: int | None = None,
     backbone: str | None = None,
     captions=None,
+    stability: Sequence[str] | None = None,
 ) -> dict:
     """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict.
+
+    Always: `provenance` (files carrying marks per class; never in a metric). `stability` (perturbed views;
+    [] for the unsure band alone): rows are scored as `score --stability` does, without their labels, and
+    `trust` reports coverage, accuracy on decided images and unsure rates (`clipdet.evaluate.trust`);
+    the AUCs stay those of the scores.
 
     `backbone` overrides the detector's backbone spec (e.g. the weights file moved); same weights only.
     `captions` (a `clipdet.text.Captions`) for detectors fitted on caption features.
@@ -93,7 +99,11 @@ def evaluate(
     by_path = {r.path: r for r in labelled}
     kw = dict(cache=cache, device=device, quiet=quiet, batch_size=batch_size, workers=workers, backbone=backbone,
               captions=captions)
-    rows = list(score_refs(labelled, detector, **kw))
+    if stability is not None:
+        from ..score.stability import stability_views
+
+        stability = stability_views(stability, detector.view)
+    rows = list(score_refs(labelled, detector, stability=stability, **kw))
     ref_shas = detector.reference_shas
     overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}
     notes = []
@@ -144,9 +154,17 @@ def evaluate(
         "clipdet_version": __version__, "python": platform.python_version(),
         "_curves": {"clean": (y, s)}, "_p": p,
     }
+    from .trust import provenance_note, provenance_report, trust_report
+
+    result["provenance"] = provenance_report(scored, y, gens)
+    note = provenance_note(result["provenance"])
+    if note:
+        notes.append(note)
+    if stability is not None:
+        result["trust"] = trust_report(scored, y, gens, stability)
     if detector.attribution is not None:
         true = ["real" if yy == 0 else g for yy, g in zip(y, gens)]
-        pred = ["real" if r["label"] == "real" else (r.get("generator") or "unknown") for r in scored]
+        pred = ["real" if r["score"] < detector.threshold else (r.get("generator") or "unknown") for r in scored]
         labels = sorted(set(true) | set(pred), key=lambda x: (x != "real", x == "unknown", x))
         lab, mat = confusion_matrix(true, pred, labels)
         known = [i for i, t in enumerate(true) if t == "real" or t in detector.meta.get("generators", [])]
@@ -161,7 +179,8 @@ def evaluate(
         v = canonical_view(v)
         if v == detector.view:
             continue
-        vrows = list(score_refs([by_path[r["path"]] for r in rows if not r["error"]], detector, view=v, **kw))
+        vrows = list(score_refs([by_path[r["path"]] for r in rows if not r["error"]], detector, view=v,
+                                provenance=False, **kw))
         vy, vs, vp, _, _, _ = _labelled(vrows, by_path)
         robust[v] = {"auc": roc_auc(vy, vs), "n": int(len(vy)),
                      "accuracy": float(np.mean((vs >= detector.threshold) == (vy == 1))) if len(vy) else float("nan")}
@@ -234,6 +253,24 @@ def write_report(result: dict, directory: str) -> str:
         sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}. Each row "
                          "is row-normalised (the share of that true class given each prediction), with the "
                          "image count in brackets.\n\n" + markdown_table(table), ["attribution.png"]))
+    if "trust" in result:
+        t = result["trust"]
+        rows = [{"measure": k, "value": v} for k, v in t.items() if not isinstance(v, dict)]
+        rows += [{"measure": f"unsure rate, {g}", "value": v} for g, v in t["unsure_per_generator"].items()]
+        rows += [{"measure": f"flip rate, {v}", "value": r} for v, r in t["flip_rate_per_view"].items()]
+        sections.append(("Verdicts you can trust", "Labels 'unsure' when the verdict changes on a perturbed view or "
+                         "the score is in the detector's unsure band (set from references only; no evaluation "
+                         "label is read while scoring). AUCs above use the scores of every image.\n\n"
+                         + markdown_table(rows, ["measure", "value"]), []))
+    p = result.get("provenance")
+    if p:
+        from .trust import provenance_rows
+
+        rows = provenance_rows(p)
+        sections.append(("Provenance marks (not used in any metric)", "Files carrying C2PA, XMP DigitalSourceType, "
+                         "generator PNG text or EXIF Software marks. A mark is not part of any score; missing "
+                         "marks prove nothing.\n\n" + markdown_table(rows, ["class", "files", "marked",
+                                                                               "ai_marked", "sources"]), []))
     if result["notes"]:
         sections.append(("Notes", "\n".join(f"- {n}" for n in result["notes"]), []))
     path = write_markdown_report(directory, "clipdet evaluation", sections,

@@ -40,6 +40,7 @@ class Prepared:
     tensors: dict = field(default_factory=dict)  # view -> preprocessed tensor (missing views only)
     error: str = ""
     unchanged: bool = False  # known from the stat index: not read, nothing new to record
+    provenance: object = None  # clipdet.provenance.Provenance of the bytes, when the run asked for it
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ExtractSummary:
     seconds: float = 0.0
     embedded: int = 0  # forward passes (images x views)
     records: list[tuple[str, str, str]] = field(default_factory=list)  # (path, sha256, error) in input order
+    provenance: list = field(default_factory=list)  # with provenance=True: Provenance or None, aligned with records
 
     @property
     def ok(self) -> bool:
@@ -77,6 +79,7 @@ def prepare(
     preprocess: Callable,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | Callable[[], int | None] | None = None,
+    provenance: bool = False,
 ) -> Prepared:
     """Reader stage for one file: read, hash, skip if cached, else decode once and make every missing view.
 
@@ -84,14 +87,16 @@ def prepare(
     model cannot be loaded) propagates and stops the run. The two halves, `read_hashed` and
     `decode_views`, are also run apart (the Ray engine runs them as separate stages).
     """
-    out, data, missing = read_hashed(ref, views, cached)
+    out, data, missing = read_hashed(ref, views, cached, provenance)
     return decode_views(out, data, missing, preprocess, max_pixels, draft_size)
 
 
-def read_hashed(ref: ImageRef, views: Sequence[str], cached: dict[str, set[str]]) -> tuple[Prepared, bytes, list[str]]:
+def read_hashed(ref: ImageRef, views: Sequence[str], cached: dict[str, set[str]],
+                provenance: bool = False) -> tuple[Prepared, bytes, list[str]]:
     """First half of `prepare`: read and hash one file; returns (Prepared, its bytes, views not cached).
 
-    The bytes are returned only when some view is missing (else b"")."""
+    The bytes are returned only when some view is missing (else b""). `provenance` also reads the
+    file's provenance marks from the same bytes (`Prepared.provenance`; clipdet.provenance)."""
     out = Prepared(ref)
     if ref.error:  # discovery already knows this input cannot be used (e.g. a folder it could not list)
         out.error = ref.error
@@ -99,6 +104,10 @@ def read_hashed(ref: ImageRef, views: Sequence[str], cached: dict[str, set[str]]
     try:
         data = read_file(ref.path)
         out.sha256 = sha256_bytes(data)
+        if provenance:
+            from ..provenance import read_provenance
+
+            out.provenance = read_provenance(data)
         out.meta = ImageMeta(out.sha256, ref.label or "", ref.generator or "", paths=[os.path.abspath(ref.path)])
         missing = [v for v in views if out.sha256 not in cached.get(v, ())]
         return out, (data if missing else b""), missing
@@ -178,10 +187,13 @@ def extract_local(
     rehash: bool = False,
     heads: int | None = None,
     stages=None,
+    provenance: bool = False,
 ) -> ExtractSummary:
     """The local engine of `clipdet.extract.extract`: reader threads and the embedder in this process.
 
-    Parameters as there (`stages`, internal: another engine's reader/embedder, see there).
+    Parameters as there (`stages`, internal: another engine's reader/embedder, see there). `provenance`:
+    also read each file's provenance marks from the bytes read for hashing, into `summary.provenance`
+    (None for files not read: known unchanged from the stat index, or read by another engine).
     """
     t0 = time.perf_counter()
     refs = list(refs)
@@ -215,7 +227,7 @@ def extract_local(
 
     def fn(r: ImageRef) -> Prepared:
         return prepare(r, views, cached, lazy.preprocess, max_pixels=max_pixels,
-                       draft_size=lazy.image_size if draft else None)
+                       draft_size=lazy.image_size if draft else None, provenance=provenance)
 
     def read(rs: list[ImageRef]) -> Iterator[Prepared]:
         if stages is not None:
@@ -236,6 +248,8 @@ def extract_local(
         for p in _with_known(refs, abs_paths, known_files, read):
             progress.update()
             summary.records.append((p.ref.path, p.sha256, p.error))
+            if provenance:
+                summary.provenance.append(p.provenance)
             if p.error:
                 summary.errors.append((p.ref.path, p.error))
                 writer.errors.append({"sha256": p.sha256, "path": os.path.abspath(p.ref.path), "reason": p.error})

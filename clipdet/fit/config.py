@@ -20,7 +20,9 @@ class FitConfig:
     `fit_from_pool`, the benchmark protocols (one fit per head, K and seed: `replace`), the text-tower
     fits. Where the references come from (paths, manifest, cache, backbone) and where models run
     (device) are not part of it. `calibrate`: held-out labelled image paths for threshold and p_fake
-    (default: cross-validation on the references).
+    (default: cross-validation on the references). `unsure_accuracy`: the accuracy each side of the
+    threshold must reach on the references' cross-validated scores; scores between form the detector's
+    unsure band (`clipdet.detectors.refcv.unsure_band`).
     """
 
     head: str = "svm"
@@ -37,6 +39,7 @@ class FitConfig:
     prune: int = 0
     prune_basis: str = "coord"
     features: str = "image"
+    unsure_accuracy: float = 0.9
 
     def __post_init__(self):
         object.__setattr__(self, "params", dict(self.params or {}))

@@ -48,6 +48,8 @@ def fit_from_pool(
     attribute, prune, prune_basis = cfg.attribute, cfg.prune, cfg.prune_basis
     if not 0 <= target_fpr < 1:
         raise UsageError(f"--target-fpr {target_fpr}: expected a number in [0, 1)")
+    if not 0.5 <= cfg.unsure_accuracy <= 1:
+        raise UsageError(f"--unsure-accuracy {cfg.unsure_accuracy}: expected a number in [0.5, 1]")
     params = dict(params or {})
     base = create_head(head, **params)
     zero = len(pool) == 0 and getattr(base, "zero_shot", False)
@@ -124,6 +126,11 @@ def fit_from_pool(
         threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
         slope, cal_notes = calibration_slope(cal_scores, cal_y, threshold)
         notes += cal_notes
+    band = None
+    if len(cal_scores) and calibrate:
+        from ..detectors.refcv import unsure_band
+
+        band = {**unsure_band(cal_scores, cal_y, threshold, cfg.unsure_accuracy), "method": cal_method}
     # One mapping, monotone in the score, through 0.5 at the threshold: p_fake >= 0.5 exactly when
     # the verdict is fake (see Detector.proba_from_scores).
     platt = (slope, -slope * threshold)
@@ -167,6 +174,8 @@ def fit_from_pool(
         notes.append(transform.describe())
     if uncalibrated:
         m["uncalibrated"] = True
+    if band is not None:
+        m["unsure"] = band
     if getattr(model, "needs_prompts", False):
         m["prompts"] = model.prompt_sets()
     refs = {"sha256": list(pool.sha256), "path": list(pool.path), "label": list(pool.label),

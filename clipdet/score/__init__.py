@@ -3,6 +3,7 @@
 - `stream`: `score_refs` (chunked, flat memory) and `score_paths`.
 - `plan`: how a detector's rows are read from, and added to, the cache group it scores from.
 - `output`: the CSV/JSONL row writer, one-image verdicts, the run summary.
+- `stability`: `--stability` (perturbed views in memory, the unsure band, label "unsure").
 
 Importing this package lets `Detector.score_paths` work (it registers `score_paths` there).
 """

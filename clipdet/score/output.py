@@ -12,12 +12,16 @@ from typing import IO, Sequence
 from ..errors import UsageError
 
 COLUMNS = ["path", "sha256", "score", "p_fake", "label", "generator", "generator_p",
-           "nearest_path", "nearest_label", "nearest_similarity", "error"]
+           "nearest_path", "nearest_label", "nearest_similarity", "error", "provenance"]
+#: Written to JSONL only (a JSON object per row; CSV keeps the short `provenance` value).
+JSONL_ONLY = ["provenance_details"]
 
 
 def _fmt(v) -> str:
     if v is None:
         return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     return str(v)
@@ -32,9 +36,9 @@ class RowWriter:
     """
 
     def __init__(self, out: str | None, columns: Sequence[str] = COLUMNS):
-        self.columns = list(columns)
         self.path = out
         self.jsonl = bool(out) and out.lower().endswith((".jsonl", ".ndjson"))
+        self.columns = list(columns) + ([c for c in JSONL_ONLY if c not in columns] if self.jsonl else [])
         self._own = False
         self.fh: IO[str] | None = None
         self._csv = None
@@ -90,15 +94,21 @@ def verdict(row: dict, threshold: float) -> str:
     if row.get("error"):
         return f"{row['path']}: could not score ({row['error']})"
     lab = row["label"].upper()
-    cmp = ">=" if row["label"] == "fake" else "<"
+    cmp = ">=" if row["score"] >= threshold else "<"
     text = (f"{row['path']}: {lab} (p_fake {row['p_fake']:.3f}; score {row['score']:.4g} {cmp} "
             f"threshold {threshold:.4g})")
+    if row.get("unsure_reason"):
+        text += f"; unsure: {row['unsure_reason']}"
+    elif row.get("stable"):
+        text += f"; stable on every view (scores {row['score_min']:.4g} to {row['score_max']:.4g})"
     if row.get("generator"):
         gp = row.get("generator_p")
         text += f"; generator {row['generator']}" + (f" (p {gp:.2f})" if gp is not None and not math.isnan(gp) else "")
     if row.get("nearest_path"):
         text += (f"; nearest reference {row['nearest_path']} ({row['nearest_label']}, "
                  f"similarity {row['nearest_similarity']:.3f})")
+    if row.get("provenance"):
+        text += f"; provenance marks: {row['provenance']} (not part of the score)"
     return text
 
 

@@ -51,6 +51,9 @@ def score_refs(
     captions=None,
     engine: str = "local",
     ray_address: str | None = None,
+    stability: Sequence[str] | str | None = None,
+    stability_cache: bool = False,
+    provenance: bool = True,
 ) -> Iterator[dict]:
     """Yield one row dict (see `COLUMNS`) per input, in input order.
 
@@ -65,6 +68,11 @@ def score_refs(
     `MISSING_CAPTION` in its row's error.
     `engine="ray"` first embeds every uncached input on a Ray cluster (one run, into the cache), then
     scores chunk by chunk from the cache as above.
+    `stability` (a list of views, or a --stability-views string; None: off) also scores each image on
+    those perturbed views and applies the detector's unsure band (`clipdet.score.stability`): rows gain
+    stable, score_min, score_max, flips, unsure_reason, and the label "unsure". Their features stay in
+    memory unless `stability_cache`. `provenance` fills the `provenance` column (and
+    `provenance_details`) from the bytes read for hashing (`clipdet.provenance`; never part of the score).
     """
     from ..cache import FeatureCache
     from ..extract.lazy import LazyBackbone
@@ -93,14 +101,32 @@ def score_refs(
     from ..text.features import CaptionFeatures
 
     text = CaptionFeatures(detector, cache, captions, backbone, device)
+    from .stability import apply_judgement, overlay, stability_views
+
+    stab = None if stability is None else stability_views(stability, view)
+    side = overlay(cache, stability_cache) if stab else None
+    band = detector.unsure_range(threshold) if stab is not None else None
+    t = detector.threshold if threshold is None else threshold
+
+    def head_input(feats, part, summary):
+        """(X, ok): the rows the head reads, and which of them could be made (captions)."""
+        if text.active:
+            return text.features(feats, part, summary.records)
+        X = matrix(feats, kind, order=order) if len(feats.sha256) else np.zeros((0, 0), np.float32)
+        return X, np.ones(len(X), bool)
+
+    def features(src, v, summary, part):
+        feats = src.load(detector.backbone_key, v, shas=[s for _, s, e in summary.records if not e], **load_kw)
+        return (feats, *head_input(feats, part, summary))
+
     if engine != "local":
         refs = list(refs)
         extract(refs, "", cache=cache, views=[view], batch_size=batch_size, device=device, quiet=quiet,
                 compact=False, lazy=lazy, record_cached=False, engine=engine, ray_address=ray_address)
     for part in growing_chunks(refs, first_chunk, chunk):
-        summary = extract(part, "", cache=cache, views=[view], batch_size=batch_size, workers=workers,
-                          device=device, quiet=quiet, compact=False, lazy=lazy,
-                          record_cached=False)
+        summary = extract(part, "", cache=cache, views=[view] + (stab if stab and side is cache else []),
+                          batch_size=batch_size, workers=workers, device=device, quiet=quiet, compact=False,
+                          lazy=lazy, record_cached=False, provenance=provenance)
         shas = [s for _, s, e in summary.records if not e]
         feats = cache.load(detector.backbone_key, view, shas=shas, **load_kw)
         damaged = set(shas) & cache.damaged - set(feats.sha256)
@@ -114,13 +140,12 @@ def score_refs(
                     quiet=True, compact=False, lazy=lazy, record_cached=False, rehash=True)
             feats = cache.load(detector.backbone_key, view, shas=shas, **load_kw)
         pos = {s: i for i, s in enumerate(feats.sha256)}
-        if text.active:
-            X, ok = text.features(feats, part, summary.records)
-        else:
-            X = matrix(feats, kind, order=order) if len(feats.sha256) else np.zeros((0, 0), np.float32)
-            ok = np.ones(len(X), bool)
+        X, ok = head_input(feats, part, summary)
         scored = _score_ok(detector, X, ok, threshold)
-        for path, sha, error in summary.records:
+        opts = dict(batch_size=batch_size, workers=workers, device=device, lazy=lazy)
+        view_scores = _view_scores(detector, stab, side, side is not cache, part, summary, features,
+                                   opts) if stab else {}
+        for k, (path, sha, error) in enumerate(summary.records):
             row = {"path": path, "sha256": sha, "error": error}
             if not error:
                 i = pos.get(sha)
@@ -133,6 +158,11 @@ def score_refs(
                                     if sha in cache.damaged else "no features after extraction")
                 else:
                     row.update(scored[i])
+                    if stab is not None:
+                        apply_judgement(row, {v: vs.get(sha, float("nan")) for v, vs in view_scores.items()},
+                                        t, band)
+            if provenance:
+                _provenance(row, summary.provenance[k] if k < len(summary.provenance) else None)
             if row["error"]:
                 row["label"] = "unknown"
             yield row
@@ -140,7 +170,41 @@ def score_refs(
             on_chunk()
         if cache.readonly:
             cache.drop_memory_segments()
+        if side is not None and side.readonly:
+            side.drop_memory_segments()
     cache.auto_compact()
+
+
+def _view_scores(detector, views, src, embed: bool, part, summary, features, options: dict) -> dict:
+    """{view: {sha256: score}} of the chunk's readable images on each perturbed view, read from `src`
+    (the cache, or its in-memory overlay); `embed`: first run them through the extract path into `src`
+    (`options`: batch_size, workers, device, lazy), else the chunk's own extract already did."""
+    from ..extract.run import extract
+
+    ok = [r for r, (_, _, e) in zip(part, summary.records) if not e]
+    if not ok:
+        return {}
+    if embed:
+        extract(ok, "", cache=src, views=views, quiet=True, compact=False, record_cached=False, **options)
+    out = {}
+    for v in views:
+        feats, X, good = features(src, v, summary, part)
+        scores = detector.decision_function(X[good]) if good.any() else []
+        shas = [s for s, g in zip(feats.sha256, good) if g]
+        out[v] = dict(zip(shas, (float(x) for x in scores)))
+    return out
+
+
+def _provenance(row: dict, found) -> None:
+    """Fill the row's provenance columns: from the bytes read for hashing, else (a file the run did not read)
+    from the file; nothing for unreadable inputs."""
+    if found is None and not row.get("error") and row.get("path"):
+        from ..provenance import read_provenance_file
+
+        found = read_provenance_file(row["path"])
+    if found is not None:
+        row["provenance"] = found.short
+        row["provenance_details"] = found.to_dict() if (found.marks or found.problems) else None
 
 
 def _score_ok(detector, X, ok, threshold) -> list:

@@ -167,16 +167,26 @@ def create_app(engine: Engine, options: ServeOptions | None = None):
             loop = asyncio.get_running_loop()
             named = [(upload_name(f.filename, i), await f.read()) for i, f in enumerate(uploads)]
             texts = [c for c in form.getlist("captions") if isinstance(c, str)]  # i-th caption: i-th file
+            field = form.get("stability")
+            asked = field if isinstance(field, str) else request.query_params.get("stability")
         finally:
             await form.close()
+        try:
+            stability = engine.stability_option(asked)
+        except ClipdetError as e:
+            return fail(422, str(e))
         captions = texts + [""] * (len(named) - len(texts))
-        items = await asyncio.gather(*(loop.run_in_executor(decode_pool, engine.prepare, n, d, c)
+        items = await asyncio.gather(*(loop.run_in_executor(decode_pool, engine.prepare, n, d, c, stability)
                                        for (n, d), c in zip(named, captions)))
         del named
         metrics.cache_hits.inc(sum(1 for it in items if it.cached))
         rows = await batcher.submit_many(list(items))
         metrics.observe_rows(rows)
-        return {"results": rows, "threshold": engine.threshold}
+        body = {"results": rows, "threshold": engine.threshold}
+        if stability is not None:
+            body["stability"] = {"views": stability, "unsure_band": list(engine.detector.unsure_range(
+                engine.threshold) or []) or None}
+        return body
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=opts.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: counts 413s too

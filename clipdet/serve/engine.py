@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import ClipdetError, ImageError
 from ..extract.decode import DEFAULT_MAX_PIXELS, decode_image, sha256_bytes
 from ..extract.views import apply_view
-from ..score.output import COLUMNS
+from ..score.output import COLUMNS, JSONL_ONLY
+from ..score.stability import STABILITY_COLUMNS, apply_judgement
 
 
 @dataclass
@@ -35,12 +36,16 @@ class Item:
     error: str = ""
     meta: dict = field(default_factory=dict)  # width/height/format, for --cache-write
     caption: str = ""  # sent with the upload (form field `captions`), for caption features
+    stability: list | None = None  # perturbed views asked for (None: no stability check)
+    views: dict = field(default_factory=dict)  # view -> preprocessed tensor, for the stability check
+    provenance: object = None  # clipdet.provenance.Provenance of the uploaded bytes
 
 
-def public_row(row: dict) -> dict:
-    """A row as JSON-safe dict with every `clipdet score` column (NaN and absent values → None)."""
+def public_row(row: dict, stability: bool = False) -> dict:
+    """A row as JSON-safe dict with every `clipdet score` column, provenance_details, and with `stability`
+    the stability columns (NaN and absent values → None)."""
     out = {}
-    for k in COLUMNS:
+    for k in COLUMNS + JSONL_ONLY + (STABILITY_COLUMNS if stability else []):
         v = row.get(k)
         out[k] = None if isinstance(v, float) and math.isnan(v) else v
     return out
@@ -119,23 +124,48 @@ class Engine:
             "shots": m.get("shots"), "seed": m.get("seed"), "nearest": hasattr(self.detector.head, "nearest"),
             "clipdet_version": m.get("clipdet_version"), "cache": self.cache.path if self.cache else None,
             "cache_write": self.cache_write, "features": self.detector.features,
+            "unsure_band": list(self.detector.unsure_range(self.threshold) or []) or None,
+            "unsure": self.detector.describe_unsure(),
         }
 
+    def stability_option(self, value: str | None) -> list | None:
+        """The perturbed views a request's `stability` field or query option asks for: None (absent, 0, false,
+        off), the default set (1, true, on, yes), [] ('none': the unsure band only) or a list of views
+        ('jpeg:75,crop:224'). UsageError for a bad view, or a detector on caption features."""
+        from ..errors import UsageError
+        from ..score.stability import stability_views
+
+        v = (value or "").strip().lower()
+        if v in ("", "0", "false", "off", "no"):
+            return None
+        if self.text is not None:
+            raise UsageError("stability: not available for detectors on caption features in serve "
+                             "(use clipdet score --stability)")
+        return stability_views(None if v in ("1", "true", "on", "yes") else v, self.view)
+
     # ------------------------------------------------------------------ decode threads
-    def prepare(self, name: str, data: bytes, caption: str = "") -> Item:
-        """Hash, and unless cached, decode + view + preprocess one upload. Problems become `Item.error`."""
-        item = Item(name, caption=(caption or "").strip())
+    def prepare(self, name: str, data: bytes, caption: str = "", stability: list | None = None) -> Item:
+        """Hash, read provenance marks, and unless cached, decode + view + preprocess one upload; with
+        `stability` (perturbed views; [] for the unsure band only) also preprocess each of those views from
+        the same decode. Problems become `Item.error`."""
+        from ..provenance import read_provenance
+
+        item = Item(name, caption=(caption or "").strip(), stability=stability)
         if not data:
             item.error = "empty file (0 bytes)"
             return item
         item.sha256 = sha256_bytes(data)
-        if item.sha256 in self.cached:
-            item.cached = True
+        item.provenance = read_provenance(data)
+        item.cached = item.sha256 in self.cached
+        if item.cached and not stability:
             return item
         try:
             dec = decode_image(data, name, max_pixels=self.max_pixels)
             item.meta = {"width": dec.width, "height": dec.height, "format": dec.format}
-            item.tensor = self.lazy.preprocess(apply_view(dec.image, self.view))
+            if not item.cached:
+                item.tensor = self.lazy.preprocess(apply_view(dec.image, self.view))
+            for v in stability or ():
+                item.views[v] = self.lazy.preprocess(apply_view(dec.image, v))
         except ImageError as e:
             item.error = e.reason
         except ClipdetError:
@@ -169,20 +199,42 @@ class Engine:
             X, scorable = self._caption_features(X, scorable)
         scored = self.detector.score_features(X, threshold=self.threshold) if scorable else []
         by_item = {id(it): r for it, r in zip(scorable, scored)}
+        view_scores = self._view_scores([it for it in scorable if it.stability is not None])
+        band = self.detector.unsure_range(self.threshold)
         results = []
         for it in items:
             row = {"path": it.name, "sha256": it.sha256 or None, "error": it.error}
+            if it.provenance is not None:
+                row["provenance"] = it.provenance.short
+                row["provenance_details"] = it.provenance.to_dict() if (it.provenance.marks or
+                                                                        it.provenance.problems) else None
             if not it.error:
                 if id(it) in by_item:
                     row.update(by_item[id(it)])
+                    if it.stability is not None:
+                        apply_judgement(row, view_scores.get(id(it), {}), self.threshold, band)
                 else:
                     row["error"] = "no features (the cache changed while serving)"
             if row["error"]:
                 row["label"] = "unknown"
             else:
                 row["error"] = None
-            results.append(public_row(row))
+            results.append(public_row(row, it.stability is not None))
         return results
+
+    def _view_scores(self, items: list[Item]) -> dict[int, dict[str, float]]:
+        """{id(item): {view: score}} for the perturbed views of `items`, in one forward pass (rounded to
+        float16 as the cache stores them, so they equal `clipdet score --stability`)."""
+        todo = [(it, v, t) for it in items for v, t in it.views.items()]
+        if not todo:
+            return {}
+        model = self.lazy.get()
+        emb = model.embed(model.collate([t for _, _, t in todo]))["embedding"].astype(np.float16).astype(np.float32)
+        scores = self.detector.decision_function(emb)
+        out: dict[int, dict[str, float]] = {}
+        for (it, v, _), s in zip(todo, scores):
+            out.setdefault(id(it), {})[v] = float(s)
+        return out
 
     def _caption_features(self, X: np.ndarray, items: list[Item]) -> tuple[np.ndarray, list[Item]]:
         """The detector's caption features for `items`; those without a caption get MISSING_CAPTION."""

@@ -299,6 +299,7 @@ def test_bench_cli_end_to_end(tmp_path, tiny_spec, labelled_tree, monkeypatch):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "8 real, 16 fake images (2 generators)" in r.output and "report:" in r.output
+    assert "provenance marks (not in any fit or AUC): real 0/8, fake 0/16" in r.output
     for name in ("kshot.csv", "logo.csv", "robustness.csv", "run.json", "report.md"):
         assert (out / name).is_file()
     run = json.loads((out / "run.json").read_text())

@@ -238,6 +238,7 @@ def test_end_to_end_fit_from_tiny_model_features(labelled_tree, tiny_spec, tiny_
     assert r.exit_code == 0, r.stderr
     assert "5 real + 5 fake references" in r.stdout and "attributes 2 generators" in r.stdout
     det = Detector.load(out)
+    assert det.describe_unsure() in r.stdout and "unsure band: " in r.stdout  # fit shows the band it stored
     assert det.backbone["spec"] == tiny_spec and det.meta["shots"] == 5
     rows = det.score_paths([str(labelled_tree)], cache=str(cache))
     assert len(rows) == 24 and all(r["error"] == "" for r in rows)

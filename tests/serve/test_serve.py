@@ -95,7 +95,7 @@ def test_scores_equal_clipdet_score_on_the_same_bytes(client, served, run_cli, t
     assert r.status_code == 200, r.text
     rows = r.json()["results"]
     assert [row["path"] for row in rows] == [p.name for p in order]  # upload order, the uploaded name
-    assert all(list(row) == COLUMNS for row in rows)
+    assert all(list(row) == COLUMNS + ["provenance_details"] for row in rows)
     bad = rows[1]
     assert bad["error"] and bad["label"] == "unknown" and bad["score"] is None and bad["sha256"]
     out = tmp_path / "offline.csv"
@@ -260,3 +260,48 @@ def test_micro_batcher_gathers_concurrent_items_in_order():
 
     assert asyncio.run(main()) == [i * 10 for i in range(10)]
     assert sum(sizes) == 10 and max(sizes) == 4 and len(sizes) <= 4
+
+
+def test_stability_field_equals_clipdet_score_stability(client, served, run_cli, tmp_path):
+    det_path, _, new = served
+    order = [new / "photo.jpg", new / "render.png", new / "broken.png"]
+    r = client.post("/v1/score", files=_files(*order), data={"stability": "jpeg:75,crop:224"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["stability"]["views"] == ["jpeg:75", "crop:224"]
+    rows = body["results"]
+    assert list(rows[0]) == COLUMNS + ["provenance_details", "stable", "score_min", "score_max", "flips",
+                                       "unsure_reason"]
+    out = tmp_path / "st.csv"
+    res = run_cli("score", *[str(p) for p in order], "--detector", det_path, "--cache", str(tmp_path / "c.h5"),
+                  "--out", str(out), "--device", "cpu", "--stability", "--stability-views", "jpeg:75,crop:224")
+    assert res.exit_code == 1, res.stderr
+    offline = {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(io.StringIO(out.read_text()))}
+    for row in rows[:2]:
+        off = offline[row["path"]]
+        assert row["label"] == off["label"] and row["flips"] == off["flips"]
+        assert f"{row['score_min']:.6g}" == off["score_min"] and f"{row['score_max']:.6g}" == off["score_max"]
+        assert row["stable"] == (off["stable"] == "true") and bool(row["unsure_reason"]) == bool(off["unsure_reason"])
+    assert rows[2]["error"] and rows[2]["stable"] is None
+    q = client.post("/v1/score?stability=1", files=_files(new / "photo.jpg")).json()
+    assert q["stability"]["views"] == ["jpeg:75", "resize:0.5", "crop:224"] and q["results"][0]["score_min"] is not None
+    assert "stable" not in client.post("/v1/score", files=_files(new / "photo.jpg")).json()["results"][0]
+    bad = client.post("/v1/score", files=_files(new / "photo.jpg"), data={"stability": "jpg:5"})
+    assert bad.status_code == 422 and "unknown view" in bad.json()["error"]
+
+
+def test_provenance_in_json_and_page(client, tmp_path):
+    pytest.importorskip("c2pa", reason="the 'c2pa' extra is not installed (pip install 'clipdet[c2pa]')")
+    pytest.importorskip("cryptography", reason="the test certificate needs cryptography (dev extra)")
+    from marked_files import c2pa_jpeg, jpeg_with_xmp
+
+    files = [("files", ("x.jpg", jpeg_with_xmp(tmp_path / "x.jpg").read_bytes(), "image/jpeg")),
+             ("files", ("c.jpg", c2pa_jpeg("TestGen"), "image/jpeg"))]
+    rows = client.post("/v1/score", files=files).json()["results"]
+    assert rows[0]["provenance"] == "xmp:trainedAlgorithmicMedia"
+    assert rows[1]["provenance"].startswith("c2pa:valid TestGen")
+    assert rows[1]["provenance_details"]["marks"][0]["claim_generator"] == "TestGen"
+    page = client.get("/").text
+    assert "Unsure" in page and "Missing marks prove nothing" in page and 'name="stability"' in page
+    meta = client.get("/v1/detector").json()
+    assert "unsure band" in meta["unsure"]

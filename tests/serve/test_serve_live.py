@@ -113,8 +113,10 @@ def test_browser_uploads_through_the_page(server, detector_file, tmp_path):
         pytest.skip("Debian chromium is not installed and could not be (make test installs it with apt as root)")
     s = server("--token", "page-token")
     img = detector_file[1] / "u3.jpg"
+    # the page asks for the stability check (its box is ticked by default)
     api = httpx.post(s.url + "/v1/score", files=[("files", (img.name, img.read_bytes(), "image/jpeg"))],
-                     headers={"Authorization": "Bearer page-token"}, timeout=30).json()["results"][0]
+                     data={"stability": "1"}, headers={"Authorization": "Bearer page-token"},
+                     timeout=30).json()["results"][0]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
         try:
@@ -130,7 +132,9 @@ def test_browser_uploads_through_the_page(server, detector_file, tmp_path):
             card = page.locator(f"article.card[data-sha256='{api['sha256']}']")
             assert card.get_attribute("data-label") == api["label"]
             verdict = card.locator(".verdict").inner_text()
-            assert verdict == ("Likely AI-generated" if api["label"] == "fake" else "Likely a real photo")
+            assert verdict == {"fake": "Likely AI-generated", "real": "Likely a real photo",
+                               "unsure": "Unsure"}[api["label"]]
+            assert "Missing marks prove nothing" in card.locator(".prov").inner_text()
             assert img.name in card.inner_text() and f"{round(100 * api['p_fake'])}%" in card.inner_text()
             assert api["nearest_path"].rsplit("/", 1)[-1] in card.inner_text()
             # a file that is not an image gets a card with the error
@@ -142,6 +146,38 @@ def test_browser_uploads_through_the_page(server, detector_file, tmp_path):
             shot = tmp_path / "serve-page.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def test_browser_unsure_card_says_why(server, detector_file, tmp_path):
+    """A threshold between an image's clean score and a perturbed copy's makes its verdict flip: the page
+    shows an Unsure card with the reason."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (serve extra)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Debian chromium is not installed and could not be (make test installs it with apt as root)")
+    img = detector_file[1] / "u4.png"
+    s = server()
+    row = httpx.post(s.url + "/v1/score", files=[("files", (img.name, img.read_bytes(), "image/png"))],
+                     data={"stability": "1"}, timeout=30).json()["results"][0]
+    other = row["score_max"] if row["score_max"] != row["score"] else row["score_min"]
+    if other == row["score"]:
+        pytest.skip("every perturbed copy scored exactly the same")
+    s.stop()
+    s = server("--threshold", repr((row["score"] + other) / 2))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 820})
+            page.goto(s.url + "/")
+            page.wait_for_selector("#status.ok", timeout=20_000)
+            page.set_input_files("#file-input", [str(img)])
+            page.wait_for_selector("article.card[data-label=unsure]", timeout=30_000)
+            card = page.locator("article.card[data-label=unsure]")
+            assert card.locator(".verdict").inner_text() == "Unsure"
+            assert "Why unsure: the verdict changes from" in card.locator(".why").inner_text()
+            assert "1 unsure" in page.locator("#counts").inner_text()
         finally:
             browser.close()
 
