@@ -90,14 +90,15 @@ def test_checkpoint_loads_as_arch_path_and_reproduces_training_embeddings(traine
     assert np.abs(before - trained_emb).max() > 1e-3
 
 
-def test_detector_file_scores_at_once(trained, run_cli):
+def test_detector_file_scores_at_once(trained, run_cli, tmp_path):
     r, root = trained
-    res = run_cli("score", str(root / "fake" / "genA"), "--detector", r.detector_path, "--quiet")
+    cache = str(tmp_path / "c.h5")
+    res = run_cli("score", str(root / "fake" / "genA"), "--detector", r.detector_path, "--cache", cache, "--quiet")
     assert res.exit_code == 0, res.stderr
     rows = res.stdout.strip().splitlines()
     assert rows[0].startswith("path,") and len(rows) == 11
     # the overlap guard of eval knows the training images
-    res = run_cli("eval", str(root), "--detector", r.detector_path, "--quiet")
+    res = run_cli("eval", str(root), "--detector", r.detector_path, "--cache", cache, "--quiet")
     assert res.exit_code == 2 and "references of the detector" in res.stderr
 
 
