@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NoImagesError, UsageError
+from ..errors import NoImagesError, UsageError, printable
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
@@ -64,7 +64,7 @@ def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
         if name == REAL:
             return REAL, None
         if name == FAKE:
-            gen = parts[i + 1] if i + 1 < len(parts) else None
+            gen = printable(parts[i + 1]) if i + 1 < len(parts) else None  # a name, never opened: shown form
             return FAKE, gen
     return None, None
 
