@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import sys
@@ -127,11 +128,30 @@ def _pillow_opens(path: str) -> bool:
         return False
 
 
+def _symlink_loop(path: str) -> bool:
+    """Whether `path` is a symlink that never resolves (ELOOP: `a -> a`, or `a -> b -> a`)."""
+    if not os.path.islink(path):
+        return False
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
     """Images under `folder`: each folder's files sorted, then its sub-folders sorted; hidden names skipped.
 
     Symlinked sub-folders are followed; a folder already visited (a loop, or two links to one folder)
-    is entered once and the skip noted. A folder that cannot be listed becomes an `ImageRef` with an
+    is entered once and the skip noted; a symlink that never resolves (ELOOP, file or folder) is noted
+    and skipped. A folder that cannot be listed becomes an `ImageRef` with an
     error (reported like an unreadable file). Files with an image extension are kept; others are kept
     when Pillow can open them, else counted in `found.not_images`.
     """
@@ -154,13 +174,16 @@ def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
             return
         dirs = []
         for e in entries:
+            if _symlink_loop(e.path):
+                found.notes.append(f"{e.path}: symlink loop (Too many levels of symbolic links); skipped")
+                continue
             try:
                 is_dir = e.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
             if is_dir:
                 dirs.append(e.path)
-            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS or (e.is_file() and _pillow_opens(e.path)):
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS or (_is_file(e) and _pillow_opens(e.path)):
                 yield ImageRef(e.path, *label_from_layout(e.path))
             else:
                 found.not_images.append(e.path)
@@ -205,6 +228,8 @@ def discover(
             refs.extend(_walk(p, found))
             if len(refs) == before:
                 found.empty.append(item)
+        elif _symlink_loop(item):  # named explicitly: reported like an unreadable file
+            refs.append(ImageRef(item, *label_from_layout(p), error="symlink loop (Too many levels of symbolic links)"))
         elif p.exists() or p.is_symlink():
             refs.append(ImageRef(str(p), *label_from_layout(p)))
         else:

@@ -52,3 +52,37 @@ def test_non_utf8_names_are_embedded_and_shown_escaped_everywhere(odd_tree, fitt
         assert not by_name["bad\\xff.png"]["error"] and by_name["broken\\xfe.png"]["error"]
     r = run_cli("score", _odd(odd_tree / "real", b"bad\xff.png"), "--detector", det, "--cache", cache, "-q")
     assert r.exit_code == 0 and "bad\\xff.png: " in r.stdout, r.output
+
+
+@pytest.fixture
+def loop_tree(tmp_path, make_image):
+    """tmp_path/L/real: two images, file links `a.png -> a.png`, `b.png -> c.png -> b.png`, `loop -> loop`."""
+    real = tmp_path / "L" / "real"
+    make_image(real / "r0.png", seed=0)
+    make_image(real / "r1.png", seed=1)
+    os.symlink("a.png", real / "a.png")
+    os.symlink("c.png", real / "b.png")
+    os.symlink("b.png", real / "c.png")
+    os.symlink("loop", real / "loop")
+    return tmp_path / "L"
+
+
+def test_symlink_loops_among_files_are_noted_and_skipped(loop_tree):
+    from clipdet.extract.discover import discover
+
+    refs = discover([str(loop_tree)])
+    assert [os.path.basename(r.path) for r in refs] == ["r0.png", "r1.png"]
+    looped = sorted(os.path.basename(n.split(":")[0]) for n in refs.notes if "symlink loop" in n)
+    assert looped == ["a.png", "b.png", "c.png", "loop"]
+
+
+def test_extract_goes_on_past_symlink_loops(loop_tree, tiny_spec, tmp_path, run_cli):
+    cache = str(tmp_path / "c.h5")
+    r = run_cli("extract", loop_tree, "--backbone", tiny_spec, "--cache", cache, "-q")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("symlink loop") == 4 and "2 images" in r.stdout + r.stderr
+    # a loop named on the command line is an input error like an unreadable file: reported, exit 1
+    r = run_cli("extract", loop_tree / "real" / "a.png", loop_tree / "real" / "r0.png", "--backbone", tiny_spec,
+                "--cache", cache, "-q")
+    assert r.exit_code == 1, r.output
+    assert "a.png: symlink loop" in r.stderr and "Traceback" not in r.output
