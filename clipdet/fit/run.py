@@ -98,6 +98,9 @@ def fit(
         need_both_classes(pool, "fit")
         chosen = pool.take(sample_shots(pool.label, pool.generator, k, seed, per_generator, keys=pool.sha256))
         counts = candidate_counts(pool.label, pool.generator)
+    # One canonical row order, by content hash: heads and calibration are not order-free to the last bit,
+    # so the cache's order (fit from the cache) and the discovery order (fit PATH) must not reach them.
+    chosen = chosen.take(np.argsort(np.array(chosen.sha256, dtype=str), kind="stable"))
 
     extra = None
     if augment_views:
