@@ -242,6 +242,14 @@ def discover(
     return found
 
 
+def without_labels(refs: Iterable[ImageRef]) -> list[ImageRef]:
+    """`refs` with label and generator cleared, for embedding images that are not references (score, eval,
+    --calibrate): the cache records them unlabelled, so `fit` never draws them (paths and captions kept)."""
+    from dataclasses import replace
+
+    return [replace(r, label=None, generator=None) if (r.label or r.generator) else r for r in refs]
+
+
 def require_images(refs: list[ImageRef], inputs: Iterable[str] = ()) -> None:
     """Raise `NoImagesError` ("no images found in PATH", exit code 1) when `refs` is empty."""
     if not refs:

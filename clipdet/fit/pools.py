@@ -197,11 +197,16 @@ def drop_conflicts(labels: dict, seen_as: dict[str, list], cache=None) -> set[st
 
 
 def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequence[str], device: str,
-                   quiet: bool = True, kinds: Sequence[str] = ("embedding",)):
-    """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs)."""
+                   quiet: bool = True, kinds: Sequence[str] = ("embedding",), references: bool = True):
+    """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs).
+
+    `references=False` (eval, --calibrate images): new images are recorded in the cache without their
+    labels, so a later `fit` never draws them as references; the pool still has the refs' labels."""
+    from ..extract.discover import without_labels
     from ..extract.run import extract
 
-    summary = extract(refs, backbone, cache=cache, views=list(views_to_extract), device=device, quiet=quiet)
+    summary = extract(refs if references else without_labels(refs), backbone, cache=cache,
+                      views=list(views_to_extract), device=device, quiet=quiet)
     by_path = {r.path: r for r in refs}
     labels, paths = {}, {}
     seen_as: dict[str, list] = {}

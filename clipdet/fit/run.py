@@ -122,7 +122,7 @@ def fit(
         cal_refs = discover(list(calibrate))
         ft.add_refs(cal_refs)
         cal_pool, _, _, cal_summary = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view],
-                                                     device, quiet, kinds)
+                                                     device, quiet, kinds, references=False)
         skipped += cal_summary.errors
         cal_pool = ft.captioned(cal_pool, cache, key, what="--calibrate")
         overlap = set(cal_pool.sha256) & set(chosen.sha256)
