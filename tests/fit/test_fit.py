@@ -273,3 +273,20 @@ def test_fit_from_cache_and_fit_path_give_the_same_detector_bytes(labelled_tree,
     assert sorted(a.meta["reference_sha256"]) == sorted(b.meta["reference_sha256"])
     assert a.threshold == b.threshold
     assert Path(a.save(tmp_path / "a.clipdet")).read_bytes() == Path(b.save(tmp_path / "b.clipdet")).read_bytes()
+
+
+def test_fit_says_drawn_rows_are_damaged_and_how_to_repair(syn_cache, tmp_path, run_cli):
+    """Issue 21: not 'found real 0, fake 0' when the cache holds the images but every drawn row fails its checks."""
+    import h5py
+
+    syn_cache.compact(full=True)
+    with h5py.File(syn_cache.segments()[0], "r+") as f:  # bit rot that keeps the checksums: NaNs in place
+        ds = f["features/synthetic__random-seed-0/clean/embedding"]
+        rows = ds[()]
+        rows[:, 3] = np.nan
+        ds[...] = rows
+    r = run_cli("fit", "-c", syn_cache.path, "--shots", "10", "-o", tmp_path / "d.clipdet", "-q")
+    assert r.exit_code == 2, r.output
+    assert "damaged" in r.stderr and "clipdet cache verify --repair" in r.stderr, r.stderr
+    assert "found real 0" not in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "d.clipdet").exists()
