@@ -69,6 +69,10 @@ def test_loss_decreases_and_train_json_records_the_run(trained):
     assert "peft" in rec["versions"] and "torch" in rec["versions"]
     assert rec["backbone_spec"] == r.backbone_spec
     assert not any("different preprocessing" in n for n in r.notes), r.notes
+    # issue 21: 6 validation images say little; the run says so, with the counts per class
+    assert r.val_counts == {"real": 2, "fake": 4}
+    assert any("validation set too small" in n and "2 real and 4 generated" in n for n in rec["notes"]), rec["notes"]
+    assert "on 2 real + 4 generated validation images (too few to mean anything" in r.val_line()
 
 
 def test_checkpoint_loads_as_arch_path_and_reproduces_training_embeddings(trained, tiny_spec):
@@ -202,6 +206,7 @@ def test_cli_reports_bad_files_refuses_overlap_and_protects_output(labelled_tree
     res = run_cli(*args)
     assert res.exit_code == 1, res.stderr
     assert "skipped" in res.stderr and "broken.png" in res.stderr and "Traceback" not in res.stderr
+    assert "validation set too small" in res.stderr and "(too few to mean anything" in res.stdout
     rec = json.loads((out / "train.json").read_text())
     assert [s["path"].endswith("broken.png") for s in rec["skipped"]] == [True]
     assert sum(rec["counts"]["train"].values()) + sum(rec["counts"]["val"].values()) == 24
