@@ -37,8 +37,7 @@ def load_pools(
             backbone = default_backbone(cache)[0]
         refs = discover(list(paths or []), manifest=manifest)
         require_images(refs, list(paths or []))
-        clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet, kinds,
-                                                   references=False)
+        clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet, kinds)
     else:
         if not cache.exists():
             raise UsageError(f"{cache.path}: no feature cache; pass PATHs to extract, or run clipdet extract first")

@@ -217,7 +217,7 @@ def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequ
                    quiet: bool = True, kinds: Sequence[str] = ("embedding",), references: bool = True):
     """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs).
 
-    `references=False` (eval, --calibrate images): new images are recorded in the cache without their
+    `references=False` (--calibrate images): new images are recorded in the cache without their
     labels, so a later `fit` never draws them as references; the pool still has the refs' labels."""
     from ..extract.discover import without_labels
     from ..extract.run import extract
