@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .._version import __version__
-from ..errors import OverlapError, UsageError
+from ..errors import OverlapError, UsageError, printable
 from ..extract.discover import ImageRef
 from ..extract.views import canonical_view
 
@@ -163,7 +163,10 @@ def evaluate(
 
 
 def json_safe(value):
-    """Copy of `value` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
+    """Copy of `value` with NaN/inf floats as None, numpy scalars as Python numbers (strict JSON) and
+    non-UTF-8 file names backslash-escaped as everywhere else (`printable`)."""
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import OverlapError, UsageError
+from ..errors import OverlapError, UsageError, printable
 
 #: Default learning rate per mode (the head learns at 10x this).
 DEFAULT_LR = {"lora": 2e-4, "last-blocks": 2e-5, "full": 1e-5}
@@ -227,7 +227,7 @@ def finetune(
         "val_manifest_hash": fingerprint["val_manifest"], "backbone_spec": spec,
         "outputs": {"model": MODEL_FILE, "detector": "detector.clipdet", "checkpoint": "checkpoint.pt",
                     "features": "features.h5"},
-        "skipped": [{"path": p, "reason": r} for p, r in errors][:1000], "notes": notes,
+        "skipped": [{"path": printable(p), "reason": printable(r)} for p, r in errors][:1000], "notes": notes,
     })
     if info.weights == "random":
         record["notes"] = notes + ["RANDOM base weights: losses and AUCs say nothing about detection quality"]

@@ -52,6 +52,10 @@ def test_non_utf8_names_are_embedded_and_shown_escaped_everywhere(odd_tree, fitt
         assert not by_name["bad\\xff.png"]["error"] and by_name["broken\\xfe.png"]["error"]
     r = run_cli("score", _odd(odd_tree / "real", b"bad\xff.png"), "--detector", det, "--cache", cache, "-q")
     assert r.exit_code == 0 and "bad\\xff.png: " in r.stdout, r.output
+    r = run_cli("eval", odd_tree, "--detector", det, "--cache", cache, "--report", tmp_path / "rep", "-q")
+    assert r.exit_code == 1, r.output
+    errors = json.loads((tmp_path / "rep" / "metrics.json").read_text(encoding="utf-8"))["errors"]
+    assert [os.path.basename(e["path"]) for e in errors] == ["broken\\xfe.png"]
 
 
 @pytest.fixture
