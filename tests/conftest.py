@@ -42,7 +42,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # A command or library call without --cache/cache= writes here, never into the checkout's cache/clipdet.h5.
 _DEFAULT_CACHE_DIR = tempfile.mkdtemp(prefix="clipdet-tests-cache-")
 atexit.register(shutil.rmtree, _DEFAULT_CACHE_DIR, True)
-os.environ.pop("CLIPDET_CACHE", None)  # TMP os.path.join(_DEFAULT_CACHE_DIR, "clipdet.h5")
+os.environ["CLIPDET_CACHE"] = os.path.join(_DEFAULT_CACHE_DIR, "clipdet.h5")
 # Exact-equality tests compare features with fp32 model outputs; the bf16 CPU path has its own test.
 os.environ["CLIPDET_PRECISION"] = "fp32"
 
