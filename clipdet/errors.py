@@ -1,6 +1,26 @@
-"""Exceptions raised by clipdet; the CLI turns them into one-line messages and exit codes."""
+"""Exceptions raised by clipdet; the CLI turns them into one-line messages and exit codes.
+
+`printable(text)`: a file name as clipdet shows and stores it (bytes that are not UTF-8 backslash-escaped).
+"""
 
 from __future__ import annotations
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (surrogate escapes, as os.fsdecode gives them) written
+    as `\\xNN`: the one spelling clipdet uses in messages, CSV/JSONL rows and cache paths. Plain text
+    comes back unchanged (the same object)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name produces: escape the code point itself
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ClipdetError(Exception):

@@ -19,12 +19,19 @@ Fixtures (names are stable; other test files rely on them):
 
 The environment is set so tests never touch the network (HF_HUB_OFFLINE), torch uses one thread, and
 inference runs in fp32 (CLIPDET_PRECISION; tests/test_speed_paths.py covers bf16).
+
+Tests write only under their tmp folders: CLIPDET_CACHE points at a throwaway folder (a command run without
+`--cache` never reaches the checkout's `cache/clipdet.h5`), and `_checkout_untouched` (session, autouse)
+fails the run naming every file of the checkout that a test created or changed.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,7 +39,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.pop("CLIPDET_CACHE", None)
+# A command or library call without --cache/cache= writes here, never into the checkout's cache/clipdet.h5.
+_DEFAULT_CACHE_DIR = tempfile.mkdtemp(prefix="clipdet-tests-cache-")
+atexit.register(shutil.rmtree, _DEFAULT_CACHE_DIR, True)
+os.environ["CLIPDET_CACHE"] = os.path.join(_DEFAULT_CACHE_DIR, "clipdet.h5")
 # Exact-equality tests compare features with fp32 model outputs; the bf16 CPU path has its own test.
 os.environ["CLIPDET_PRECISION"] = "fp32"
 
@@ -40,6 +50,44 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Folders of the checkout that running the suite may write: interpreter and tool caches, the venv.
+_UNWATCHED = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".import_linter_cache",
+              ".hypothesis", "node_modules"}
+
+
+def checkout_snapshot(root) -> dict:
+    """{relative path: (size, mtime_ns)} of every file under `root`, tool and interpreter caches left out."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _UNWATCHED and not d.endswith(".egg-info")]
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            snap[os.path.relpath(full, root)] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+def checkout_changes(before: dict, after: dict) -> list[str]:
+    """Paths new, changed or gone between two `checkout_snapshot`s, each with what happened, sorted."""
+    out = [f"{p} (new)" for p in after if p not in before]
+    out += [f"{p} (changed)" for p in after if p in before and after[p] != before[p]]
+    out += [f"{p} (removed)" for p in before if p not in after]
+    return sorted(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_untouched():
+    """Fail the run when a test created, changed or removed a file of the checkout (tests write to tmp)."""
+    before = checkout_snapshot(REPO)
+    yield
+    changed = checkout_changes(before, checkout_snapshot(REPO))
+    if changed:
+        pytest.fail("tests wrote into the checkout (write under tmp_path; pass --cache): " + ", ".join(changed),
+                    pytrace=False)
 
 
 def _image_array(size: tuple[int, int], seed: int, fake: bool = False) -> np.ndarray:
@@ -128,10 +176,9 @@ def labelled_tree(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def subprocess_env() -> dict:
-    """Environment for `python -m clipdet` subprocesses: offline, one thread, no ambient cache path."""
+    """Environment for `python -m clipdet` subprocesses: offline, one thread, the throwaway default cache."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CLIPDET_CACHE", None)
     env.pop("TQDM_DISABLE", None)  # a subprocess shows its progress bar unless its own --quiet says otherwise
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -34,12 +34,13 @@ def read_conflicts(files) -> list[tuple[str, str, str, str]]:
 
 def write_conflicts(out, rows) -> None:
     """Write /images/conflicts (deduplicated, order kept)."""
+    from ..errors import printable
     from .model import str_dtype
 
     rows = list(dict.fromkeys(tuple(r) for r in rows))
     g = out["images"].create_group("conflicts")
     for i, name in enumerate(("sha256", "label", "generator", "path")):
-        g.create_dataset(name, data=[r[i] for r in rows], dtype=str_dtype())
+        g.create_dataset(name, data=[printable(str(r[i])) for r in rows], dtype=str_dtype())
 
 
 def conflict_mask(label: np.ndarray, gen: np.ndarray, perm: np.ndarray, starts: np.ndarray) -> np.ndarray:

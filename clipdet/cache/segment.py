@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from .._version import __version__
-from ..errors import CacheError
+from ..errors import CacheError, printable
 from .model import EXTRAS, FORMAT, FORMAT_VERSION, LABELS, FeatureRows, ImageMeta, decode, str_dtype
 
 #: rows per chunk of embedding datasets: a random read of one row costs one chunk (≈256 KiB)
@@ -81,11 +81,11 @@ def write_images(f, sha: np.ndarray, label: np.ndarray, gen_codes: np.ndarray, v
     ds = g.create_dataset("label", data=np.asarray(label, dtype=np.int8))
     ds.attrs["labels"] = json.dumps(list(LABELS))
     g.create_dataset("generator", data=np.asarray(gen_codes, dtype=np.int32))
-    g.create_dataset("generator_vocab", data=list(vocab), dtype=sd)
+    g.create_dataset("generator_vocab", data=[printable(v) for v in vocab], dtype=sd)
     g.create_dataset("width", data=np.asarray(width, dtype=np.int32))
     g.create_dataset("height", data=np.asarray(height, dtype=np.int32))
     g.create_dataset("format", data=list(fmt), dtype=sd)
-    g.create_dataset("paths", data=list(paths), dtype=sd)
+    g.create_dataset("paths", data=[printable(p) for p in paths], dtype=sd)  # HDF5 strings are UTF-8
 
 
 def write_image_metas(f, images: list[ImageMeta]) -> None:
@@ -105,7 +105,7 @@ def write_errors(f, errors: list[dict]) -> None:
     sd = str_dtype()
     g = f.create_group("errors")
     for name in ("sha256", "path", "reason"):
-        g.create_dataset(name, data=[str(e.get(name) or "") for e in errors], dtype=sd)
+        g.create_dataset(name, data=[printable(str(e.get(name) or "")) for e in errors], dtype=sd)
 
 
 def group_attrs(g, attrs: dict) -> None:

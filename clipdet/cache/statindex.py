@@ -16,6 +16,8 @@ import sqlite3
 import time
 from collections.abc import Iterable
 
+from ..errors import printable
+
 #: entries recorded within this many ns of the file's mtime are re-hashed (coarsest common mtime: 2 s)
 RACY_NS = 2_000_000_000
 _CHUNK = 900  # variables per query (older SQLite builds allow at most 999)
@@ -51,7 +53,7 @@ class StatIndex:
         if con is None:
             return out
         try:
-            pos = {p: i for i, p in enumerate(paths) if stats[i] is not None}
+            pos = {printable(p): i for i, p in enumerate(paths) if stats[i] is not None}  # SQLite text: UTF-8
             keys = list(pos)
             for s in range(0, len(keys), _CHUNK):
                 part = keys[s:s + _CHUNK]
@@ -79,7 +81,7 @@ class StatIndex:
         if self.readonly:
             return
         when = time.time_ns() if stat_ns is None else int(stat_ns)
-        rows = [(p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha, when, int(meta))
+        rows = [(printable(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha, when, int(meta))
                 for p, st, sha, meta in entries]
         if not rows:
             return

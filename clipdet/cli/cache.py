@@ -47,6 +47,11 @@ def register(app: typer.Typer) -> None:
                            f"(dim {f['dim']}{', layers ' + str(f['layers']) if f['layers'] else ''}; {labels})")
                 if f["generators"]:
                     typer.echo("    generators: " + ", ".join(f"{k} {v}" for k, v in f["generators"].items()))
+                pool = f["labels"].get("real", 0) + f["labels"].get("fake", 0)
+                typer.echo(f"    reference pool (what fit without PATH draws from): {pool} labelled images, "
+                           "from clipdet extract or fit PATH"
+                           + (f"; {f['labels']['unlabelled']} unlabelled (scored, evaluated or --calibrate "
+                              "images; never references)" if f["labels"].get("unlabelled") else ""))
 
         run_command(go)
 

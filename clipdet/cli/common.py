@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from ..errors import ClipdetError
+from ..errors import ClipdetError, printable
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
 
@@ -41,8 +41,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def err(msg: str) -> None:
-    """Print one line to stderr."""
-    typer.echo(msg, err=True)
+    """Print one line to stderr (a non-UTF-8 file name in it backslash-escaped, see `printable`)."""
+    typer.echo(printable(msg), err=True)
 
 
 def run_command(fn):
@@ -74,7 +74,7 @@ def quiet_warnings(quiet: bool) -> None:
     import warnings
 
     warnings.simplefilter("default")
-    warnings.formatwarning = lambda m, c, *a, **k: f"clipdet: warning: {m}\n"  # type: ignore[assignment]
+    warnings.formatwarning = lambda m, c, *a, **k: f"clipdet: warning: {printable(str(m))}\n"  # type: ignore[assignment]
     if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
 

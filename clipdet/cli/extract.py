@@ -42,11 +42,16 @@ def extract(
     quiet_warnings(quiet)
 
     def go():
-        from ..backbones import DEFAULT_BACKBONE
+        from ..extract.run import default_backbone
         from ..extract.run import extract as run_extract
 
         refs = input_refs(paths or [], manifest)
-        s = run_extract(refs, backbone or DEFAULT_BACKBONE, cache=cache, views=views, batch_size=batch_size,
+        spec = backbone
+        if not spec:
+            spec, from_cache = default_backbone(cache)
+            if from_cache:
+                err(f"note: no --backbone: using the cache's only backbone, {spec}")
+        s = run_extract(refs, spec, cache=cache, views=views, batch_size=batch_size,
                         workers=workers, device=device, layers=parse_layers(layers) or None, quiet=quiet, draft=draft,
                         precision=precision, rehash=rehash, heads=heads, engine=engine_option(engine, ray_address),
                         ray_address=ray_address)

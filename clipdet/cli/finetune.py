@@ -69,9 +69,8 @@ def finetune(
             err(f"skipped {path}: {reason}")
         for note in r.notes:
             err(f"note: {note}")
-        last = r.history[-1] if r.history else {}
         typer.echo(f"wrote {r.out_dir}: backbone {r.backbone_spec}; detector {r.detector_path}; "
-                   f"{len(r.history)} epoch(s), last val AUC {last.get('val_auc')}, classes {', '.join(r.classes)}")
+                   f"{len(r.history)} epoch(s), {r.val_line()}, classes {', '.join(r.classes)}")
         return r
 
     r = run_command(go)

@@ -255,9 +255,12 @@ class Detector:
         counts = m.get("counts", {})
         attr = f", attributes {len(m.get('generators', []))} generators" if self.attribution is not None else ""
         feats = f", features {self.features}" if self.features != "image" else ""
-        uncal = " (UNCALIBRATED: zero-shot without references)" if m.get("uncalibrated") else ""
+        if m.get("uncalibrated"):  # no image ever set it: no false-positive rate to claim
+            thr = (f"threshold {self.threshold:.4g} UNCALIBRATED (zero-shot without references: the prompts' "
+                   "midpoint, not set at any target FPR; --calibrate PATH calibrates it on labelled images)")
+        else:
+            thr = f"threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}"
         return (f"{m['head']} detector on {m['backbone'].get('spec')} [{m.get('view', 'clean')}]{feats}, "
                 f"{counts.get('real', 0)} real + {counts.get('fake', 0)} fake references (shots {m.get('shots')}, "
-                f"seed {m.get('seed')}){attr}; threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}"
-                + uncal)
+                f"seed {m.get('seed')}){attr}; {thr}")
 

@@ -228,11 +228,14 @@ def balanced_accuracy(y_true, y_pred) -> float:
     return float(np.mean(recalls))
 
 
-def confusion_matrix(true_labels, pred_labels, labels: Sequence | None = None) -> tuple[list, np.ndarray]:
+def confusion_matrix(true_labels, pred_labels, labels: Sequence | None = None,
+                     columns: Sequence | None = None) -> tuple[list, np.ndarray]:
     """Counts ``matrix[i, j]`` of samples with true label ``labels[i]`` predicted as ``labels[j]``.
 
     ``labels`` fixes the order (default: sorted union of both inputs). A value missing from
     ``labels`` raises `UsageError` rather than being dropped silently. Returns ``(labels, matrix)``.
+    ``columns``: other labels for the predictions (a rectangular matrix, ``matrix[i, j]`` true
+    ``labels[i]`` predicted ``columns[j]``), e.g. only the classes a detector can answer.
     """
     a = np.asarray(true_labels)
     b = np.asarray(pred_labels)
@@ -246,12 +249,16 @@ def confusion_matrix(true_labels, pred_labels, labels: Sequence | None = None) -
     index = {lab: i for i, lab in enumerate(labels)}
     if len(index) != len(labels):
         raise UsageError("labels must not repeat")
-    unknown = sorted({str(v) for v in a.tolist() + b.tolist() if v not in index})
+    cols = labels if columns is None else list(columns)
+    cindex = {lab: j for j, lab in enumerate(cols)}
+    if len(cindex) != len(cols):
+        raise UsageError("columns must not repeat")
+    unknown = sorted({str(v) for v in a.tolist() if v not in index} | {str(v) for v in b.tolist() if v not in cindex})
     if unknown:
         raise UsageError(f"labels not in the label list: {', '.join(unknown[:10])}")
-    m = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    m = np.zeros((len(labels), len(cols)), dtype=np.int64)
     for t, p in zip(a.tolist(), b.tolist(), strict=True):
-        m[index[t], index[p]] += 1
+        m[index[t], cindex[p]] += 1
     return labels, m
 
 

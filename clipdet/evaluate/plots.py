@@ -235,22 +235,25 @@ def plot_kshot(
     return _save(fig, path)
 
 
-def plot_confusion(labels: Sequence, matrix, path, title: str = "Confusion matrix", normalise: bool = False) -> Path:
+def plot_confusion(labels: Sequence, matrix, path, title: str = "Confusion matrix", normalise: bool = False,
+                   columns: Sequence | None = None) -> Path:
     """Confusion-matrix heat map (rows true, columns predicted) with counts in each cell.
 
     ``normalise=True`` colours and labels each cell by its share of the row (the true class), with
-    the count in brackets, so classes of different sizes read alike.
+    the count in brackets, so classes of different sizes read alike. ``columns``: the predicted
+    classes when they differ from ``labels`` (a rectangular matrix).
     """
     m = np.asarray(matrix)
     counts = m
     labels = [str(x) for x in labels]
-    if m.ndim != 2 or m.shape != (len(labels), len(labels)):
-        n = len(labels)
-        raise UsageError(f"matrix must be {n}x{n} for {n} labels, got shape {m.shape}")
+    cols = labels if columns is None else [str(x) for x in columns]
+    if m.ndim != 2 or m.shape != (len(labels), len(cols)):
+        raise UsageError(f"matrix must be {len(labels)}x{len(cols)} for {len(labels)} rows and {len(cols)} "
+                         f"columns, got shape {m.shape}")
     if normalise:
         totals = m.sum(axis=1, keepdims=True).astype(np.float64)
         m = np.divide(m, totals, out=np.zeros(m.shape, dtype=np.float64), where=totals > 0)
-    size = max(3.5, 0.55 * len(labels) + 2.5)
+    size = max(3.5, 0.55 * max(len(labels), len(cols)) + 2.5)
     fig = _new_figure((size + 0.8, size))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1.0 if normalise else None)
@@ -265,10 +268,10 @@ def plot_confusion(labels: Sequence, matrix, path, title: str = "Confusion matri
                 txt = f"{v:d}" if np.issubdtype(m.dtype, np.integer) else f"{float(v):.2f}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                     color="white" if vmax and v > vmax / 2 else "black")
-    ax.set_xticks(range(len(labels)))
+    ax.set_xticks(range(len(cols)))
     ax.set_yticks(range(len(labels)))
-    many = len(labels) > 3
-    ax.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center")
+    many = len(cols) > 3
+    ax.set_xticklabels(cols, rotation=45 if many else 0, ha="right" if many else "center")
     ax.set_yticklabels(labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -32,10 +32,9 @@ def load_pools(
     summary = None
     if paths or manifest:
         if not backbone:
-            from ..backbones import DEFAULT_BACKBONE
+            from ..extract.run import default_backbone
 
-            specs = {g.backbone.get("spec") for g in cache.groups(count=False)} if cache.exists() else set()
-            backbone = specs.pop() if len(specs) == 1 else DEFAULT_BACKBONE
+            backbone = default_backbone(cache)[0]
         refs = discover(list(paths or []), manifest=manifest)
         require_images(refs, list(paths or []))
         clean, key, rec, summary = pool_from_refs(refs, cache, backbone, "clean", views, device, quiet, kinds)

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .._version import __version__
-from ..errors import OverlapError, UsageError
+from ..errors import OverlapError, UsageError, printable
 from ..extract.discover import ImageRef
 from ..extract.views import canonical_view
 
@@ -90,7 +90,7 @@ def evaluate(
     `captions` (a `clipdet.text.Captions`) for detectors fitted on caption features.
     """
     from ..score.stream import score_refs
-    from .metrics import binary_report, confusion_matrix, roc_auc
+    from .metrics import binary_report, roc_auc
 
     refs = list(refs)
     labelled = [r for r in refs if r.label in ("real", "fake") or r.error]  # unusable inputs count as errors
@@ -163,17 +163,7 @@ def evaluate(
     if stability is not None:
         result["trust"] = trust_report(scored, y, gens, stability)
     if detector.attribution is not None:
-        true = ["real" if yy == 0 else g for yy, g in zip(y, gens)]
-        pred = ["real" if r["score"] < detector.threshold else (r.get("generator") or "unknown") for r in scored]
-        labels = sorted(set(true) | set(pred), key=lambda x: (x != "real", x == "unknown", x))
-        lab, mat = confusion_matrix(true, pred, labels)
-        known = [i for i, t in enumerate(true) if t == "real" or t in detector.meta.get("generators", [])]
-        acc = float(np.mean([true[i] == pred[i] for i in known])) if known else float("nan")
-        counts = np.asarray(mat)
-        totals = counts.sum(axis=1, keepdims=True)
-        frac = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
-        result["attribution"] = {"labels": list(lab), "matrix": counts.tolist(), "row_normalised": frac.tolist(),
-                                 "accuracy_on_known": acc}
+        result["attribution"] = attribution_matrix(y, gens, scored, detector.meta.get("generators") or [])
     robust = {}
     for v in views:
         v = canonical_view(v)
@@ -192,7 +182,10 @@ def evaluate(
 
 
 def json_safe(value):
-    """Copy of `value` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
+    """Copy of `value` with NaN/inf floats as None, numpy scalars as Python numbers (strict JSON) and
+    non-UTF-8 file names backslash-escaped as everywhere else (`printable`)."""
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -208,6 +201,27 @@ def json_safe(value):
 def public(result: dict) -> dict:
     """The result without its private arrays (for JSON)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def attribution_matrix(y, gens, scored, known_gens) -> dict:
+    """Rows: the true classes (real, each evaluated generator; one the detector never saw is marked
+    `(unseen)`); columns: what the detector can answer (real, its generators, `unknown`), nothing else.
+    Counts, row-normalised shares, and the accuracy on the classes the detector knows."""
+    known_gens = list(known_gens)
+    true = ["real" if yy == 0 else (g if g in known_gens else f"{g or 'fake, no generator'} (unseen)")
+            for yy, g in zip(y, gens)]
+    pred = ["real" if r["label"] == "real" else (r.get("generator") or "unknown") for r in scored]
+    rows = ["real"] + [g for g in known_gens if g in true] + sorted({t for t in true if t.endswith(" (unseen)")})
+    columns = ["real"] + known_gens + sorted(set(pred) - {"real", "unknown"} - set(known_gens)) + ["unknown"]
+    from .metrics import confusion_matrix
+
+    _, counts = confusion_matrix(true, pred, rows, columns=columns)
+    known = [i for i, t in enumerate(true) if t == "real" or t in known_gens]
+    acc = float(np.mean([true[i] == pred[i] for i in known])) if known else float("nan")
+    totals = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+    return {"rows": rows, "columns": columns, "labels": rows, "matrix": counts.tolist(),
+            "row_normalised": frac.tolist(), "accuracy_on_known": acc}
 
 
 def write_report(result: dict, directory: str) -> str:
@@ -245,9 +259,10 @@ def write_report(result: dict, directory: str) -> str:
     if "attribution" in result:
         a = result["attribution"]
         counts = np.array(a["matrix"])
-        plot_confusion(a["labels"], counts, os.path.join(directory, "attribution.png"),
+        cols = a.get("columns", a["labels"])
+        plot_confusion(a["labels"], counts, os.path.join(directory, "attribution.png"), columns=cols,
                        title="Attribution (rows: true, row-normalised; counts in brackets)", normalise=True)
-        table = [{"true \\ predicted": t, **{p: f"{f:.2f} ({int(c)})" for p, f, c in zip(a["labels"], fr, row)},
+        table = [{"true \\ predicted": t, **{p: f"{f:.2f} ({int(c)})" for p, f, c in zip(cols, fr, row)},
                   "images": int(row.sum())}
                  for t, fr, row in zip(a["labels"], a["row_normalised"], counts)]
         sections.append(("Attribution", f"Accuracy on known classes: {a['accuracy_on_known']:.3f}. Each row "

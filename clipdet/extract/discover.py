@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NoImagesError, UsageError
+from ..errors import NoImagesError, UsageError, printable
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm",
@@ -64,7 +65,7 @@ def label_from_layout(path: str | os.PathLike) -> tuple[str | None, str | None]:
         if name == REAL:
             return REAL, None
         if name == FAKE:
-            gen = parts[i + 1] if i + 1 < len(parts) else None
+            gen = printable(parts[i + 1]) if i + 1 < len(parts) else None  # a name, never opened: shown form
             return FAKE, gen
     return None, None
 
@@ -127,11 +128,30 @@ def _pillow_opens(path: str) -> bool:
         return False
 
 
+def _symlink_loop(path: str) -> bool:
+    """Whether `path` is a symlink that never resolves (ELOOP: `a -> a`, or `a -> b -> a`)."""
+    if not os.path.islink(path):
+        return False
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
     """Images under `folder`: each folder's files sorted, then its sub-folders sorted; hidden names skipped.
 
     Symlinked sub-folders are followed; a folder already visited (a loop, or two links to one folder)
-    is entered once and the skip noted. A folder that cannot be listed becomes an `ImageRef` with an
+    is entered once and the skip noted; a symlink that never resolves (ELOOP, file or folder) is noted
+    and skipped. A folder that cannot be listed becomes an `ImageRef` with an
     error (reported like an unreadable file). Files with an image extension are kept; others are kept
     when Pillow can open them, else counted in `found.not_images`.
     """
@@ -154,13 +174,16 @@ def _walk(folder: Path, found: Discovered) -> Iterator[ImageRef]:
             return
         dirs = []
         for e in entries:
+            if _symlink_loop(e.path):
+                found.notes.append(f"{e.path}: symlink loop (Too many levels of symbolic links); skipped")
+                continue
             try:
                 is_dir = e.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
             if is_dir:
                 dirs.append(e.path)
-            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS or (e.is_file() and _pillow_opens(e.path)):
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS or (_is_file(e) and _pillow_opens(e.path)):
                 yield ImageRef(e.path, *label_from_layout(e.path))
             else:
                 found.not_images.append(e.path)
@@ -205,6 +228,8 @@ def discover(
             refs.extend(_walk(p, found))
             if len(refs) == before:
                 found.empty.append(item)
+        elif _symlink_loop(item):  # named explicitly: reported like an unreadable file
+            refs.append(ImageRef(item, *label_from_layout(p), error="symlink loop (Too many levels of symbolic links)"))
         elif p.exists() or p.is_symlink():
             refs.append(ImageRef(str(p), *label_from_layout(p)))
         else:
@@ -215,6 +240,14 @@ def discover(
             seen.add(r.path)
             found.append(r)
     return found
+
+
+def without_labels(refs: Iterable[ImageRef]) -> list[ImageRef]:
+    """`refs` with label and generator cleared, for embedding images that are not references (score, eval,
+    --calibrate): the cache records them unlabelled, so `fit` never draws them (paths and captions kept)."""
+    from dataclasses import replace
+
+    return [replace(r, label=None, generator=None) if (r.label or r.generator) else r for r in refs]
 
 
 def require_images(refs: list[ImageRef], inputs: Iterable[str] = ()) -> None:

@@ -13,6 +13,17 @@ from .discover import ImageRef
 from .pipeline import ExtractSummary, extract_local
 
 
+def default_backbone(cache: FeatureCache | str | None) -> tuple[str, bool]:
+    """The backbone to use when none is named: the cache's only one, else ViT-L-14:openai (the default).
+
+    Returns (spec, whether it came from the cache); `fit`, `eval`, `bench` and `extract` agree on it."""
+    from ..backbones import DEFAULT_BACKBONE
+
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    specs = {g.backbone.get("spec") for g in cache.groups(count=False)} - {None} if cache.exists() else set()
+    return (specs.pop(), True) if len(specs) == 1 else (DEFAULT_BACKBONE, False)
+
+
 def extract(
     refs: Iterable[ImageRef],
     backbone: str,

@@ -17,10 +17,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import OverlapError, UsageError
+from ..errors import OverlapError, UsageError, printable
 
 #: Default learning rate per mode (the head learns at 10x this).
 DEFAULT_LR = {"lora": 2e-4, "last-blocks": 2e-5, "full": 1e-5}
+
+
+#: fewer validation images than this in a class (real, generated) make the val AUC anecdotal: warned
+MIN_VAL_PER_CLASS = 10
 
 
 @dataclass
@@ -38,6 +42,17 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
     model: object = None  # the trained FinetuneModel (LoRA merged)
     detector: object = None
+    val_counts: dict = field(default_factory=dict)  # validation images: {"real": n, "fake": m}
+
+    def val_line(self) -> str:
+        """'last val AUC X on N real + M generated validation images', saying when they are too few."""
+        last = self.history[-1] if self.history else {}
+        auc = last.get("val_auc")
+        n_real, n_fake = self.val_counts.get("real", 0), self.val_counts.get("fake", 0)
+        line = (f"last val AUC {'n/a' if auc is None else f'{auc:.4f}'} on {n_real} real + {n_fake} generated "
+                "validation images")
+        return line + (f" (too few to mean anything: under {MIN_VAL_PER_CLASS} per class)"
+                       if n_real + n_fake and min(n_real, n_fake) < MIN_VAL_PER_CLASS else "")
 
 
 def _manifest(items) -> str:
@@ -123,7 +138,7 @@ def finetune(
     from ..evaluate.record import run_record, versions
     from ..extract.discover import discover
     from ..extract.lazy import default_workers
-    from .data import Augment, class_names, list_images, need_classes, split_validation
+    from .data import REAL_CLASS, Augment, class_names, list_images, need_classes, split_validation
     from .export import MODEL_FILE, TRAIN_JSON, fit_detector, save_open_clip, write_json
     from .model import MODES, build_model
     from .train import Batches, TrainConfig, train
@@ -162,6 +177,13 @@ def finetune(
     unseen = sorted({it.class_name for it in val_items} - set(classes))
     if unseen:
         notes.append(f"validation classes absent from training (count for AUC only): {', '.join(unseen)}")
+    val_real = sum(it.class_name == REAL_CLASS for it in val_items)
+    val_counts = {"real": val_real, "fake": len(val_items) - val_real}
+    if val_items and min(val_counts.values()) < MIN_VAL_PER_CLASS:
+        notes.append(f"validation set too small to mean anything: {val_counts['real']} real and "
+                     f"{val_counts['fake']} generated image(s), under {MIN_VAL_PER_CLASS} per class, so its AUC "
+                     "and loss are anecdotal; give --val PATH with more images, or more images and a larger "
+                     "--val-fraction")
 
     full, info, device = OpenClipProvider.build(backbone, device)
     if precision == "auto":
@@ -208,13 +230,13 @@ def finetune(
         "val_manifest_hash": fingerprint["val_manifest"], "backbone_spec": spec,
         "outputs": {"model": MODEL_FILE, "detector": "detector.clipdet", "checkpoint": "checkpoint.pt",
                     "features": "features.h5"},
-        "skipped": [{"path": p, "reason": r} for p, r in errors][:1000], "notes": notes,
+        "skipped": [{"path": printable(p), "reason": printable(r)} for p, r in errors][:1000], "notes": notes,
     })
     if info.weights == "random":
         record["notes"] = notes + ["RANDOM base weights: losses and AUCs say nothing about detection quality"]
     train_json = write_json(os.path.join(out, TRAIN_JSON), record)
     return FinetuneResult(out, spec, model_path, os.path.join(out, "detector.clipdet"), train_json, history, classes,
-                          errors, record["notes"], model, det)
+                          errors, record["notes"], model, det, val_counts)
 
 
 def _counts(items) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..detectors.features import HINTS, KINDS, load_kwargs, matrix
-from ..errors import UsageError
+from ..errors import CacheError, UsageError
 from .shots import draw_shots
 
 
@@ -55,6 +55,20 @@ def need_both_classes(pool: Pool, what: str) -> None:
             f"{what} needs labelled real and fake images; found real {have['real']}, fake {have['fake']} "
             "(label by layout real/** and fake/<generator>/**, or --manifest)"
         )
+
+
+def need_undamaged(cache, pool: Pool, damaged: set[str], what: str = "references") -> None:
+    """Refuse, naming the cure, when rows found damaged on reading left `pool` without one class: 'found
+    real 0, fake 0' would hide that the cache holds the images (`cache info` counts them)."""
+    y = pool.y
+    if not damaged or (len(pool) and y.min() != y.max()):
+        return
+    have = {lab: pool.label.count(lab) for lab in ("real", "fake")}
+    raise CacheError(
+        f"{cache.path}: {len(damaged)} cached row(s) of the {what} are damaged (their features failed the checks "
+        f"on reading), leaving real {have['real']}, fake {have['fake']}; run clipdet cache verify --repair, "
+        "then clipdet extract the images again (or fit PATH, which re-embeds them)"
+    )
 
 
 def resolve_backbone_key(cache, backbone: str | None, view: str = "clean") -> tuple[str, dict]:
@@ -158,6 +172,7 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
         need_both_classes(Pool([], ["real"] * counts["real"] + ["fake"] * counts["fake"], [], [],
                                 np.zeros((0, 0))), "fit")
     names = [v or "unknown" for v in vocab]
+    damaged: set[str] = set()
     for _ in range(8):  # a drawn row found damaged on reading leaves the candidates; draw again
         order = hex_order(cand["raw"][idx])
         pick = idx[draw_shots(order, lab[idx] == 1, lab[idx] == 2, gcode[idx], names, k, seed, per_generator)]
@@ -168,7 +183,9 @@ def sample_from_cache(cache, key: str, view: str, k: int | None, seed: int, per_
         if len(chosen) == len(shas):
             break
         bad = set(shas) - set(chosen.sha256)
+        damaged |= bad
         idx = np.array([i for i, s in zip(idx, raw_to_hex(cand["raw"][idx])) if s not in bad], dtype=np.int64)
+    need_undamaged(cache, chosen, damaged)
     return chosen, counts
 
 
@@ -197,11 +214,16 @@ def drop_conflicts(labels: dict, seen_as: dict[str, list], cache=None) -> set[st
 
 
 def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequence[str], device: str,
-                   quiet: bool = True, kinds: Sequence[str] = ("embedding",)):
-    """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs)."""
+                   quiet: bool = True, kinds: Sequence[str] = ("embedding",), references: bool = True):
+    """Extract what the cache lacks for `refs`, then load them as a labelled pool (labels from refs).
+
+    `references=False` (--calibrate images): new images are recorded in the cache without their
+    labels, so a later `fit` never draws them as references; the pool still has the refs' labels."""
+    from ..extract.discover import without_labels
     from ..extract.run import extract
 
-    summary = extract(refs, backbone, cache=cache, views=list(views_to_extract), device=device, quiet=quiet)
+    summary = extract(refs if references else without_labels(refs), backbone, cache=cache,
+                      views=list(views_to_extract), device=device, quiet=quiet)
     by_path = {r.path: r for r in refs}
     labels, paths = {}, {}
     seen_as: dict[str, list] = {}
@@ -215,6 +237,7 @@ def pool_from_refs(refs, cache, backbone: str, view: str, views_to_extract: Sequ
     drop_conflicts(labels, seen_as, cache)
     key, rec = resolve_backbone_key(cache, backbone, view)
     pool = load_pool(cache, key, view, shas=sorted(labels), labels=labels, paths=paths, kinds=kinds)
+    need_undamaged(cache, pool, cache.damaged & set(labels), "images")
     return pool, key, rec, summary
 
 

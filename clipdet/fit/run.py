@@ -98,6 +98,9 @@ def fit(
         need_both_classes(pool, "fit")
         chosen = pool.take(sample_shots(pool.label, pool.generator, k, seed, per_generator, keys=pool.sha256))
         counts = candidate_counts(pool.label, pool.generator)
+    # One canonical row order, by content hash: heads and calibration are not order-free to the last bit,
+    # so the cache's order (fit from the cache) and the discovery order (fit PATH) must not reach them.
+    chosen = chosen.take(np.argsort(np.array(chosen.sha256, dtype=str), kind="stable"))
 
     extra = None
     if augment_views:
@@ -119,7 +122,7 @@ def fit(
         cal_refs = discover(list(calibrate))
         ft.add_refs(cal_refs)
         cal_pool, _, _, cal_summary = pool_from_refs(cal_refs, cache, rec.get("spec") or backbone, view, [view],
-                                                     device, quiet, kinds)
+                                                     device, quiet, kinds, references=False)
         skipped += cal_summary.errors
         cal_pool = ft.captioned(cal_pool, cache, key, what="--calibrate")
         overlap = set(cal_pool.sha256) & set(chosen.sha256)

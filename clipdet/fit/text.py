@@ -113,7 +113,7 @@ class FitText:
         skipped, cal_pool, rec = [], None, None
         if calibrate:
             cal_pool, _, rec, summary = pool_from_refs(discover(list(calibrate)), cache, backbone, view, [view],
-                                                       device, quiet)
+                                                       device, quiet, references=False)
             skipped = summary.errors
         rec = rec or next((g.backbone for g in groups if g.key == key and g.view == view), None)
         if rec is None:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import IO, Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, printable
 
 COLUMNS = ["path", "sha256", "score", "p_fake", "label", "generator", "generator_p",
            "nearest_path", "nearest_label", "nearest_similarity", "error", "provenance"]
@@ -24,7 +24,7 @@ def _fmt(v) -> str:
         return "true" if v else "false"
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
+    return printable(str(v))
 
 
 class RowWriter:
@@ -66,7 +66,8 @@ class RowWriter:
         if self.jsonl:
             # every column, null when empty: the same keys as the CSV header, whatever the head
             clean = {k: (None if (isinstance(row.get(k), float) and math.isnan(row[k])) or row.get(k) == ""
-                         else row.get(k)) for k in self.columns}
+                         else printable(row[k]) if isinstance(row.get(k), str) else row.get(k))
+                     for k in self.columns}
             self.fh.write(json.dumps(clean) + "\n")
         else:
             self._csv.writerow([_fmt(row.get(c)) for c in self.columns])
@@ -90,7 +91,11 @@ class RowWriter:
 
 
 def verdict(row: dict, threshold: float) -> str:
-    """A readable one-image verdict."""
+    """A readable one-image verdict (a non-UTF-8 file name backslash-escaped)."""
+    return printable(_verdict(row, threshold))
+
+
+def _verdict(row: dict, threshold: float) -> str:
     if row.get("error"):
         return f"{row['path']}: could not score ({row['error']})"
     lab = row["label"].upper()

@@ -75,6 +75,7 @@ def score_refs(
     `provenance_details`) from the bytes read for hashing (`clipdet.provenance`; never part of the score).
     """
     from ..cache import FeatureCache
+    from ..extract.discover import without_labels
     from ..extract.lazy import LazyBackbone
     from ..extract.run import extract
 
@@ -121,9 +122,10 @@ def score_refs(
 
     if engine != "local":
         refs = list(refs)
-        extract(refs, "", cache=cache, views=[view], batch_size=batch_size, device=device, quiet=quiet,
-                compact=False, lazy=lazy, record_cached=False, engine=engine, ray_address=ray_address)
+        extract(without_labels(refs), "", cache=cache, views=[view], batch_size=batch_size, device=device,
+                quiet=quiet, compact=False, lazy=lazy, record_cached=False, engine=engine, ray_address=ray_address)
     for part in growing_chunks(refs, first_chunk, chunk):
+        part = without_labels(part)  # scored images are not references: recorded unlabelled
         summary = extract(part, "", cache=cache, views=[view] + (stab if stab and side is cache else []),
                           batch_size=batch_size, workers=workers, device=device, quiet=quiet, compact=False,
                           lazy=lazy, record_cached=False, provenance=provenance)

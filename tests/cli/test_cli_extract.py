@@ -443,3 +443,15 @@ def test_two_concurrent_extractors(tmp_path, tiny_spec, subprocess_env):
         assert {vocab[g] for g in im["generator"][()]} == {"gen"}
     emb = FeatureCache(cache).load(key, "clean").embedding
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=3e-3)
+
+
+def test_extract_without_backbone_uses_the_caches_only_backbone(labelled_tree, tmp_path, tiny_spec, run_cli):
+    """Issue 21: as its help says (and as fit, eval and bench do), not ViT-L-14:openai behind the user's back."""
+    cache = str(tmp_path / "c.h5")
+    r = run_cli("extract", labelled_tree / "real", "--backbone", tiny_spec, "--cache", cache, "-q")
+    assert r.exit_code == 0, r.output
+    r = run_cli("extract", labelled_tree / "fake", "--cache", cache, "-q")
+    assert r.exit_code == 0, r.output
+    assert f"using the cache's only backbone, {tiny_spec}" in r.stderr
+    groups = [g for g in FeatureCache(cache).groups() if g.view == "clean"]
+    assert len(groups) == 1 and groups[0].count == 24

@@ -103,3 +103,33 @@ def test_random_weight_bench_report_says_so_on_its_first_line(tmp_path):
     files = write_bench(res, tmp_path / "b")
     first = open(files["report.md"]).readline()
     assert "RANDOM" in first and "say nothing about detection" in first
+
+
+def test_attribution_columns_are_what_the_detector_can_answer_with_unknown(fitted, tmp_path, make_image):
+    """Issue 21: no column for a generator the detector cannot predict, always an `unknown` column; a
+    generator it never saw is a row marked `(unseen)`."""
+    tree, cache, det_path = fitted
+    for i in range(3):
+        make_image(tree / "fake" / "genC" / f"c{i}.png", size=(64, 64), seed=900 + i, fake=True)
+    det = Detector.load(det_path)
+    assert sorted(det.meta["generators"]) == ["genA", "genB"]
+    res = evaluate(discover([str(tree)]), det, cache=cache, exclude_references=True)
+    a = res["attribution"]
+    assert a["columns"] == ["real", "genA", "genB", "unknown"]
+    assert a["rows"] == a["labels"] == ["real", "genA", "genB", "genC (unseen)"]
+    m = np.array(a["matrix"])
+    assert m.shape == (4, 4) and m[3].sum() == 3 and m.sum() == res["metrics"]["n"]
+    text = open(write_report(res, str(tmp_path / "rep"))).read()
+    assert "| genC (unseen) |" in text and "unknown" in text.split("| true \\ predicted |")[1].splitlines()[0]
+
+
+def test_attribution_matrix_by_hand():
+    from clipdet.evaluate.run import attribution_matrix
+
+    scored = [{"label": lab, "generator": g} for lab, g in
+              [("real", ""), ("fake", "genA"), ("fake", ""), ("fake", "genA"), ("real", "")]]
+    a = attribution_matrix([0, 1, 1, 1, 1], ["", "genA", "genB", "genC", ""], scored, ["genA", "genB"])
+    assert a["rows"] == ["real", "genA", "genB", "fake, no generator (unseen)", "genC (unseen)"]
+    assert a["columns"] == ["real", "genA", "genB", "unknown"]
+    assert a["matrix"] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]]
+    assert a["accuracy_on_known"] == 2 / 3

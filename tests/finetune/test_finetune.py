@@ -69,6 +69,10 @@ def test_loss_decreases_and_train_json_records_the_run(trained):
     assert "peft" in rec["versions"] and "torch" in rec["versions"]
     assert rec["backbone_spec"] == r.backbone_spec
     assert not any("different preprocessing" in n for n in r.notes), r.notes
+    # issue 21: 6 validation images say little; the run says so, with the counts per class
+    assert r.val_counts == {"real": 2, "fake": 4}
+    assert any("validation set too small" in n and "2 real and 4 generated" in n for n in rec["notes"]), rec["notes"]
+    assert "on 2 real + 4 generated validation images (too few to mean anything" in r.val_line()
 
 
 def test_checkpoint_loads_as_arch_path_and_reproduces_training_embeddings(trained, tiny_spec):
@@ -90,14 +94,15 @@ def test_checkpoint_loads_as_arch_path_and_reproduces_training_embeddings(traine
     assert np.abs(before - trained_emb).max() > 1e-3
 
 
-def test_detector_file_scores_at_once(trained, run_cli):
+def test_detector_file_scores_at_once(trained, run_cli, tmp_path):
     r, root = trained
-    res = run_cli("score", str(root / "fake" / "genA"), "--detector", r.detector_path, "--quiet")
+    cache = str(tmp_path / "c.h5")
+    res = run_cli("score", str(root / "fake" / "genA"), "--detector", r.detector_path, "--cache", cache, "--quiet")
     assert res.exit_code == 0, res.stderr
     rows = res.stdout.strip().splitlines()
     assert rows[0].startswith("path,") and len(rows) == 11
     # the overlap guard of eval knows the training images
-    res = run_cli("eval", str(root), "--detector", r.detector_path, "--quiet")
+    res = run_cli("eval", str(root), "--detector", r.detector_path, "--cache", cache, "--quiet")
     assert res.exit_code == 2 and "references of the detector" in res.stderr
 
 
@@ -201,6 +206,7 @@ def test_cli_reports_bad_files_refuses_overlap_and_protects_output(labelled_tree
     res = run_cli(*args)
     assert res.exit_code == 1, res.stderr
     assert "skipped" in res.stderr and "broken.png" in res.stderr and "Traceback" not in res.stderr
+    assert "validation set too small" in res.stderr and "(too few to mean anything" in res.stdout
     rec = json.loads((out / "train.json").read_text())
     assert [s["path"].endswith("broken.png") for s in rec["skipped"]] == [True]
     assert sum(rec["counts"]["train"].values()) + sum(rec["counts"]["val"].values()) == 24

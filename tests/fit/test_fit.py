@@ -257,3 +257,37 @@ def test_end_to_end_fit_from_tiny_model_features(labelled_tree, tiny_spec, tiny_
     assert r.exit_code == 0 and all(h in r.stdout for h in list_heads())
     r = run_cli("fit", "--cache", str(cache), "--head", "svm", "--shots", "0")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("head", ["svm", "logreg"])
+def test_fit_from_cache_and_fit_path_give_the_same_detector_bytes(labelled_tree, tiny_spec, tiny_backbone,
+                                                                  tmp_path, head):
+    """Issue 21: the same images, seed and shots give one detector, drawn from the cache or from a PATH
+    (rows reach the head in content-hash order, not in the cache's or the folder walk's order)."""
+    from clipdet.extract.discover import discover
+
+    cache = str(tmp_path / "c.h5")
+    clipdet.extract(discover([str(labelled_tree)]), tiny_spec, cache=cache,
+                    lazy=LazyBackbone(tiny_spec, loaded=tiny_backbone))
+    a = clipdet.fit(head=head, shots=5, seed=0, cache=cache)
+    b = clipdet.fit(paths=[str(labelled_tree)], backbone=tiny_spec, head=head, shots=5, seed=0, cache=cache)
+    assert sorted(a.meta["reference_sha256"]) == sorted(b.meta["reference_sha256"])
+    assert a.threshold == b.threshold
+    assert Path(a.save(tmp_path / "a.clipdet")).read_bytes() == Path(b.save(tmp_path / "b.clipdet")).read_bytes()
+
+
+def test_fit_says_drawn_rows_are_damaged_and_how_to_repair(syn_cache, tmp_path, run_cli):
+    """Issue 21: not 'found real 0, fake 0' when the cache holds the images but every drawn row fails its checks."""
+    import h5py
+
+    syn_cache.compact(full=True)
+    with h5py.File(syn_cache.segments()[0], "r+") as f:  # bit rot that keeps the checksums: NaNs in place
+        ds = f["features/synthetic__random-seed-0/clean/embedding"]
+        rows = ds[()]
+        rows[:, 3] = np.nan
+        ds[...] = rows
+    r = run_cli("fit", "-c", syn_cache.path, "--shots", "10", "-o", tmp_path / "d.clipdet", "-q")
+    assert r.exit_code == 2, r.output
+    assert "damaged" in r.stderr and "clipdet cache verify --repair" in r.stderr, r.stderr
+    assert "found real 0" not in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "d.clipdet").exists()

@@ -133,6 +133,7 @@ def test_zeroshot_scores_equal_by_hand_cosine(tree_cache, tiny_weights, tmp_path
     r = run_cli("fit", "--head", "zeroshot", "--shots", "0", "-c", cache, "-o", out)
     assert r.exit_code == 0, r.stderr
     assert "UNCALIBRATED" in r.stdout and "calibration: none" in r.stderr
+    assert "target FPR" not in r.stdout.replace("not set at any target FPR", "")  # issue 21: no FPR is claimed
     det = Detector.load(out)
     assert det.meta["uncalibrated"] is True and det.threshold == 0.0 and det.meta["prompts"] == DEFAULT_PROMPTS
     assert det.meta["counts"] == {"real": 0, "fake": 0, "extra_rows": 0}
