@@ -39,12 +39,57 @@ def os_error_message(path: str, exc: OSError) -> str:
     return f"{path}: {exc.strerror or exc}"
 
 
+#: test hook: with CLIPDET_FAULT_KILL_AT=N in the environment, the process kills itself (SIGKILL) just
+#: before the N-th rename, fsync, unlink or link the cache makes (crash-consistency tests step N through
+#: every such point of a command)
+FAULT_ENV = "CLIPDET_FAULT_KILL_AT"
+_fault_steps = 0
+
+
+def fault_point(step: str) -> None:
+    """Count one durable-state step (`step`: rename, fsync, unlink, link); kill this process at the
+    step CLIPDET_FAULT_KILL_AT names (unset: does nothing)."""
+    at = os.environ.get(FAULT_ENV)
+    if not at:
+        return
+    global _fault_steps
+    _fault_steps += 1
+    if str(_fault_steps) == at.strip():
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replace(src: str, dst: str) -> None:
+    """os.replace through the fault hook."""
+    fault_point("rename")
+    os.replace(src, dst)
+
+
+def remove(path: str) -> None:
+    """os.remove through the fault hook."""
+    fault_point("unlink")
+    os.remove(path)
+
+
+def fsync(fd: int) -> None:
+    """os.fsync through the fault hook."""
+    fault_point("fsync")
+    os.fsync(fd)
+
+
+def link(src: str, dst: str) -> None:
+    """os.link through the fault hook."""
+    fault_point("link")
+    os.link(src, dst)
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory so a rename in it is durable (best effort)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            fsync(fd)
         finally:
             os.close(fd)
 
@@ -64,10 +109,10 @@ def atomic_write_bytes(path: str, data: bytes | memoryview) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        replace(tmp, path)
     fsync_dir(folder)
 
 

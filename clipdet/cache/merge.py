@@ -67,15 +67,22 @@ def plan(sizes: list[int], full: bool = False) -> tuple[int, int] | None:
     return None
 
 
-def merge_files(files: list, out_path: str) -> int:
+def merge_files(files: list, out_path: str, replaces: list[str] = ()) -> int:
     """Write the union of the open segment files `files` (oldest first) to `out_path` (a new file);
-    returns how many damaged feature rows were left out."""
+    returns how many damaged feature rows were left out. The output records the segments it replaces
+    (attr `replaces`, file names) and the cache position of the first (attr `order_ns`), so a cache
+    whose catalogue is lost can be rebuilt from its segment files (catalogue.rebuild)."""
     import h5py
+
+    from .segment import order_ns
 
     need = sum(os.path.getsize(f.filename) for f in files if os.path.exists(f.filename))
     check_free_space(os.path.dirname(os.path.abspath(out_path)), need)
     with h5py.File(out_path, "w") as out:
         write_header(out)
+        out.attrs["replaces"] = json.dumps([os.path.basename(p) for p in replaces])
+        if files:
+            out.attrs["order_ns"] = order_ns(files[0], files[0].filename)
         _merge_images(files, out)
         errors, seen = [], set()
         for f in files:
@@ -92,8 +99,10 @@ def merge_files(files: list, out_path: str) -> int:
         dropped = 0
         for (key, view), srcs in groups.items():
             dropped += _merge_group(srcs, fg.require_group(key).create_group(view), key, view)
+    from .files import fsync
+
     with open(out_path, "rb") as fh:
-        os.fsync(fh.fileno())
+        fsync(fh.fileno())
     return dropped
 
 

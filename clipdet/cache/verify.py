@@ -97,8 +97,8 @@ def _rewrite_without(cache, path: str) -> None:
     from .files import removed_on_failure
     from .merge import merge_files
 
-    out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # named seg- under the lock
+    out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # committed by the catalogue
     with removed_on_failure(out):
         with h5py.File(path, "r") as f:
-            merge_files([f], out)
+            merge_files([f], out, replaces=[path])
     cache._update_catalogue(replace=([path], out))
