@@ -114,10 +114,28 @@ def _image_columns(f, vocab_code: dict) -> dict:
     c = image_columns(f)
     remap = np.array([vocab_code.setdefault(v, len(vocab_code)) for v in c["vocab"]], np.int32)
     g = f["images"]
-    return {"sha256": c["sha256"], "label": c["label"], "gen": remap[c["gen"]] if len(c["gen"]) else c["gen"],
-            "width": g["width"][()], "height": g["height"][()],
-            "format": np.array(decode(g["format"][()]), dtype=object),
-            "paths": np.array(decode(g["paths"][()]), dtype=object)}
+    out = {"sha256": c["sha256"], "label": c["label"], "gen": remap[c["gen"]] if len(c["gen"]) else c["gen"],
+           "width": g["width"][()], "height": g["height"][()],
+           "format": np.array(decode(g["format"][()]), dtype=object),
+           "paths": np.array(decode(g["paths"][()]), dtype=object)}
+    bad = hash_mismatches(g, c["sha256"])
+    if len(bad):  # a damaged hash: that row's metadata belongs to no known image
+        keep = np.ones(len(c["sha256"]), bool)
+        keep[bad] = False
+        out = {k: v[keep] for k, v in out.items()}
+    return out
+
+
+def hash_mismatches(g, column: np.ndarray) -> np.ndarray:
+    """Rows of table `g` (images or a feature group) whose sha256 `column` value differs from the digest
+    its stored search index gives that row: a damaged hash. Empty when the index is absent or itself
+    damaged (then the column is all there is)."""
+    from .index import KeyTable
+
+    tab = KeyTable.load(g, len(column))
+    if tab is None or tab.damage() is not None:
+        return np.zeros(0, np.int64)
+    return tab.mismatched_rows(column)
 
 
 def _merge_images(files: list, out) -> None:
@@ -192,8 +210,16 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
     keep = np.zeros(len(allsha), bool)
     keep[perm[starts[counts == 1]]] = True
     offsets = np.cumsum([0] + [len(s) for s in shas])
+    hashbad = np.zeros(len(allsha), bool)
+    for si, (src, s) in enumerate(zip(srcs, shas)):
+        hashbad[offsets[si] + hash_mismatches(src, s)] = True
+    dropped = int(hashbad.sum())
+    keep &= ~hashbad
     for gi in np.flatnonzero(counts > 1):  # an image in several rows: the oldest whole one wins
         members = np.sort(perm[starts[gi]:starts[gi] + counts[gi]])
+        members = members[~hashbad[members]]
+        if not len(members):
+            continue
         chosen = members[0]
         for mbr in members:
             si = int(np.searchsorted(offsets, mbr, side="right") - 1)
@@ -203,7 +229,7 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
         keep[chosen] = True
     dim = int(first.attrs["dim"])
     ds_s, ds_e, ds_x = create_feature_datasets(g, int(keep.sum()), dim, {x: first[x].shape[1:] for x in extras})
-    written, m, dropped = [], 0, 0
+    written, m = [], 0
     for si, (src, s) in enumerate(zip(srcs, shas)):
         n = len(s)
         for start in range(0, n, COPY_ROWS):

@@ -25,6 +25,7 @@ from .index import (
     KeyTable,
     SegmentIndex,
     ShaSet,
+    hex_to_raw,
     keys_of,
     raw_to_hex,
     same_content_rows,
@@ -41,6 +42,7 @@ from .segment import (
     group_heads,
     group_rows_checked,
     image_rows,
+    read_rows,
     segment_bytes,
 )
 
@@ -114,6 +116,9 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                         f.close()
                         self._warn(f"{p}: damaged cache segment skipped ({e}); run clipdet cache verify --repair")
                         continue
+                    if idx.damage:
+                        self._warn(f"{p}: {idx.damage[0]}; rebuilt from its hash column for this run; "
+                                   "run clipdet cache verify --repair")
                     segs.append(_Seg(p, idx, f))
                 live = {id(s.index) for s in segs}
                 if len(self._index) > len(live):  # forget segments merged away (long-lived processes)
@@ -232,6 +237,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             uniq, inv = np.unique(rows, return_inverse=True)
             e, ok, xv = group_rows_checked(g, uniq, extras)  # a row is whole with its extras
             e, ok = e[inv].astype(np.float32), ok[inv]
+            ok &= (hex_to_raw(read_rows(g["sha256"], uniq))[inv] == raw[todo]).all(axis=1)  # row holds that image
             if emb is None:
                 emb = np.zeros((len(wanted), e.shape[1]), np.float32)
             for name, v in xv.items():

@@ -22,12 +22,13 @@ class VerifyReport:
     rows: int = 0
     unreadable: list[str] = field(default_factory=list)
     damaged: list[tuple[str, str, str]] = field(default_factory=list)
+    bad_index: list[tuple[str, str, str]] = field(default_factory=list)  # (segment, table, why)
     repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when nothing is damaged."""
-        return not self.unreadable and not self.damaged
+        return not self.unreadable and not self.damaged and not self.bad_index
 
 
 def _bad_rows(g) -> np.ndarray:
@@ -37,6 +38,19 @@ def _bad_rows(g) -> np.ndarray:
         rows = np.arange(s, min(n, s + CHUNK))
         bad.extend(rows[~group_rows_checked(g, rows, extras)[1]].tolist())
     return np.array(bad, dtype=np.int64)
+
+
+def _check_table(rep: VerifyReport, path: str, name: str, g, column: np.ndarray) -> np.ndarray:
+    """Cross-check table `g`'s stored search index (sorted, digests, row range) and its sha256 `column`
+    (each row's hash is the one the index gives it); returns the rows with a damaged hash."""
+    from .index import KeyTable
+    from .merge import hash_mismatches
+
+    tab = KeyTable.load(g, len(column))
+    if tab is not None and (why := tab.damage()):
+        rep.bad_index.append((path, name, f"search index damaged ({why})"))
+        return np.zeros(0, np.int64)
+    return hash_mismatches(g, column)
 
 
 def verify(cache, repair: bool = False) -> VerifyReport:
@@ -65,21 +79,22 @@ def _verify(cache, repair: bool) -> VerifyReport:
         except OSError:
             rep.unreadable.append(path)
             continue
-        damaged_before = len(rep.damaged)
+        damaged_before = len(rep.damaged) + len(rep.bad_index)
         try:
             with f:
-                f["images/sha256"][()]
+                col = f["images/sha256"][()]
+                for r in _check_table(rep, path, "images", f["images"], col):
+                    rep.damaged.append((path, "images", col[r].decode(errors="replace")))
                 for key, view in feature_groups(f):
                     g = f[f"features/{key}/{view}"]
-                    rep.rows += len(g["sha256"])
-                    bad = _bad_rows(g)
-                    if len(bad):
-                        shas = g["sha256"][()][bad]
-                        rep.damaged += [(path, f"{key}/{view}", s.decode()) for s in shas]
+                    col = g["sha256"][()]
+                    rep.rows += len(col)
+                    bad = np.union1d(_bad_rows(g), _check_table(rep, path, f"{key}/{view}", g, col))
+                    rep.damaged += [(path, f"{key}/{view}", col[r].decode(errors="replace")) for r in bad]
         except (OSError, KeyError):
             rep.unreadable.append(path)
             continue
-        if repair and len(rep.damaged) > damaged_before:  # this segment has damaged rows
+        if repair and len(rep.damaged) + len(rep.bad_index) > damaged_before:  # damaged rows or index
             _rewrite_without(cache, path)
             rep.repaired.append(path)
     if repair and rep.unreadable:

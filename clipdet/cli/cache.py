@@ -132,12 +132,14 @@ def register(app: typer.Typer) -> None:
             rep = verify(FeatureCache(cache), repair=repair)
             for p in rep.unreadable:
                 typer.echo(f"{p}: unreadable segment" + (" (set aside as .bad)" if repair else ""), err=True)
+            for p, table, why in rep.bad_index:
+                typer.echo(f"{p}: {table}: {why}" + (" (rebuilt from the hash column)" if repair else ""), err=True)
             for p, grp, sha in rep.damaged[:20]:
                 typer.echo(f"{p}: {grp}: damaged row {sha}", err=True)
             if len(rep.damaged) > 20:
                 typer.echo(f"... and {len(rep.damaged) - 20} more damaged rows", err=True)
             typer.echo(f"{rep.segments} segment(s), {rep.rows} rows checked: {len(rep.damaged)} damaged row(s), "
-                       f"{len(rep.unreadable)} unreadable segment(s)"
+                       f"{len(rep.bad_index)} damaged index(es), {len(rep.unreadable)} unreadable segment(s)"
                        + (f"; repaired {len(rep.repaired)} segment(s)" if repair else ""))
             return 0 if rep.ok or repair else 1
 
