@@ -235,16 +235,28 @@ class MaintainMixin:
         return good, bad
 
     def _set_aside(self, bad: list[str]) -> list[str]:
-        """Rename damaged segments to *.bad (never deleted) and drop them from the catalogue."""
+        """Rename damaged segments to *.bad (never deleted) and drop them from the catalogue; a listed
+        segment that is gone is only dropped (and said so)."""
+        moved, gone, failed = [], [], []
         with flock(self.lock_path, exclusive=True, create_dir=True):
             cat = catalogue.read(self.path)
             segs = [s for s in cat.segments if s not in bad]
             for s in bad:  # renamed before the catalogue drops it: never re-adopted as an orphan
-                with contextlib.suppress(OSError):
+                try:
                     replace(s, s + ".bad")
+                    moved.append(s)
+                except FileNotFoundError:
+                    gone.append(s)
+                except OSError as e:
+                    failed.append((s, e))
             catalogue.write(self.path, segs, cat.generation + 1)
-        for s in bad:
+        for s in moved:
             self._warn(f"{s}: unreadable cache segment set aside as {os.path.basename(s)}.bad")
+        for s in gone:
+            self._warn(f"{s}: cache segment missing; dropped from the catalogue (its images are re-extracted "
+                       "when next met)")
+        for s, e in failed:
+            self._warn(f"{s}: unreadable cache segment dropped from the catalogue but not renamed ({e.strerror})")
         return segs
 
     def shard_count(self) -> int:

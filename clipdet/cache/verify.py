@@ -21,6 +21,8 @@ class VerifyReport:
     segments: int = 0
     rows: int = 0
     unreadable: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)   # listed by the catalogue, not on disk
+    rebuilt: int | None = None   # repair rebuilt a damaged catalogue from this many segments
     damaged: list[tuple[str, str, str]] = field(default_factory=list)
     bad_index: list[tuple[str, str, str]] = field(default_factory=list)  # (segment, table, why)
     repaired: list[str] = field(default_factory=list)
@@ -28,7 +30,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """True when nothing is damaged."""
-        return not self.unreadable and not self.damaged and not self.bad_index
+        return not self.unreadable and not self.missing and not self.damaged and not self.bad_index
 
 
 def _bad_rows(g) -> np.ndarray:
@@ -62,8 +64,39 @@ def verify(cache, repair: bool = False) -> VerifyReport:
         from .files import flock
 
         with flock(cache.merge_lock_path, exclusive=True, create_dir=True):
-            return _verify(cache, repair)
+            rebuilt = _rebuild_if_damaged(cache)
+            rep = _verify(cache, repair)
+            if rebuilt is not None:
+                rep.rebuilt, unreadable = rebuilt
+                rep.unreadable += unreadable
+            return rep
     return _verify(cache, repair)
+
+
+def _rebuild_if_damaged(cache) -> tuple[int, list[str]] | None:
+    """A catalogue that cannot be read is rebuilt from the segment files (the damaged file is kept as
+    clipdet.h5.bad; unreadable segment files are set aside as *.bad). Returns (segments, unreadable)
+    or None when the catalogue was fine."""
+    import shutil
+
+    from . import catalogue
+    from .files import flock, replace
+
+    try:
+        catalogue.read(cache.path)
+        return None
+    except catalogue.CatalogueDamagedError:
+        pass
+    with flock(cache.lock_path, exclusive=True, create_dir=True):
+        try:
+            catalogue.read(cache.path)
+            return None
+        except catalogue.CatalogueDamagedError:
+            shutil.copyfile(cache.path, cache.path + ".bad")
+            live, unreadable = catalogue.rebuild(cache.path)
+        for p in unreadable:
+            replace(p, p + ".bad")
+    return len(live), unreadable
 
 
 def _verify(cache, repair: bool) -> VerifyReport:
@@ -77,7 +110,7 @@ def _verify(cache, repair: bool) -> VerifyReport:
         try:
             f = h5py.File(path, "r")
         except OSError:
-            rep.unreadable.append(path)
+            (rep.unreadable if os.path.exists(path) else rep.missing).append(path)
             continue
         damaged_before = len(rep.damaged) + len(rep.bad_index)
         try:
@@ -97,8 +130,8 @@ def _verify(cache, repair: bool) -> VerifyReport:
         if repair and len(rep.damaged) + len(rep.bad_index) > damaged_before:  # damaged rows or index
             _rewrite_without(cache, path)
             rep.repaired.append(path)
-    if repair and rep.unreadable:
-        cache._set_aside(rep.unreadable)
+    if repair and (rep.unreadable or rep.missing):
+        cache._set_aside(rep.unreadable + rep.missing)
     return rep
 
 

@@ -126,12 +126,20 @@ def register(app: typer.Typer) -> None:
 
         def go():
             quiet_warnings(False)
+            import os
+
             from ..cache import FeatureCache
             from ..cache.verify import verify
 
-            rep = verify(FeatureCache(cache), repair=repair)
+            fc = FeatureCache(cache)
+            rep = verify(fc, repair=repair)
+            if rep.rebuilt is not None:
+                typer.echo(f"{fc.path}: the catalogue was damaged: rebuilt from {rep.rebuilt} segment(s) "
+                           f"(the damaged file is kept as {os.path.basename(fc.path)}.bad)", err=True)
             for p in rep.unreadable:
                 typer.echo(f"{p}: unreadable segment" + (" (set aside as .bad)" if repair else ""), err=True)
+            for p in rep.missing:
+                typer.echo(f"{p}: segment missing" + (" (dropped from the catalogue)" if repair else ""), err=True)
             for p, table, why in rep.bad_index:
                 typer.echo(f"{p}: {table}: {why}" + (" (rebuilt from the hash column)" if repair else ""), err=True)
             for p, grp, sha in rep.damaged[:20]:
@@ -140,6 +148,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"... and {len(rep.damaged) - 20} more damaged rows", err=True)
             typer.echo(f"{rep.segments} segment(s), {rep.rows} rows checked: {len(rep.damaged)} damaged row(s), "
                        f"{len(rep.bad_index)} damaged index(es), {len(rep.unreadable)} unreadable segment(s)"
+                       + (f", {len(rep.missing)} missing segment(s)" if rep.missing else "")
                        + (f"; repaired {len(rep.repaired)} segment(s)" if repair else ""))
             return 0 if rep.ok or repair else 1
 
