@@ -232,6 +232,7 @@ def extract_local(
     writer = (stages.writer if stages is not None else BatchWriter)(cache, lazy, views, batch_size)
     seen: set[str] = set()
     already: list[ImageMeta] = []  # cached images whose metadata may be new: checked in batches
+    also = {r.path: r.also for r in refs if r.also}  # a manifest's other labels for a path (discover)
     try:
         for p in _with_known(refs, abs_paths, known_files, read):
             progress.update()
@@ -240,6 +241,9 @@ def extract_local(
                 summary.errors.append((p.ref.path, p.error))
                 writer.errors.append({"sha256": p.sha256, "path": os.path.abspath(p.ref.path), "reason": p.error})
                 continue
+            if p.ref.path in also and record_cached:  # recorded as further observations: a label conflict
+                already += [ImageMeta(p.sha256, lab or "", gen or "", paths=list(p.meta.paths))
+                            for lab, gen in also[p.ref.path]]
             if not p.tensors or p.sha256 in seen:
                 summary.cached += 1
                 if record_cached and not p.unchanged:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -279,3 +280,27 @@ def test_rerun_with_other_layers_refused_even_when_all_cached(labelled_tree, tmp
         _run(labelled_tree, cache, LazyBackbone(tiny_spec, "cpu", layers=(-1,)))
     s = _run(labelled_tree, cache, LazyBackbone(tiny_spec, "cpu"))  # without --layers: all cached, no load
     assert (s.new, s.cached) == (0, 24)
+
+
+@pytest.mark.parametrize("cached_first", [False, True])
+def test_manifest_listing_a_path_twice_with_other_labels_is_a_conflict(tmp_path, make_image, lazy, cached_first):
+    """#21 item 9: the second row's label was dropped silently; now it is recorded like any other conflict."""
+    from clipdet.extract.discover import discover
+
+    a, b = make_image(tmp_path / "imgs" / "a.png", seed=1), make_image(tmp_path / "imgs" / "b.png", seed=2)
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,generator\nimgs/a.png,real,\nimgs/b.png,real,\nimgs/a.png,fake,gx\nimgs/b.png,0,\n")
+    refs = discover([], manifest=str(m))
+    assert [(r.label, r.also) for r in refs] == [("real", (("fake", "gx"),)), ("real", ())]
+    cache = FeatureCache(tmp_path / "c.h5")
+    if cached_first:  # extracted before (the stat index knows it, not racy) with one label
+        for f in (a, b):
+            os.utime(f, (time.time() - 60, time.time() - 60))
+        _run([r.__class__(r.path, r.label) for r in refs], cache, lazy)
+    _run(refs, cache, lazy)
+    conflicts = FeatureCache(cache.path).conflicts()
+    assert [c["sha256"] for c in conflicts] == [_sha(a)]
+    assert {o[:2] for o in conflicts[0]["observations"]} == {("real", ""), ("fake", "gx")}
+    lab = FeatureCache(cache.path).labelled(cache.groups()[0].key, "clean")
+    assert int(lab["conflict"].sum()) == 1 and len(lab["label"]) == 2
+    assert _sha(b) not in {c["sha256"] for c in conflicts}
