@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CacheError, CacheMismatchError
 from . import catalogue
-from .files import DiskFullError, atomic_write_bytes, flock, os_error_message
+from .files import CacheWarning, DiskFullError, atomic_write_bytes, flock, os_error_message
 from .index import (
     KeyTable,
     SegmentIndex,
@@ -48,10 +48,6 @@ from .segment import (
 
 #: merge check every this many segments written by one process
 MERGE_EVERY = 64
-
-
-class CacheWarning(UserWarning):
-    """A problem with the cache that the run works around (damaged segment or rows, read-only)."""
 
 
 class FeatureCache(LabelsMixin, MaintainMixin):
