@@ -191,6 +191,8 @@ def extract_local(
     lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision,
                                                       heads=heads or 0)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
+    if lazy.explicit and not lazy.loaded and cache.exists():
+        _refuse_missing_extras(cache, lazy, views)
     if not (lazy.layers and lazy.heads) and not lazy.loaded and cache.exists():
         groups = [g for g in cache.groups(count=False) if g.key == lazy.key and g.view in views]
         stored = [g.layers for g in groups if g.layers]
@@ -271,6 +273,21 @@ def extract_local(
 
 
 KNOWN_BATCH = 4096
+
+
+def _refuse_missing_extras(cache: FeatureCache, lazy: LazyBackbone, views) -> None:
+    """--layers / --heads into a cache whose feature group was extracted without them: refused at once,
+    before any model is built (its rows cannot gain the arrays, nor new rows lack them)."""
+    from ..errors import CacheMismatchError
+
+    for g in cache.groups(count=False):
+        if g.key != lazy.key or g.view not in views:
+            continue
+        for asked, have, opt in ((lazy.layers, g.layers, "--layers"), (lazy.heads, g.heads, "--heads")):
+            if asked and not have:
+                raise CacheMismatchError(
+                    f"{cache.path}: features {g.key}/{g.view} were extracted without {opt}; extract with "
+                    f"{opt} into another --cache (or leave {opt} out to use this one)")
 
 
 def abs_path(path: str) -> str:

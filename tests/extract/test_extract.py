@@ -304,3 +304,24 @@ def test_manifest_listing_a_path_twice_with_other_labels_is_a_conflict(tmp_path,
     lab = FeatureCache(cache.path).labelled(cache.groups()[0].key, "clean")
     assert int(lab["conflict"].sum()) == 1 and len(lab["label"]) == 2
     assert _sha(b) not in {c["sha256"] for c in conflicts}
+
+
+@pytest.mark.parametrize("option", ["layers", "heads"])
+def test_layers_or_heads_into_a_group_without_them_is_refused_before_the_model_is_built(
+        tmp_path, make_image, lazy, tiny_spec, option, monkeypatch):
+    from clipdet.errors import CacheMismatchError
+    from clipdet.extract.lazy import LazyBackbone
+
+    make_image(tmp_path / "in" / "a.png", seed=1)
+    cache = FeatureCache(tmp_path / "c.h5")
+    _run(tmp_path / "in", cache, lazy)
+    make_image(tmp_path / "in" / "b.png", seed=2)
+    fresh = LazyBackbone(tiny_spec, "cpu", key=lazy.key, **({"layers": (1,)} if option == "layers" else {"heads": 1}))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(fresh, "get", no_model)
+    with pytest.raises(CacheMismatchError, match=f"without --{option}; extract with --{option} into another"):
+        extract(discover([str(tmp_path / "in")]), tiny_spec, cache=cache, lazy=fresh, device="cpu", workers=1)
+    assert not fresh.loaded and len(FeatureCache(cache.path).cached_shas(lazy.key, "clean")) == 1
