@@ -281,10 +281,11 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 sel = np.flatnonzero(rows >= 0)
                 if not len(sel):
                     continue
-                found = {}
+                found, expect = {}, {int(r): wanted[i] for i, r in zip(sel, rows[sel])}
                 r_sorted = np.unique(rows[sel])
                 for r, m in zip(r_sorted, image_rows(s.file, r_sorted)):
-                    found[int(r)] = m
+                    if m.sha256 == expect[int(r)]:  # else a damaged hash: the row belongs to no known image
+                        found[int(r)] = m
                 # rows of the same content repeated within one segment: fold each in file order
                 for r in sorted(found):
                     m = found[r]
@@ -295,7 +296,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 dup = same_content_rows(s.index.images, k64[sel], raw[sel], rows[sel])
                 for r in dup:
                     for m in image_rows(s.file, np.array([r])):
-                        out[m.sha256].merge(m)
+                        if m.sha256 in out:
+                            out[m.sha256].merge(m)
         return out
 
     def images(self) -> dict[str, ImageMeta]:

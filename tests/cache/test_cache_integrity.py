@@ -85,3 +85,19 @@ def test_flipped_hash_character_is_a_damaged_row_not_another_image(tmp_path, run
     assert rep.ok and rep.rows == len(IDS) - 1
     r = FeatureCache(fc.path).load(KEY, "clean")
     assert sorted(r.sha256) == sorted(sha(i) for i in IDS if i != 2)
+
+
+def test_flipped_hash_in_the_images_table_never_lends_metadata_to_another_image(tmp_path):
+    fc = FeatureCache(tmp_path / "c.h5")
+    for i in IDS:
+        shard(fc, [i], paths=f"/img/{i}.png")
+    fc.compact(full=True)
+    (seg,) = fc.segments()
+    with h5py.File(seg, "r") as f:
+        col = f["images/sha256"][()]
+    row = int(np.flatnonzero(col == sha(2).encode())[0])
+    _xor_byte(seg, "images/sha256", row * 64 + 63, ord("2") ^ ord("3"))  # row of image 2 now reads sha(3)
+    metas = FeatureCache(fc.path).image_metas([sha(2), sha(3)])
+    assert metas[sha(3)].paths == ["/img/3.png"] and sha(2) not in metas
+    rep = verify(FeatureCache(fc.path))
+    assert [d[1:] for d in rep.damaged] == [("images", sha(3))]
