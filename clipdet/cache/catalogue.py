@@ -59,17 +59,65 @@ def read(path: str) -> Catalogue:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CacheError(f"{path}: cannot read the feature cache ({e})") from None
+        raise _damaged(path, e) from None
     with f:
         version = check_header(f, path, kinds=("catalogue",))
         if version < 2:
             return Catalogue([path] + _v1_shards(path), legacy=True, exists=True)
-        names = decode(f["segment_names"][()]) if "segment_names" in f else []
-        retired = decode(f["retired_names"][()]) if "retired_names" in f else []
+        try:
+            names = decode(f["segment_names"][()]) if "segment_names" in f else []
+            retired = decode(f["retired_names"][()]) if "retired_names" in f else []
+        except (OSError, KeyError, ValueError) as e:
+            raise _damaged(path, e) from None
         gen = int(f.attrs.get("generation", 0))
     d = seg_dir(path)
     return Catalogue([os.path.join(d, n) for n in names], generation=gen, exists=True,
                      retired=[os.path.join(d, n) for n in retired])
+
+
+class CatalogueDamagedError(CacheError):
+    """The catalogue file cannot be read while its segment folder exists: `cache verify --repair`
+    rebuilds it from the segments."""
+
+
+def _damaged(path: str, e: Exception) -> CacheError:
+    d = seg_dir(path)
+    if os.path.isdir(d) and any(n.endswith(".h5") for n in os.listdir(d)):
+        return CatalogueDamagedError(
+            f"{path}: cannot read the feature cache: its catalogue is damaged ({e}); the segments in "
+            f"{os.path.basename(d)}/ are kept: run clipdet cache verify --repair to rebuild the catalogue from them")
+    return CacheError(f"{path}: cannot read the feature cache ({e})")
+
+
+def rebuild(path: str) -> tuple[list[str], list[str]]:
+    """Rebuild a lost or damaged catalogue from the segment files (call under the exclusive lock):
+    every readable seg-/mrg- file, less those a merge output says it replaced (attr `replaces`), in
+    cache order (attr order_ns / created_ns, see segment.order_ns). Returns (segments, unreadable files,
+    left out of the catalogue)."""
+    import h5py
+
+    from .segment import order_ns
+
+    d = seg_dir(path)
+    found, replaced, unreadable = [], set(), []
+    for n in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if not (n.startswith(("seg-", "mrg-")) and n.endswith(".h5")):
+            continue
+        p = os.path.join(d, n)
+        try:
+            with h5py.File(p, "r") as f:
+                check_header(f, p)
+                found.append((order_ns(f, p), n))
+                rep = f.attrs.get("replaces")
+                if rep is not None:
+                    import json
+
+                    replaced.update(json.loads(rep))
+        except (OSError, CacheError, ValueError):
+            unreadable.append(p)
+    live = [os.path.join(d, n) for _, n in sorted(found) if n not in replaced]
+    write(path, live, 1)
+    return live, unreadable
 
 
 def write(path: str, segments: list[str], generation: int, retired: list[str] = ()) -> None:

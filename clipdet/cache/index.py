@@ -109,6 +109,34 @@ class KeyTable:
             return None
         return cls(g["_index_k64"][()], g["_index_raw"][()], g["_index_row"][()].astype(np.int64))
 
+    def damage(self) -> str | None:
+        """Why this (stored) table cannot be trusted, or None: keys sorted, each the XOR of its digest's
+        words, row numbers a permutation of the file's rows. Any one flipped bit breaks one of these.
+        O(n) numpy, the cost of loading the table."""
+        n = len(self.k64)
+        if len(self.raw) != n or (self.row is not None and len(self.row) != n):
+            return "columns of different lengths"
+        if n > 1 and not bool(np.all(self.k64[1:] >= self.k64[:-1])):
+            return "keys out of order"
+        if not np.array_equal(raw_to_k64(self.raw), self.k64):
+            return "keys do not match their digests"
+        if self.row is not None and n:
+            if self.row.min() < 0 or self.row.max() >= n:
+                return "row number out of range"
+            seen = np.zeros(n, bool)
+            seen[self.row] = True
+            if not seen.all():
+                return "row number repeated"
+        return None
+
+    def mismatched_rows(self, column: np.ndarray) -> np.ndarray:
+        """File rows whose stored sha256 (`column`, S64 in file order) is not the digest this table
+        gives them: a damaged hash column (or index). Sorted row numbers."""
+        raw = hex_to_raw(column)
+        rows = self._row(np.arange(len(self.k64)))
+        bad = (raw[rows] != self.raw).any(axis=1)
+        return np.sort(rows[bad])
+
     def find(self, k64: np.ndarray, raw: np.ndarray) -> np.ndarray:
         """Row number of each query key, -1 where absent (first row on duplicate keys)."""
         out = np.full(len(k64), -1, dtype=np.int64)
@@ -158,6 +186,7 @@ class SegmentIndex:
     size: int = 0
     version: int = 2
     conflicts: list = field(default_factory=list)   # recorded (sha256, label, generator, path) rows
+    damage: list = field(default_factory=list)      # stored search indexes found damaged (rebuilt in memory)
 
 
 class ShaSet(Set):

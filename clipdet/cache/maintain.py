@@ -12,7 +12,7 @@ import time
 
 from ..errors import CacheError
 from . import catalogue
-from .files import flock, fsync_dir, pid_alive, removed_on_failure, try_flock
+from .files import flock, fsync_dir, link, pid_alive, remove, removed_on_failure, replace, try_flock
 from .segment import check_header, feature_groups
 
 
@@ -21,31 +21,32 @@ class MaintainMixin:
 
     def _update_catalogue(self, add: list[str] = (), replace: tuple[list[str], str] | None = None) -> list[str]:
         """Under the exclusive lock: upgrade a v1 cache, adopt orphan segments of dead writers, append
-        `add`, or swap `replace` = (inputs, merge output named mrg-...): the output gets its seg- name here,
-        under the lock, and the catalogue names the inputs as retired until they are deleted, so a kill at
-        any point neither loses nor duplicates rows. Returns the new segment list."""
+        `add`, or swap `replace` = (inputs, merge output named mrg-...). The merge output keeps its mrg-
+        name: the catalogue write that names it is the one step that commits the merge (an mrg- file the
+        catalogue does not name is never adopted, only deleted once its writer is dead), and the
+        catalogue names the inputs as retired until they are deleted, so a kill at any point neither
+        loses nor duplicates rows. Returns the new segment list."""
         with flock(self.lock_path, exclusive=True, create_dir=True):
             cat = catalogue.read(self.path)
             segs = self._upgrade_in_place(cat) if cat.legacy else list(cat.segments)
+            segs = [s for s in segs if os.path.exists(s) or not os.path.exists(s + ".bad")]  # set aside meanwhile
             segs += [p for p in self._orphans(segs, cat.retired) if p not in add]
             retired: list[str] = []
             if replace is not None:
                 inputs, output = replace
                 if not all(s in segs for s in inputs):  # changed meanwhile (a repair): drop this merge
                     with contextlib.suppress(OSError):
-                        os.remove(output)
+                        remove(output)
                     catalogue.write(self.path, segs, cat.generation + 1)
                     return segs
-                final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-m00000.h5")
-                os.replace(output, final)
                 at = segs.index(inputs[0])
-                segs = segs[:at] + [final] + [s for s in segs[at:] if s not in inputs]
+                segs = segs[:at] + [output] + [s for s in segs[at:] if s not in inputs]
                 retired = list(inputs)
             segs += list(add)
             catalogue.write(self.path, segs, cat.generation + 1, retired=retired)
             for s in retired:
                 with contextlib.suppress(OSError):
-                    os.remove(s)
+                    remove(s)
             return segs
 
     def _upgrade_in_place(self, cat) -> list[str]:
@@ -57,13 +58,13 @@ class MaintainMixin:
             dst = os.path.join(self.seg_dir, base)
             if not os.path.exists(dst):
                 try:
-                    os.link(src, dst)
+                    link(src, dst)
                 except OSError:
                     import shutil
 
                     tmp = f"{dst}.{os.getpid()}.tmp"
                     shutil.copyfile(src, tmp)
-                    os.replace(tmp, dst)
+                    replace(tmp, dst)
             out.append(dst)
         fsync_dir(self.seg_dir)
         return out
@@ -87,11 +88,15 @@ class MaintainMixin:
             parts = n.lstrip(".").split("-")
             if p in retired_set and p not in live_set:
                 junk.append(p)
-            elif n.startswith("seg-") and n.endswith(".h5") and p not in live_set:
+            elif p in live_set:
+                continue
+            elif n.startswith("seg-") and n.endswith(".h5"):
                 if len(parts) >= 3 and parts[2].isdigit() and not pid_alive(int(parts[2])):
-                    adopt.append(p)
+                    # clipdet <= 0.3 renamed a merge (m) or upgrade (u) output to seg-...-m00000.h5 before
+                    # committing it: uncommitted, it only repeats live segments, so it is never adopted
+                    (junk if len(parts) >= 4 and parts[3][:1] in ("m", "u") else adopt).append(p)
             elif n.startswith("mrg-") and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-                junk.append(p)
+                junk.append(p)  # a merge output no catalogue named: never committed
             elif n.endswith(".tmp"):
                 pid = n.rsplit(".", 2)[-2] if n.count(".") >= 2 else ""
                 if pid.isdigit() and not pid_alive(int(pid)):
@@ -107,7 +112,7 @@ class MaintainMixin:
         adopt, junk = self._scan_orphans(live, retired)
         for p in junk:
             with contextlib.suppress(OSError):
-                os.remove(p)
+                remove(p)
         good = []
         for p in adopt:
             try:
@@ -116,7 +121,7 @@ class MaintainMixin:
                 good.append(p)
             except (OSError, CacheError):
                 with contextlib.suppress(OSError):
-                    os.replace(p, p + ".bad")
+                    replace(p, p + ".bad")
                 self._warn(f"{p}: unreadable cache segment set aside as {os.path.basename(p)}.bad")
         return good
 
@@ -178,18 +183,16 @@ class MaintainMixin:
             if not cat.legacy:  # another process upgraded it meanwhile
                 return 0
             out = self._merge(cat.segments)
-            final = os.path.join(self.seg_dir, f"seg-{time.time_ns():020d}-{os.getpid()}-u00000.h5")
             with flock(self.lock_path, exclusive=True, create_dir=True):
                 now = catalogue.read(self.path)
                 if not now.legacy or now.segments != cat.segments:  # a writer got in first: start again
                     with contextlib.suppress(OSError):
-                        os.remove(out)
+                        remove(out)
                     return 0
-                os.replace(out, final)
-                catalogue.write(self.path, [final], 1)
+                catalogue.write(self.path, [out], 1)  # replaces the v1 file: the one committing step
                 for s in cat.segments[1:]:
                     with contextlib.suppress(OSError):
-                        os.remove(s)
+                        remove(s)
             with contextlib.suppress(OSError):
                 os.rmdir(self.pending_dir)
             return len(cat.segments)
@@ -205,7 +208,7 @@ class MaintainMixin:
         try:
             with removed_on_failure(out):
                 files = [h5py.File(p, "r") for p in inputs]
-                dropped = merge_files(files, out)
+                dropped = merge_files(files, out, replaces=inputs)
             if dropped:
                 self._warn(f"{self.seg_dir}: {dropped} damaged feature row(s) left out while merging; their "
                            "images are re-extracted when next met")
@@ -232,16 +235,28 @@ class MaintainMixin:
         return good, bad
 
     def _set_aside(self, bad: list[str]) -> list[str]:
-        """Rename damaged segments to *.bad (never deleted) and drop them from the catalogue."""
+        """Rename damaged segments to *.bad (never deleted) and drop them from the catalogue; a listed
+        segment that is gone is only dropped (and said so)."""
+        moved, gone, failed = [], [], []
         with flock(self.lock_path, exclusive=True, create_dir=True):
             cat = catalogue.read(self.path)
             segs = [s for s in cat.segments if s not in bad]
             for s in bad:  # renamed before the catalogue drops it: never re-adopted as an orphan
-                with contextlib.suppress(OSError):
-                    os.replace(s, s + ".bad")
+                try:
+                    replace(s, s + ".bad")
+                    moved.append(s)
+                except FileNotFoundError:
+                    gone.append(s)
+                except OSError as e:
+                    failed.append((s, e))
             catalogue.write(self.path, segs, cat.generation + 1)
-        for s in bad:
+        for s in moved:
             self._warn(f"{s}: unreadable cache segment set aside as {os.path.basename(s)}.bad")
+        for s in gone:
+            self._warn(f"{s}: cache segment missing; dropped from the catalogue (its images are re-extracted "
+                       "when next met)")
+        for s, e in failed:
+            self._warn(f"{s}: unreadable cache segment dropped from the catalogue but not renamed ({e.strerror})")
         return segs
 
     def shard_count(self) -> int:

@@ -67,15 +67,22 @@ def plan(sizes: list[int], full: bool = False) -> tuple[int, int] | None:
     return None
 
 
-def merge_files(files: list, out_path: str) -> int:
+def merge_files(files: list, out_path: str, replaces: list[str] = ()) -> int:
     """Write the union of the open segment files `files` (oldest first) to `out_path` (a new file);
-    returns how many damaged feature rows were left out."""
+    returns how many damaged feature rows were left out. The output records the segments it replaces
+    (attr `replaces`, file names) and the cache position of the first (attr `order_ns`), so a cache
+    whose catalogue is lost can be rebuilt from its segment files (catalogue.rebuild)."""
     import h5py
+
+    from .segment import order_ns
 
     need = sum(os.path.getsize(f.filename) for f in files if os.path.exists(f.filename))
     check_free_space(os.path.dirname(os.path.abspath(out_path)), need)
     with h5py.File(out_path, "w") as out:
         write_header(out)
+        out.attrs["replaces"] = json.dumps([os.path.basename(p) for p in replaces])
+        if files:
+            out.attrs["order_ns"] = order_ns(files[0], files[0].filename)
         _merge_images(files, out)
         errors, seen = [], set()
         for f in files:
@@ -92,8 +99,10 @@ def merge_files(files: list, out_path: str) -> int:
         dropped = 0
         for (key, view), srcs in groups.items():
             dropped += _merge_group(srcs, fg.require_group(key).create_group(view), key, view)
+    from .files import fsync
+
     with open(out_path, "rb") as fh:
-        os.fsync(fh.fileno())
+        fsync(fh.fileno())
     return dropped
 
 
@@ -105,10 +114,28 @@ def _image_columns(f, vocab_code: dict) -> dict:
     c = image_columns(f)
     remap = np.array([vocab_code.setdefault(v, len(vocab_code)) for v in c["vocab"]], np.int32)
     g = f["images"]
-    return {"sha256": c["sha256"], "label": c["label"], "gen": remap[c["gen"]] if len(c["gen"]) else c["gen"],
-            "width": g["width"][()], "height": g["height"][()],
-            "format": np.array(decode(g["format"][()]), dtype=object),
-            "paths": np.array(decode(g["paths"][()]), dtype=object)}
+    out = {"sha256": c["sha256"], "label": c["label"], "gen": remap[c["gen"]] if len(c["gen"]) else c["gen"],
+           "width": g["width"][()], "height": g["height"][()],
+           "format": np.array(decode(g["format"][()]), dtype=object),
+           "paths": np.array(decode(g["paths"][()]), dtype=object)}
+    bad = hash_mismatches(g, c["sha256"])
+    if len(bad):  # a damaged hash: that row's metadata belongs to no known image
+        keep = np.ones(len(c["sha256"]), bool)
+        keep[bad] = False
+        out = {k: v[keep] for k, v in out.items()}
+    return out
+
+
+def hash_mismatches(g, column: np.ndarray) -> np.ndarray:
+    """Rows of table `g` (images or a feature group) whose sha256 `column` value differs from the digest
+    its stored search index gives that row: a damaged hash. Empty when the index is absent or itself
+    damaged (then the column is all there is)."""
+    from .index import KeyTable
+
+    tab = KeyTable.load(g, len(column))
+    if tab is None or tab.damage() is not None:
+        return np.zeros(0, np.int64)
+    return tab.mismatched_rows(column)
 
 
 def _merge_images(files: list, out) -> None:
@@ -183,8 +210,16 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
     keep = np.zeros(len(allsha), bool)
     keep[perm[starts[counts == 1]]] = True
     offsets = np.cumsum([0] + [len(s) for s in shas])
+    hashbad = np.zeros(len(allsha), bool)
+    for si, (src, s) in enumerate(zip(srcs, shas)):
+        hashbad[offsets[si] + hash_mismatches(src, s)] = True
+    dropped = int(hashbad.sum())
+    keep &= ~hashbad
     for gi in np.flatnonzero(counts > 1):  # an image in several rows: the oldest whole one wins
         members = np.sort(perm[starts[gi]:starts[gi] + counts[gi]])
+        members = members[~hashbad[members]]
+        if not len(members):
+            continue
         chosen = members[0]
         for mbr in members:
             si = int(np.searchsorted(offsets, mbr, side="right") - 1)
@@ -194,7 +229,7 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
         keep[chosen] = True
     dim = int(first.attrs["dim"])
     ds_s, ds_e, ds_x = create_feature_datasets(g, int(keep.sum()), dim, {x: first[x].shape[1:] for x in extras})
-    written, m, dropped = [], 0, 0
+    written, m = [], 0
     for si, (src, s) in enumerate(zip(srcs, shas)):
         n = len(s)
         for start in range(0, n, COPY_ROWS):

@@ -50,6 +50,18 @@ def check_header(f, name: str, kinds=("segment",)) -> int:
     return version
 
 
+def order_ns(f, name: str) -> int:
+    """A segment's position in its cache's order: a merge output takes its first input's (attr
+    order_ns), a batch its creation time (attr created_ns, else the seg-<time_ns>-... file name)."""
+    import os
+
+    for a in ("order_ns", "created_ns"):
+        if a in f.attrs:
+            return int(f.attrs[a])
+    parts = os.path.basename(name).split("-")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
 def _chunk_rows(dim_bytes: int, n: int) -> int:
     return max(1, min(max(n, 1), CHUNK_BYTES // max(1, dim_bytes)))
 

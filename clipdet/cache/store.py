@@ -20,11 +20,12 @@ import numpy as np
 
 from ..errors import CacheError, CacheMismatchError
 from . import catalogue
-from .files import DiskFullError, atomic_write_bytes, flock, os_error_message
+from .files import CacheWarning, DiskFullError, atomic_write_bytes, flock, os_error_message
 from .index import (
     KeyTable,
     SegmentIndex,
     ShaSet,
+    hex_to_raw,
     keys_of,
     raw_to_hex,
     same_content_rows,
@@ -41,15 +42,12 @@ from .segment import (
     group_heads,
     group_rows_checked,
     image_rows,
+    read_rows,
     segment_bytes,
 )
 
 #: merge check every this many segments written by one process
 MERGE_EVERY = 64
-
-
-class CacheWarning(UserWarning):
-    """A problem with the cache that the run works around (damaged segment or rows, read-only)."""
 
 
 class FeatureCache(LabelsMixin, MaintainMixin):
@@ -114,6 +112,9 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                         f.close()
                         self._warn(f"{p}: damaged cache segment skipped ({e}); run clipdet cache verify --repair")
                         continue
+                    if idx.damage:
+                        self._warn(f"{p}: {idx.damage[0]}; rebuilt from its hash column for this run; "
+                                   "run clipdet cache verify --repair")
                     segs.append(_Seg(p, idx, f))
                 live = {id(s.index) for s in segs}
                 if len(self._index) > len(live):  # forget segments merged away (long-lived processes)
@@ -232,6 +233,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             uniq, inv = np.unique(rows, return_inverse=True)
             e, ok, xv = group_rows_checked(g, uniq, extras)  # a row is whole with its extras
             e, ok = e[inv].astype(np.float32), ok[inv]
+            ok &= (hex_to_raw(read_rows(g["sha256"], uniq))[inv] == raw[todo]).all(axis=1)  # row holds that image
             if emb is None:
                 emb = np.zeros((len(wanted), e.shape[1]), np.float32)
             for name, v in xv.items():
@@ -279,10 +281,11 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 sel = np.flatnonzero(rows >= 0)
                 if not len(sel):
                     continue
-                found = {}
+                found, expect = {}, {int(r): wanted[i] for i, r in zip(sel, rows[sel])}
                 r_sorted = np.unique(rows[sel])
                 for r, m in zip(r_sorted, image_rows(s.file, r_sorted)):
-                    found[int(r)] = m
+                    if m.sha256 == expect[int(r)]:  # else a damaged hash: the row belongs to no known image
+                        found[int(r)] = m
                 # rows of the same content repeated within one segment: fold each in file order
                 for r in sorted(found):
                     m = found[r]
@@ -293,7 +296,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 dup = same_content_rows(s.index.images, k64[sel], raw[sel], rows[sel])
                 for r in dup:
                     for m in image_rows(s.file, np.array([r])):
-                        out[m.sha256].merge(m)
+                        if m.sha256 in out:
+                            out[m.sha256].merge(m)
         return out
 
     def images(self) -> dict[str, ImageMeta]:

@@ -51,33 +51,47 @@ def _sha_of_file(path: str) -> str | None:
         return None
 
 
-def _embeddings(col, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A list / fixed-size-list Arrow column → (n, dim) float32 and a mask of rows of the right length."""
+def _embeddings(col, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list / fixed-size-list Arrow column → (n, dim) float32, a mask of rows of the right length, and
+    a mask of null rows (no embedding at all)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     n = len(col)
+    null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
     if pa.types.is_fixed_size_list(col.type):
         width = col.type.list_size
-        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         if width != dim:
-            return np.zeros((n, dim), np.float32), np.zeros(n, bool)
-        out = flat.reshape(n, dim)
-        ok = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
-        return out, ok
+            return np.zeros((n, dim), np.float32), np.zeros(n, bool), null
+        # the child array holds a slot for every row, null rows included (flatten() would skip them)
+        vals = col.values.slice(col.offset * width, n * width)
+        out = np.asarray(vals.to_numpy(zero_copy_only=False), np.float64).astype(np.float32).reshape(n, dim)
+        return out, ~null, null
     lengths = pc.list_value_length(col).fill_null(-1).to_numpy().astype(np.int64)
     ok = lengths == dim
     out = np.zeros((n, dim), np.float32)
     if ok.any():
         good = col.filter(pa.array(ok))
-        out[ok] = good.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return out, ok
+        out[ok] = np.asarray(good.flatten().to_numpy(zero_copy_only=False), np.float64).astype(np.float32) \
+            .reshape(-1, dim)
+    return out, ok, null
 
 
-def _batches(sources: list[str]) -> Iterator[tuple[str, int, dict]]:
-    """(file, first row number, columns as Python/numpy) over Parquet files and clip-retrieval folders."""
+def embedding_type_problem(t, dim: int) -> str | None:
+    """Why an Arrow type cannot hold embeddings (None when it is a list of numbers)."""
+    import pyarrow as pa
+
+    if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and \
+            (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        return None
+    return f"column embedding is {t}; expected a list of {dim} floats (list<float> or fixed_size_list<float, {dim}>)"
+
+
+def _batches(sources: list[str], summary: ImportSummary, dim: int) -> Iterator[tuple[str, int, dict]]:
+    """(file, first row number, columns as Python/numpy) over Parquet files and clip-retrieval folders;
+    a file whose embedding column is not a list of numbers is rejected whole (in `summary`)."""
     import pyarrow.parquet as pq
 
     for src in sources:
@@ -110,6 +124,10 @@ def _batches(sources: list[str]) -> Iterator[tuple[str, int, dict]]:
             names = set(pf.schema_arrow.names)
             if "embedding" not in names or not ({"sha256", "path"} & names):
                 raise UsageError(f"{f}: needs columns embedding and sha256 or path (has: {', '.join(sorted(names))})")
+            why = embedding_type_problem(pf.schema_arrow.field("embedding").type, dim)
+            if why:
+                summary.reject(f, why, pf.metadata.num_rows)
+                continue
             cols = [c for c in ("sha256", "path", "embedding", "label", "generator") if c in names]
             start = 0
             for rg in range(pf.num_row_groups):  # one row group at a time (iter_batches keeps them alive)
@@ -126,9 +144,11 @@ def import_rows(cache, sources: list[str], key: str, attrs: dict, view: str = "c
     backbone's, from `clipdet.backbones.backbone_attrs`); see the module docstring for the formats."""
     dim = attrs["dim"]
     summary = ImportSummary()
+    if cache.exists():
+        _refuse_richer_group(cache, key, view)
     cached = cache.cached_shas(key, view) if cache.exists() else None
     seen: set[str] = set()  # imported in this run
-    for where, start, d in _batches(sources):
+    for where, start, d in _batches(sources, summary, dim):
         n = len(d["embedding_np"]) if "embedding_np" in d else len(d["embedding"])
         if "embedding_np" in d:
             x = d["embedding_np"].astype(np.float32)
@@ -137,11 +157,14 @@ def import_rows(cache, sources: list[str], key: str, attrs: dict, view: str = "c
                 summary.reject(where, f"embedding size {x.shape[-1]}, the backbone's is {dim}", n)
                 continue
         else:
-            x, ok = _embeddings(d["embedding"], dim)
-            if (~ok).any():
-                i = int(np.flatnonzero(~ok)[0])
+            x, ok, null = _embeddings(d["embedding"], dim)
+            if null.any():
+                i = int(np.flatnonzero(null)[0])
+                summary.reject(f"{where} row {start + i}", "embedding is null", int(null.sum()))
+            if (~ok & ~null).any():
+                i = int(np.flatnonzero(~ok & ~null)[0])
                 summary.reject(f"{where} row {start + i}", f"embedding is not {dim} numbers (the backbone's "
-                               "embedding size)", int((~ok).sum()))
+                               "embedding size)", int((~ok & ~null).sum()))
         norms = np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=1)
         bad_val = ok & (~np.isfinite(x).all(axis=1) | (norms == 0))
         if bad_val.any():
@@ -203,6 +226,18 @@ def import_rows(cache, sources: list[str], key: str, attrs: dict, view: str = "c
         summary.rows += len(idx)
     cache.auto_compact()
     return summary
+
+
+def _refuse_richer_group(cache, key: str, view: str) -> None:
+    """Imported rows carry an embedding only: refuse (before reading any source) to add them to a group
+    extracted with --layers or --heads, whose every row must hold those too."""
+    g = cache.group(key, view)
+    if g is None or not (g.layers or g.heads):
+        return
+    what = f"--layers {','.join(map(str, g.layers))}" if g.layers else \
+        f"--heads {len(g.heads.get('blocks', []))}"
+    raise UsageError(f"{cache.path}: features {key}/{view} were extracted with {what}; imported embeddings "
+                     "have no such rows and cannot join them: import into another --cache")
 
 
 def LABELS_OF(v) -> str | None:  # noqa: N802 - a mapping, read as a table

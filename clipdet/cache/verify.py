@@ -21,13 +21,16 @@ class VerifyReport:
     segments: int = 0
     rows: int = 0
     unreadable: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)   # listed by the catalogue, not on disk
+    rebuilt: int | None = None   # repair rebuilt a damaged catalogue from this many segments
     damaged: list[tuple[str, str, str]] = field(default_factory=list)
+    bad_index: list[tuple[str, str, str]] = field(default_factory=list)  # (segment, table, why)
     repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when nothing is damaged."""
-        return not self.unreadable and not self.damaged
+        return not self.unreadable and not self.missing and not self.damaged and not self.bad_index
 
 
 def _bad_rows(g) -> np.ndarray:
@@ -39,6 +42,19 @@ def _bad_rows(g) -> np.ndarray:
     return np.array(bad, dtype=np.int64)
 
 
+def _check_table(rep: VerifyReport, path: str, name: str, g, column: np.ndarray) -> np.ndarray:
+    """Cross-check table `g`'s stored search index (sorted, digests, row range) and its sha256 `column`
+    (each row's hash is the one the index gives it); returns the rows with a damaged hash."""
+    from .index import KeyTable
+    from .merge import hash_mismatches
+
+    tab = KeyTable.load(g, len(column))
+    if tab is not None and (why := tab.damage()):
+        rep.bad_index.append((path, name, f"search index damaged ({why})"))
+        return np.zeros(0, np.int64)
+    return hash_mismatches(g, column)
+
+
 def verify(cache, repair: bool = False) -> VerifyReport:
     """Check every live segment of `cache`; with `repair`, drop damaged rows and set aside unreadable
     segments (their images are re-extracted by the next run that meets them)."""
@@ -48,8 +64,39 @@ def verify(cache, repair: bool = False) -> VerifyReport:
         from .files import flock
 
         with flock(cache.merge_lock_path, exclusive=True, create_dir=True):
-            return _verify(cache, repair)
+            rebuilt = _rebuild_if_damaged(cache)
+            rep = _verify(cache, repair)
+            if rebuilt is not None:
+                rep.rebuilt, unreadable = rebuilt
+                rep.unreadable += unreadable
+            return rep
     return _verify(cache, repair)
+
+
+def _rebuild_if_damaged(cache) -> tuple[int, list[str]] | None:
+    """A catalogue that cannot be read is rebuilt from the segment files (the damaged file is kept as
+    clipdet.h5.bad; unreadable segment files are set aside as *.bad). Returns (segments, unreadable)
+    or None when the catalogue was fine."""
+    import shutil
+
+    from . import catalogue
+    from .files import flock, replace
+
+    try:
+        catalogue.read(cache.path)
+        return None
+    except catalogue.CatalogueDamagedError:
+        pass
+    with flock(cache.lock_path, exclusive=True, create_dir=True):
+        try:
+            catalogue.read(cache.path)
+            return None
+        except catalogue.CatalogueDamagedError:
+            shutil.copyfile(cache.path, cache.path + ".bad")
+            live, unreadable = catalogue.rebuild(cache.path)
+        for p in unreadable:
+            replace(p, p + ".bad")
+    return len(live), unreadable
 
 
 def _verify(cache, repair: bool) -> VerifyReport:
@@ -63,27 +110,28 @@ def _verify(cache, repair: bool) -> VerifyReport:
         try:
             f = h5py.File(path, "r")
         except OSError:
-            rep.unreadable.append(path)
+            (rep.unreadable if os.path.exists(path) else rep.missing).append(path)
             continue
-        damaged_before = len(rep.damaged)
+        damaged_before = len(rep.damaged) + len(rep.bad_index)
         try:
             with f:
-                f["images/sha256"][()]
+                col = f["images/sha256"][()]
+                for r in _check_table(rep, path, "images", f["images"], col):
+                    rep.damaged.append((path, "images", col[r].decode(errors="replace")))
                 for key, view in feature_groups(f):
                     g = f[f"features/{key}/{view}"]
-                    rep.rows += len(g["sha256"])
-                    bad = _bad_rows(g)
-                    if len(bad):
-                        shas = g["sha256"][()][bad]
-                        rep.damaged += [(path, f"{key}/{view}", s.decode()) for s in shas]
+                    col = g["sha256"][()]
+                    rep.rows += len(col)
+                    bad = np.union1d(_bad_rows(g), _check_table(rep, path, f"{key}/{view}", g, col))
+                    rep.damaged += [(path, f"{key}/{view}", col[r].decode(errors="replace")) for r in bad]
         except (OSError, KeyError):
             rep.unreadable.append(path)
             continue
-        if repair and len(rep.damaged) > damaged_before:  # this segment has damaged rows
+        if repair and len(rep.damaged) + len(rep.bad_index) > damaged_before:  # damaged rows or index
             _rewrite_without(cache, path)
             rep.repaired.append(path)
-    if repair and rep.unreadable:
-        cache._set_aside(rep.unreadable)
+    if repair and (rep.unreadable or rep.missing):
+        cache._set_aside(rep.unreadable + rep.missing)
     return rep
 
 
@@ -97,8 +145,8 @@ def _rewrite_without(cache, path: str) -> None:
     from .files import removed_on_failure
     from .merge import merge_files
 
-    out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # named seg- under the lock
+    out = os.path.join(cache.seg_dir, f"mrg-{os.getpid()}-{time.time_ns():020d}.h5")  # committed by the catalogue
     with removed_on_failure(out):
         with h5py.File(path, "r") as f:
-            merge_files([f], out)
+            merge_files([f], out, replaces=[path])
     cache._update_catalogue(replace=([path], out))

@@ -10,6 +10,11 @@ import typer
 cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True, rich_markup_mode=None)
 
 
+def _heads_text(heads: dict | None) -> str:
+    """', attention heads of blocks [8, 9, 10, 11] × 12' for a group extracted with --heads, else ''."""
+    return f", attention heads of blocks {heads.get('blocks')} × {heads.get('n_heads')}" if heads else ""
+
+
 def register(app: typer.Typer) -> None:
     """Add the `cache` command group to `app`."""
     from .common import quiet_warnings, run_command
@@ -44,7 +49,8 @@ def register(app: typer.Typer) -> None:
                     continue
                 labels = ", ".join(f"{k} {v}" for k, v in f["labels"].items())
                 typer.echo(f"  {f['backbone']} [{f['backbone_key']}] view {f['view']}: {f['images']} images "
-                           f"(dim {f['dim']}{', layers ' + str(f['layers']) if f['layers'] else ''}; {labels})")
+                           f"(dim {f['dim']}{', layers ' + str(f['layers']) if f['layers'] else ''}"
+                           f"{_heads_text(f['heads'])}; {labels})")
                 if f["generators"]:
                     typer.echo("    generators: " + ", ".join(f"{k} {v}" for k, v in f["generators"].items()))
                 pool = f["labels"].get("real", 0) + f["labels"].get("fake", 0)
@@ -131,18 +137,29 @@ def register(app: typer.Typer) -> None:
 
         def go():
             quiet_warnings(False)
+            import os
+
             from ..cache import FeatureCache
             from ..cache.verify import verify
 
-            rep = verify(FeatureCache(cache), repair=repair)
+            fc = FeatureCache(cache)
+            rep = verify(fc, repair=repair)
+            if rep.rebuilt is not None:
+                typer.echo(f"{fc.path}: the catalogue was damaged: rebuilt from {rep.rebuilt} segment(s) "
+                           f"(the damaged file is kept as {os.path.basename(fc.path)}.bad)", err=True)
             for p in rep.unreadable:
                 typer.echo(f"{p}: unreadable segment" + (" (set aside as .bad)" if repair else ""), err=True)
+            for p in rep.missing:
+                typer.echo(f"{p}: segment missing" + (" (dropped from the catalogue)" if repair else ""), err=True)
+            for p, table, why in rep.bad_index:
+                typer.echo(f"{p}: {table}: {why}" + (" (rebuilt from the hash column)" if repair else ""), err=True)
             for p, grp, sha in rep.damaged[:20]:
                 typer.echo(f"{p}: {grp}: damaged row {sha}", err=True)
             if len(rep.damaged) > 20:
                 typer.echo(f"... and {len(rep.damaged) - 20} more damaged rows", err=True)
             typer.echo(f"{rep.segments} segment(s), {rep.rows} rows checked: {len(rep.damaged)} damaged row(s), "
-                       f"{len(rep.unreadable)} unreadable segment(s)"
+                       f"{len(rep.bad_index)} damaged index(es), {len(rep.unreadable)} unreadable segment(s)"
+                       + (f", {len(rep.missing)} missing segment(s)" if rep.missing else "")
                        + (f"; repaired {len(rep.repaired)} segment(s)" if repair else ""))
             return 0 if rep.ok or repair else 1
 

@@ -8,7 +8,7 @@ import io
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import NoImagesError, UsageError, printable
@@ -30,6 +30,7 @@ class ImageRef:
     generator: str | None = None
     error: str | None = None  # set by discovery for an input that cannot be used (e.g. an unreadable folder)
     caption: str | None = None  # from a manifest `caption` column (features image+text / residual)
+    also: tuple = ()  # other (label, generator) a manifest gives the same path: recorded as a label conflict
 
 
 class Discovered(list):
@@ -234,20 +235,33 @@ def discover(
             refs.append(ImageRef(str(p), *label_from_layout(p)))
         else:
             raise UsageError(f"{item}: no such file or folder")
-    seen: set[str] = set()
+    first: dict[str, int] = {}
     for r in refs:
-        if r.path not in seen:
-            seen.add(r.path)
+        i = first.get(r.path)
+        if i is None:
+            first[r.path] = len(found)
             found.append(r)
+        elif _disagree(found[i], r):  # kept once, the other label kept too: the cache records a conflict
+            found[i] = replace(found[i], also=found[i].also + ((r.label, r.generator),))
     return found
 
 
 def without_labels(refs: Iterable[ImageRef]) -> list[ImageRef]:
     """`refs` with label and generator cleared, for embedding images that are not references (score, eval,
     --calibrate): the cache records them unlabelled, so `fit` never draws them (paths and captions kept)."""
-    from dataclasses import replace
+    return [replace(r, label=None, generator=None, also=()) if (r.label or r.generator or r.also) else r
+            for r in refs]
 
-    return [replace(r, label=None, generator=None) if (r.label or r.generator) else r for r in refs]
+
+def _disagree(kept: ImageRef, other: ImageRef) -> bool:
+    """Whether `other` (the same path again) gives a label or generator that contradicts `kept`'s."""
+    from ..cache.conflicts import conflicted
+
+    obs = (other.label, other.generator)
+    if obs in kept.also or not other.label or obs == (kept.label, kept.generator):
+        return False
+    return conflicted([(kept.label or "", kept.generator or ""), (other.label, other.generator or "")] +
+                      [(lab, gen or "") for lab, gen in kept.also])
 
 
 def require_images(refs: list[ImageRef], inputs: Iterable[str] = ()) -> None:

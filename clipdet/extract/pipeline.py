@@ -203,6 +203,8 @@ def extract_local(
     lazy = lazy if lazy is not None else LazyBackbone(backbone, device, layers or (), precision=precision,
                                                       heads=heads or 0)
     summary = ExtractSummary(total=len(refs), backbone_key=lazy.key, views=list(views))
+    if lazy.explicit and not lazy.loaded and cache.exists():
+        _refuse_missing_extras(cache, lazy, views)
     if not (lazy.layers and lazy.heads) and not lazy.loaded and cache.exists():
         groups = [g for g in cache.groups(count=False) if g.key == lazy.key and g.view in views]
         stored = [g.layers for g in groups if g.layers]
@@ -244,6 +246,7 @@ def extract_local(
     writer = (stages.writer if stages is not None else BatchWriter)(cache, lazy, views, batch_size)
     seen: set[str] = set()
     already: list[ImageMeta] = []  # cached images whose metadata may be new: checked in batches
+    also = {r.path: r.also for r in refs if r.also}  # a manifest's other labels for a path (discover)
     try:
         for p in _with_known(refs, abs_paths, known_files, read):
             progress.update()
@@ -254,6 +257,9 @@ def extract_local(
                 summary.errors.append((p.ref.path, p.error))
                 writer.errors.append({"sha256": p.sha256, "path": os.path.abspath(p.ref.path), "reason": p.error})
                 continue
+            if p.ref.path in also and record_cached:  # recorded as further observations: a label conflict
+                already += [ImageMeta(p.sha256, lab or "", gen or "", paths=list(p.meta.paths))
+                            for lab, gen in also[p.ref.path]]
             if not p.tensors or p.sha256 in seen:
                 summary.cached += 1
                 if record_cached and not p.unchanged:
@@ -281,6 +287,21 @@ def extract_local(
 
 
 KNOWN_BATCH = 4096
+
+
+def _refuse_missing_extras(cache: FeatureCache, lazy: LazyBackbone, views) -> None:
+    """--layers / --heads into a cache whose feature group was extracted without them: refused at once,
+    before any model is built (its rows cannot gain the arrays, nor new rows lack them)."""
+    from ..errors import CacheMismatchError
+
+    for g in cache.groups(count=False):
+        if g.key != lazy.key or g.view not in views:
+            continue
+        for asked, have, opt in ((lazy.layers, g.layers, "--layers"), (lazy.heads, g.heads, "--heads")):
+            if asked and not have:
+                raise CacheMismatchError(
+                    f"{cache.path}: features {g.key}/{g.view} were extracted without {opt}; extract with "
+                    f"{opt} into another --cache (or leave {opt} out to use this one)")
 
 
 def abs_path(path: str) -> str:

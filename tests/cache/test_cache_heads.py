@@ -95,3 +95,17 @@ def test_merge_refuses_segments_with_different_head_sets(tmp_path):
     with pytest.raises(CacheMismatchError, match="do not match"):
         fc.compact(full=True)
     assert len(FeatureCache(fc.path).load(KEY, "clean").sha256) == 2  # nothing lost
+
+
+def test_cache_info_shows_heads_and_layers(tmp_path, run_cli):
+    from test_cache import shard
+
+    fc = FeatureCache(tmp_path / "c.h5")
+    write(fc, [1])
+    shard(fc, [2], view="jpeg:75", layers=(1, 0))
+    r = run_cli("cache", "info", "--cache", fc.path)
+    assert r.exit_code == 0, r.output
+    (heads_line,) = [ln for ln in r.stdout.splitlines() if "view clean" in ln]
+    assert "attention heads of blocks [2, 3] × 2" in heads_line, r.stdout
+    (layers_line,) = [ln for ln in r.stdout.splitlines() if "view jpeg:75" in ln]
+    assert "layers [1, 0]" in layers_line and "attention heads" not in layers_line, r.stdout

@@ -77,7 +77,7 @@ def test_automatic_merge_failure_is_a_warning(tmp_path, monkeypatch):
     for i in range(7):
         shard(fc, [i])
 
-    def boom(files, out):
+    def boom(files, out, **kw):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(merge, "merge_files", boom)

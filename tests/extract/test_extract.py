@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -275,7 +276,52 @@ def test_rerun_with_other_layers_refused_even_when_all_cached(labelled_tree, tmp
     """Asking for CLS tokens the cache does not hold must not report 'all cached' (nothing would be stored)."""
     cache = FeatureCache(tmp_path / "c.h5")
     _run(labelled_tree, cache, lazy)
-    with pytest.raises(CacheMismatchError, match=r"layers \[\] vs \[1\]"):
+    with pytest.raises(CacheMismatchError, match=r"extracted without --layers"):  # refused before any model load
         _run(labelled_tree, cache, LazyBackbone(tiny_spec, "cpu", layers=(-1,)))
     s = _run(labelled_tree, cache, LazyBackbone(tiny_spec, "cpu"))  # without --layers: all cached, no load
     assert (s.new, s.cached) == (0, 24)
+
+
+@pytest.mark.parametrize("cached_first", [False, True])
+def test_manifest_listing_a_path_twice_with_other_labels_is_a_conflict(tmp_path, make_image, lazy, cached_first):
+    """#21 item 9: the second row's label was dropped silently; now it is recorded like any other conflict."""
+    from clipdet.extract.discover import discover
+
+    a, b = make_image(tmp_path / "imgs" / "a.png", seed=1), make_image(tmp_path / "imgs" / "b.png", seed=2)
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,generator\nimgs/a.png,real,\nimgs/b.png,real,\nimgs/a.png,fake,gx\nimgs/b.png,0,\n")
+    refs = discover([], manifest=str(m))
+    assert [(r.label, r.also) for r in refs] == [("real", (("fake", "gx"),)), ("real", ())]
+    cache = FeatureCache(tmp_path / "c.h5")
+    if cached_first:  # extracted before (the stat index knows it, not racy) with one label
+        for f in (a, b):
+            os.utime(f, (time.time() - 60, time.time() - 60))
+        _run([r.__class__(r.path, r.label) for r in refs], cache, lazy)
+    _run(refs, cache, lazy)
+    conflicts = FeatureCache(cache.path).conflicts()
+    assert [c["sha256"] for c in conflicts] == [_sha(a)]
+    assert {o[:2] for o in conflicts[0]["observations"]} == {("real", ""), ("fake", "gx")}
+    lab = FeatureCache(cache.path).labelled(cache.groups()[0].key, "clean")
+    assert int(lab["conflict"].sum()) == 1 and len(lab["label"]) == 2
+    assert _sha(b) not in {c["sha256"] for c in conflicts}
+
+
+@pytest.mark.parametrize("option", ["layers", "heads"])
+def test_layers_or_heads_into_a_group_without_them_is_refused_before_the_model_is_built(
+        tmp_path, make_image, lazy, tiny_spec, option, monkeypatch):
+    from clipdet.errors import CacheMismatchError
+    from clipdet.extract.lazy import LazyBackbone
+
+    make_image(tmp_path / "in" / "a.png", seed=1)
+    cache = FeatureCache(tmp_path / "c.h5")
+    _run(tmp_path / "in", cache, lazy)
+    make_image(tmp_path / "in" / "b.png", seed=2)
+    fresh = LazyBackbone(tiny_spec, "cpu", key=lazy.key, **({"layers": (1,)} if option == "layers" else {"heads": 1}))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(fresh, "get", no_model)
+    with pytest.raises(CacheMismatchError, match=f"without --{option}; extract with --{option} into another"):
+        extract(discover([str(tmp_path / "in")]), tiny_spec, cache=cache, lazy=fresh, device="cpu", workers=1)
+    assert not fresh.loaded and len(FeatureCache(cache.path).cached_shas(lazy.key, "clean")) == 1
