@@ -35,6 +35,7 @@ class Item:
     error: str = ""
     meta: dict = field(default_factory=dict)  # width/height/format, for --cache-write
     caption: str = ""  # sent with the upload (form field `captions`), for caption features
+    data: bytes = b""  # the bytes of a cached item, kept to embed it again if its cached row is damaged
 
 
 def public_row(row: dict) -> dict:
@@ -74,6 +75,7 @@ class Engine:
         self.lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device,
                                  key=detector.backbone_key, precision=precision)
         self.cached: set[str] = set()
+        self.damaged: set[str] = set()  # cached, but the row failed its checks: embedded again (and rewritten)
         self.written = 0
         self.captions = captions if isinstance(captions, Captions) else Captions()
         self.text = None
@@ -129,11 +131,16 @@ class Engine:
             item.error = "empty file (0 bytes)"
             return item
         item.sha256 = sha256_bytes(data)
-        if item.sha256 in self.cached:
-            item.cached = True
+        if item.sha256 in self.cached and item.sha256 not in self.damaged:
+            item.cached, item.data = True, data
             return item
+        self._decode(item, data)
+        return item
+
+    def _decode(self, item: Item, data: bytes) -> None:
+        """Decode, view and preprocess `data` into `item.tensor` (a problem becomes `item.error`)."""
         try:
-            dec = decode_image(data, name, max_pixels=self.max_pixels)
+            dec = decode_image(data, item.name, max_pixels=self.max_pixels)
             item.meta = {"width": dec.width, "height": dec.height, "format": dec.format}
             item.tensor = self.lazy.preprocess(apply_view(dec.image, self.view))
         except ImageError as e:
@@ -142,13 +149,22 @@ class Engine:
             raise
         except Exception as e:  # noqa: BLE001 - one bad upload never fails the others
             item.error = f"{type(e).__name__}: {e}"
-        return item
 
     # ------------------------------------------------------------------ model thread
     def run_batch(self, items: list[Item]) -> list[dict]:
         """Score a batch of prepared items; one row dict (see `public_row`) per item, in order."""
         key = self.detector.backbone_key
         feats: dict[str, np.ndarray] = {}
+        hits = list(dict.fromkeys(it.sha256 for it in items if it.cached and not it.error))
+        if hits:
+            rows = self.cache.load(key, self.view, shas=hits)
+            feats.update(zip(rows.sha256, rows.embedding))
+        for it in items:  # a damaged cached row (or one gone since start-up): embed those bytes again
+            if it.cached and not it.error and it.sha256 not in feats:
+                it.cached = False
+                self._decode(it, it.data)
+                self.damaged.add(it.sha256)  # from now on embedded; --cache-write writes a whole row again
+            it.data = b""
         new = [it for it in items if not it.error and not it.cached]
         if new:
             model = self.lazy.get()
@@ -159,10 +175,6 @@ class Engine:
                 feats[it.sha256] = emb16[i].astype(np.float32)
             if self.cache_write:
                 self._write(model, new, emb16, out)
-        hits = [it.sha256 for it in items if it.cached and it.sha256 not in feats]
-        if hits:
-            rows = self.cache.load(key, self.view, shas=hits)
-            feats.update(zip(rows.sha256, rows.embedding))
         scorable = [it for it in items if not it.error and it.sha256 in feats]
         X = np.stack([feats[it.sha256] for it in scorable]) if scorable else None
         if scorable and self.text is not None:
@@ -176,7 +188,7 @@ class Engine:
                 if id(it) in by_item:
                     row.update(by_item[id(it)])
                 else:
-                    row["error"] = "no features (the cache changed while serving)"
+                    row["error"] = "no features (the model gave none)"
             if row["error"]:
                 row["label"] = "unknown"
             else:
@@ -205,7 +217,7 @@ class Engine:
         from ..backbones.base import feature_attrs
         from ..cache import FeatureRows, ImageMeta
 
-        fresh = [i for i, it in enumerate(items) if it.sha256 not in self.cached]
+        fresh = [i for i, it in enumerate(items) if it.sha256 not in self.cached or it.sha256 in self.damaged]
         if not fresh:
             return
         seen, keep = set(), []
@@ -220,6 +232,7 @@ class Engine:
         attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb16.shape[1]), self.lazy.heads_spec)
         self.cache.write_shard({(model.info.key, self.view): (rows, attrs)}, images=metas)
         self.cached.update(items[i].sha256 for i in keep)
+        self.damaged.difference_update(items[i].sha256 for i in keep)
         self.written += len(keep)
 
     def close(self) -> None:

@@ -262,6 +262,44 @@ def test_cache_is_reused_and_written_only_with_cache_write(served, make_image, t
     assert again["score"] == rows[1]["score"]
 
 
+def test_a_damaged_cached_row_is_embedded_again(served, tmp_path):
+    """As `clipdet score` does: a cached row that fails its checks is re-embedded, not an error."""
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    det_path, _, new = served
+    cache = tmp_path / "c.h5"
+    with _client(det_path) as c:  # no cache: the reference score
+        _wait_ready(c)
+        want = c.post("/v1/score", files=_files(new / "photo.jpg")).json()["results"][0]
+    with _client(det_path, cache=str(cache), cache_write=True) as c:
+        _wait_ready(c)
+        c.post("/v1/score", files=_files(new / "photo.jpg"))
+    fc = FeatureCache(str(cache))
+    fc.compact(full=True)
+    det = Detector.load(det_path)
+    sha = sha256_bytes((new / "photo.jpg").read_bytes())
+    with h5py.File(fc.segments()[0], "r+") as f:  # bit rot that keeps the checksum valid: a NaN in place
+        grp = f[f"features/{det.backbone_key}/{det.view}"]
+        i = [s.decode() if isinstance(s, bytes) else s for s in grp["sha256"][:]].index(sha)
+        row = grp["embedding"][i]
+        row[3] = np.nan
+        grp["embedding"][i] = row
+    with _client(det_path, cache=str(cache)) as c:
+        _wait_ready(c)
+        with pytest.warns(UserWarning, match="damaged"):
+            rows = c.post("/v1/score", files=_files(new / "photo.jpg", new / "photo.jpg")).json()["results"]
+        again = c.post("/v1/score", files=_files(new / "photo.jpg")).json()["results"][0]
+    for got in (*rows, again):
+        assert got["error"] is None and got["score"] == want["score"], got
+    with _client(det_path, cache=str(cache), cache_write=True) as c:  # --cache-write: a whole row again
+        _wait_ready(c)
+        with pytest.warns(UserWarning, match="damaged"):
+            c.post("/v1/score", files=_files(new / "photo.jpg"))
+    fresh = FeatureCache(str(cache)).load(det.backbone_key, det.view, shas=[sha])
+    assert list(fresh.sha256) == [sha] and np.isfinite(fresh.embedding).all()
+
+
 def test_healthz_is_503_while_the_model_loads(served):
     det_path, _, new = served
     engine = Engine(Detector.load(det_path), device="cpu")
