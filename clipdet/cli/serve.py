@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import app, err, run_command
+from .common import app, err, quiet_warnings, run_command
 from .options import PrecisionOpt
 
 
@@ -20,7 +20,7 @@ def serve(
                              "or --no-auth)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port"),
     token: Optional[str] = typer.Option(None, "--token", envvar="CLIPDET_TOKEN", help="Require 'Authorization: "
-                                        "Bearer TOKEN' on every API call [env CLIPDET_TOKEN]"),
+                                        "Bearer TOKEN' on every API call"),
     no_auth: bool = typer.Option(False, "--no-auth", help="Allow listening beyond loopback without a token"),
     allow_host: List[str] = typer.Option(None, "--allow-host", metavar="NAME", help="Also answer requests whose "
                                          "Host header names NAME (repeatable; '*': any). Always answered: "
@@ -47,6 +47,7 @@ def serve(
     """Serve the detector over HTTP: POST /v1/score, GET /v1/detector, /healthz, /metrics, and a web page at /."""
 
     def go():
+        quiet_warnings(False)  # one line per warning ("clipdet: warning: ..."), not Python's with a source line
         from ..detectors.detector import Detector
         from ..errors import UsageError
         from ..extract.lazy import default_batch_size
