@@ -12,7 +12,60 @@ import pickle
 import sys
 
 from ...errors import ClipdetError, UsageError
-from .ray_driver import RayClusterError
+from .ray_driver import PARENT_ENV, RayClusterError
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_group() -> None:
+    """Stop this driver at once, with the local Ray it started (its descendants, and its process group:
+    Ray's workers run in process groups of their own), by SIGKILL.
+
+    Processes of a cluster this run only connected to are neither and go on."""
+    import signal
+
+    try:
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001 - psutil missing or failing: the process group below still goes
+        pass
+    if hasattr(os, "killpg") and os.getpgrp() == os.getpid():  # started in its own group by ray_driver
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(137)
+
+
+def tie_to_parent(parent: int, poll: float = 0.2) -> None:
+    """End this driver and its Ray as soon as `parent` (the `clipdet extract` process) is gone, even by SIGKILL.
+
+    Linux: a parent-death signal (prctl PR_SET_PDEATHSIG) whose handler ends the group; everywhere: a
+    watchdog thread that polls os.getppid() (reparented: the parent is gone) and does the same from its
+    own thread, so a main thread busy in native code does not delay it."""
+    import signal
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            signal.signal(signal.SIGUSR2, lambda *_: end_group())
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0)
+        except (OSError, AttributeError, ValueError):  # no prctl here: the watchdog alone
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        end_group()
+
+    if os.getppid() != parent:  # gone before the signal was armed
+        end_group()
+    threading.Thread(target=watch, name="clipdet-parent-watch", daemon=True).start()
 
 
 def connect(address: str | None) -> bool:
@@ -165,9 +218,10 @@ def run_child(inp: str, out: str, log: str) -> int:
 
 if __name__ == "__main__":
     from clipdet.extract.engines.ray_child import run_child as child  # the package's classes, so errors unpickle
+    from clipdet.extract.engines.ray_child import tie_to_parent
 
-
-
+    if os.environ.get(PARENT_ENV, "").isdigit():
+        tie_to_parent(int(os.environ[PARENT_ENV]))
     code = child(*sys.argv[1:4])
     sys.stdout.flush()
     os._exit(code)  # Ray is shut down and the result written: skip the interpreter's slow teardown
