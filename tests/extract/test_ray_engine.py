@@ -260,6 +260,32 @@ def test_sigkill_of_extract_stops_its_driver_and_local_ray(tmp_path, tiny_spec, 
             proc.wait()
 
 
+@pytest.mark.slow
+def test_ray_lines_go_to_the_log_when_a_worker_is_killed(tmp_path, tiny_spec, subprocess_env):
+    """A killed embedding actor makes the raylet report it ('(raylet) A worker died ...'): with a local Ray
+    that report goes to Ray's log file, not to the terminal, whose output stays clipdet's own."""
+    tree = _tree(tmp_path / "tree", 40, bad=False)
+    cache = str(tmp_path / "c.h5")
+    env = {k: v for k, v in subprocess_env.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    cmd = CLIPDET + ["extract", str(tree), "-b", tiny_spec, "-c", cache, "--views", "blur:1.0", "--batch-size", "2",
+                     "--engine", "ray"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.time() + 150
+    while proc.poll() is None and time.time() < deadline and killed is None:
+        if glob.glob(cache + ".d/seg-*"):  # the run is writing batches: the embedder is busy
+            for w in _embed_workers(os.getpid()):
+                w.send_signal(signal.SIGKILL)
+                killed = w.pid
+                break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=180)
+    assert killed is not None, f"no embedding actor found busy mid-run (rc {proc.returncode}): {err}"
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [ln for ln in out.splitlines() if ln.startswith("40 images: 0 cached, 40 new")], out
+    shown = out + err
+    assert "raylet" not in shown and "worker died" not in shown.lower() and "Ray" not in err, shown
+
+
 def test_unreachable_address_is_one_line(cluster, tmp_path, tiny_spec, run_cli, make_image):
     """A wrong --ray-address fails at once with one line naming it (no minute of Ray retries); so does a
     backbone that cannot be loaded, as with the local engine; no log file is left behind for either."""

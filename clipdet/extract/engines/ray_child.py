@@ -2,7 +2,9 @@
 
 It connects to (or starts) Ray, runs the local pipeline with Ray's reader and embedder stages
 (`ray_stages`), writes the cache batch by batch, and leaves its summary or its error in OUT.pkl for the
-parent. Ray's own log lines go to LOG. Usage (internal): python -m clipdet.extract.engines.ray_child IN.pkl OUT.pkl LOG
+parent. Ray's own log lines (its loggers, its C++ logs on stderr, the raylet reports it prints on stdout) go
+to LOG; only clipdet's progress bar and warnings reach the terminal.
+Usage (internal): python -m clipdet.extract.engines.ray_child IN.pkl OUT.pkl LOG
 """
 
 from __future__ import annotations
@@ -163,7 +165,9 @@ def run_child(inp: str, out: str, log: str) -> int:
 
     term = os.fdopen(os.dup(2), "w", buffering=1)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
     os.dup2(fd, 2)
+    os.dup2(fd, 1)  # stdout too: Ray prints what its raylets report (a worker killed, ...) on sys.stdout
     os.close(fd)
     sys.stderr = term  # progress bar and warnings on the terminal; Ray's C++ and Python logs in the log
     import warnings
