@@ -90,3 +90,20 @@ def test_empty_cache_errors_and_conflicts_say_none(fitted, run_cli):
     assert r.exit_code == 0 and r.stdout == "" and r.stderr.strip().startswith("none"), (r.stdout, r.stderr)
     r = run_cli("cache", "conflicts", "-c", cache)
     assert r.exit_code == 0 and r.stdout == "" and r.stderr.strip().startswith("none"), (r.stdout, r.stderr)
+
+
+def test_make_demo_and_install_show_progress(tmp_path, labelled_tree):
+    """Item 24: the long steps (pip install, extract) are not --quiet, and the demo says what extract does."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run(["make", "-n", "demo", f"DATA={labelled_tree}", f"VENV={tmp_path / 'venv'}",
+                        f"OUT={tmp_path / 'o'}"], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    pip = [ln for ln in lines if "pip install" in ln]
+    extract = [ln for ln in lines if "clipdet extract" in ln]
+    assert len(pip) == 2 and extract, r.stdout
+    assert not any("--quiet" in ln or " -q" in ln for ln in pip + extract), r.stdout
+    assert any("embedding" in ln and "files" in ln for ln in lines), r.stdout
+    assert any(ln.startswith("[ -x ") and "-m venv" in ln for ln in lines), r.stdout  # an existing venv is kept
