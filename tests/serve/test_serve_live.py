@@ -204,7 +204,7 @@ def test_load_50_clients_x_20_requests_nothing_lost(server, detector_file):
 def test_streamed_body_over_limit_is_refused_before_it_ends(server):
     s = server("--max-upload-mb", "0.05")
     with socket.create_connection(("127.0.0.1", s.port), timeout=20) as sock:
-        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: multipart/form-data; boundary=zz\r\n\r\n")
         part = (b'--zz\r\nContent-Disposition: form-data; name="files"; filename="huge.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n")
