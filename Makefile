@@ -13,10 +13,12 @@ VIEWS  ?= jpeg:75
 
 .PHONY: venv browser test demo demo-data clean-demo bench lint
 
+# pip shows its progress: PyTorch and friends are several GB on a fresh machine.
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,dev,serve,finetune,ray,c2pa]'
+	@echo "== installing clipdet and its dependencies into $(VENV) (several GB on a fresh machine)"
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[torch,onnx,dev,serve,finetune,ray,c2pa]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -44,7 +46,9 @@ lint: venv
 demo: demo-data venv
 	@mkdir -p $(OUT)
 	@echo "== 1/4 extract $(DATA) with $(BACKBONE) (views: clean,$(VIEWS))"
-	@$(BIN)/clipdet extract "$(DATA)" --backbone "$(BACKBONE)" --cache "$(CACHE)" --views "$(VIEWS)" --quiet; \
+	@echo "   embedding $$(find "$(DATA)" -type f | wc -l) files once per view into $(CACHE) (the longest step;" \
+	  "a progress bar follows on a terminal, a summary line at the end; a re-run reuses the cache)"
+	@$(BIN)/clipdet extract "$(DATA)" --backbone "$(BACKBONE)" --cache "$(CACHE)" --views "$(VIEWS)"; \
 	  rc=$$?; if [ $$rc -eq 2 ]; then echo "make demo: extract failed (message above); if the weights of" \
 	  "$(BACKBONE) cannot be fetched, give local ones: make demo BACKBONE=ARCH:/path/to/weights.safetensors" \
 	  "(clipdet backbones lists architectures)" >&2; fi; [ $$rc -le 1 ] || exit $$rc

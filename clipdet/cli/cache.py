@@ -101,8 +101,11 @@ def register(app: typer.Typer) -> None:
             quiet_warnings(False)
             from ..cache import FeatureCache
 
-            for e in FeatureCache(cache).errors():
+            rows = FeatureCache(cache).errors()
+            for e in rows:
                 typer.echo(f"{e['path']}\t{e['reason']}")
+            if not rows:
+                typer.echo("none (no file errors recorded)", err=True)
 
         run_command(go)
 
@@ -124,6 +127,8 @@ def register(app: typer.Typer) -> None:
                     continue
                 for lab, gen, path in c["observations"]:
                     typer.echo(f"{c['sha256']}\t{lab}{'/' + gen if gen else ''}\t{path}")
+            if not rows:
+                typer.echo("none (no image recorded with disagreeing labels)", err=True)
             return 1 if rows else 0
 
         raise typer.Exit(run_command(go) or 0)
@@ -194,7 +199,8 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Argument(..., help="Output .parquet file"),
         fmt: str = typer.Option("parquet", "--format", help="Only parquet"),
         backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Which backbone (if several)"),
-        view: str = typer.Option("clean", "--view"),
+        view: str = typer.Option("clean", "--view", help="Which view's embeddings: clean, or a perturbed view "
+                                 "extract --views made, e.g. jpeg:75"),
         cache: Optional[str] = CacheOpt,
     ) -> None:
         """Export one backbone's embeddings with sha256, label, generator and path columns."""

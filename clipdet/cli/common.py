@@ -16,6 +16,11 @@ from ..errors import ClipdetError, printable
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
 
+#: the remedy the cache gives for an unwritable cache (cache.files.os_error_message); only `score` has
+#: --cache-readonly, so other commands say what works for them instead (`run_command(cache_hint=...)`)
+READONLY_HINT = "use --cache-readonly or another --cache"
+WRITABLE_CACHE_HINT = "this command writes the cache: give a --cache where you can write (or copy the cache there)"
+
 app = typer.Typer(
     name="clipdet",
     help="Tell AI-generated images from real photographs with frozen CLIP embeddings and few-shot heads.",
@@ -45,12 +50,13 @@ def err(msg: str) -> None:
     typer.echo(printable(msg), err=True)
 
 
-def run_command(fn):
-    """Run `fn`, turning clipdet errors into one-line messages and exit code 2."""
+def run_command(fn, cache_hint: str = WRITABLE_CACHE_HINT):
+    """Run `fn`, turning clipdet errors into one-line messages and exit code 2; an unwritable cache's
+    remedy becomes `cache_hint` (READONLY_HINT for a command that has --cache-readonly)."""
     try:
         return fn()
     except ClipdetError as e:
-        err(f"clipdet: error: {e}")
+        err(f"clipdet: error: {str(e).replace(READONLY_HINT, cache_hint)}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err("clipdet: interrupted (everything written so far is kept)")

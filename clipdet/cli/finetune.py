@@ -7,13 +7,14 @@ from typing import List, Optional
 import typer
 
 from .common import EXIT_OK, EXIT_PARTIAL, app, err, quiet_warnings, run_command
-from .options import BackboneOpt, ManifestOpt, QuietOpt
+from .options import ManifestOpt, QuietOpt
 
 
 @app.command()
 def finetune(
     paths: List[str] = typer.Argument(None, help="Labelled training images (layout real/**, fake/<generator>/**)"),
-    backbone: Optional[str] = BackboneOpt,
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/weights "
+                                           "or ARCH:random [default: ViT-L-14:openai]"),
     out: str = typer.Option(..., "--out", "-o", help="Output folder: open_clip_model.safetensors, detector.clipdet, "
                             "train.json, checkpoint.pt"),
     manifest: Optional[str] = ManifestOpt,

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import EXIT_OK, EXIT_PARTIAL, app, err, quiet_warnings, run_command
+from .common import EXIT_OK, EXIT_PARTIAL, READONLY_HINT, app, err, quiet_warnings, run_command
 from .inputs import captions_for, discovery_summary, engine_option, input_refs
 from .options import CacheOpt, CaptionsOpt, EngineOpt, ManifestOpt, PrecisionOpt, QuietOpt, RayAddressOpt
 
@@ -112,7 +112,7 @@ def score(
             (err if dest == "-" or verdicts else typer.echo)(line)
         discovery_summary(refs)
 
-    run_command(go)
+    run_command(go, cache_hint=READONLY_HINT)
     raise typer.Exit(EXIT_PARTIAL if state["errors"] else EXIT_OK)
 
 

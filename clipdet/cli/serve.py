@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from .common import app, err, run_command
+from .common import app, err, quiet_warnings, run_command
 from .options import PrecisionOpt
 
 
@@ -20,8 +20,13 @@ def serve(
                              "or --no-auth)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port"),
     token: Optional[str] = typer.Option(None, "--token", envvar="CLIPDET_TOKEN", help="Require 'Authorization: "
-                                        "Bearer TOKEN' on every API call [env CLIPDET_TOKEN]"),
+                                        "Bearer TOKEN' on every API call"),
     no_auth: bool = typer.Option(False, "--no-auth", help="Allow listening beyond loopback without a token"),
+    allow_host: List[str] = typer.Option(None, "--allow-host", metavar="NAME", help="Also answer requests whose "
+                                         "Host header names NAME (repeatable; '*': any). Always answered: "
+                                         "localhost, 127.0.0.1, [::1] and the --host address"),
+    expose_paths: bool = typer.Option(False, "--expose-paths", help="Show clients server paths (nearest_path, "
+                                      "the cache file) instead of base names"),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body, in MB "
                                         "(larger: 413)"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Most images per model batch "
@@ -42,6 +47,7 @@ def serve(
     """Serve the detector over HTTP: POST /v1/score, GET /v1/detector, /healthz, /metrics, and a web page at /."""
 
     def go():
+        quiet_warnings(False)  # one line per warning ("clipdet: warning: ..."), not Python's with a source line
         from ..detectors.detector import Detector
         from ..errors import UsageError
         from ..extract.lazy import default_batch_size
@@ -50,6 +56,7 @@ def serve(
             import uvicorn
 
             from ..serve import Engine, ServeOptions, check_bind, create_app
+            from ..serve.security import bind_address, url_host
         except ImportError as e:
             raise UsageError(f"clipdet serve needs the 'serve' extra: pip install 'clipdet[serve]' ({e})") from None
         check_bind(host, token, no_auth)
@@ -60,11 +67,15 @@ def serve(
 
         engine = Engine(det, cache=cache, cache_write=cache_write, device=device, precision=precision,
                         threshold=threshold, backbone=backbone, captions=read_captions(captions))
+        addr = bind_address(host)
+        hosts = tuple(allow_host or ()) + (() if addr in ("0.0.0.0", "::", "") else (addr,))
         opts = ServeOptions(token=token, max_upload_mb=max_upload_mb, max_wait_ms=max_wait_ms,
-                            max_batch=max_batch or default_batch_size(device), decode_workers=workers)
-        err(f"clipdet serve: http://{host}:{port}/ ({'token required' if token else 'no token'}; Ctrl-C stops)")
+                            max_batch=max_batch or default_batch_size(device), decode_workers=workers,
+                            expose_paths=expose_paths, allow_hosts=hosts)
+        err(f"clipdet serve: http://{url_host(host)}:{port}/ ({'token required' if token else 'no token'}; "
+            "Ctrl-C stops)")
         try:
-            uvicorn.run(create_app(engine, opts), host=host, port=port, log_level="warning", access_log=False)
+            uvicorn.run(create_app(engine, opts), host=addr, port=port, log_level="warning", access_log=False)
         except SystemExit as e:  # uvicorn exits 3 when it cannot bind (its reason is on the line above)
             if e.code not in (0, None):
                 raise UsageError(f"cannot serve on {host}:{port} (see the message above)") from None

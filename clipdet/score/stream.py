@@ -230,6 +230,10 @@ def check_backbone_override(detector, backbone: str) -> None:
     info = describe_backbone(backbone)
     if info.key != detector.backbone_key:
         want = detector.backbone
+        arch = want.get("arch") or str(want.get("spec", "")).partition(":")[0]
+        if arch and arch != info.arch:  # the weights ids may well be equal (the same file, or both random)
+            raise UsageError(f"--backbone {backbone}: architecture {info.arch}, but the detector's is {arch} "
+                             f"({want.get('spec')}); give {arch} with the detector's weights")
         raise UsageError(
             f"--backbone {backbone}: different weights from the detector's ({want.get('spec')}, weights id "
             f"{str(want.get('weights_id', '?'))[:16]}; this one {info.weights_id[:16]}); give the same weights file"

@@ -21,7 +21,7 @@ from ..errors import ClipdetError
 from .batcher import MicroBatcher
 from .engine import Engine, default_decode_workers
 from .metrics import Metrics, MetricsMiddleware
-from .security import BodyLimitMiddleware, BodyTooLarge, token_ok
+from .security import BodyLimitMiddleware, BodyTooLarge, HostCheckMiddleware, public_name, token_ok
 
 log = logging.getLogger("clipdet.serve")
 
@@ -38,6 +38,8 @@ class ServeOptions:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     decode_workers: int | None = None
+    expose_paths: bool = False  # nearest_path and the cache as server paths (default: base names only)
+    allow_hosts: tuple = ()  # Host header names accepted besides the loopback ones ('*': any)
 
     @property
     def max_bytes(self) -> int:
@@ -50,6 +52,18 @@ def upload_name(raw: str | None, index: int) -> str:
     name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if c.isprintable()).strip()[:_NAME_MAX]
     return name or f"upload-{index + 1}"
+
+
+def hide_paths(info: dict) -> dict:
+    """`GET /v1/detector` without server paths: the cache and a weights file by base name only."""
+    out = dict(info)
+    if out.get("cache"):
+        out["cache"] = public_name(out["cache"])
+    spec = out.get("backbone") or ""
+    arch, sep, weights = spec.partition(":")
+    if sep and ("/" in weights or "\\" in weights):
+        out["backbone"] = f"{arch}:{public_name(weights)}"
+    return out
 
 
 def page_html() -> str:
@@ -139,7 +153,8 @@ def create_app(engine: Engine, options: ServeOptions | None = None):
 
     @app.get("/v1/detector", dependencies=[Depends(require_token)])
     async def detector_info():
-        return {**engine.describe(), "status": state["status"]}
+        info = {**engine.describe(), "status": state["status"]}
+        return info if opts.expose_paths else hide_paths(info)
 
     @app.get("/metrics", dependencies=[Depends(require_token)])
     async def metrics_page():
@@ -181,6 +196,8 @@ def create_app(engine: Engine, options: ServeOptions | None = None):
         del named
         metrics.cache_hits.inc(sum(1 for it in items if it.cached))
         rows = await batcher.submit_many(list(items))
+        if not opts.expose_paths:
+            rows = [{**r, "nearest_path": public_name(r.get("nearest_path"))} for r in rows]
         metrics.observe_rows(rows)
         body = {"results": rows, "threshold": engine.threshold}
         if stability is not None:
@@ -189,8 +206,9 @@ def create_app(engine: Engine, options: ServeOptions | None = None):
         return body
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=opts.max_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: counts 413s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts 413s too
+    app.add_middleware(HostCheckMiddleware, allowed=opts.allow_hosts)  # added last = outermost
     return app
 
 
-__all__ = ["MAX_FILES", "ServeOptions", "create_app", "page_html", "upload_name"]
+__all__ = ["MAX_FILES", "ServeOptions", "create_app", "hide_paths", "page_html", "upload_name"]

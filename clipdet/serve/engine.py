@@ -39,6 +39,7 @@ class Item:
     stability: list | None = None  # perturbed views asked for (None: no stability check)
     views: dict = field(default_factory=dict)  # view -> preprocessed tensor, for the stability check
     provenance: object = None  # clipdet.provenance.Provenance of the uploaded bytes
+    data: bytes = b""  # the bytes of a cached item, kept to embed it again if its cached row is damaged
 
 
 def public_row(row: dict, stability: bool = False) -> dict:
@@ -79,6 +80,7 @@ class Engine:
         self.lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device,
                                  key=detector.backbone_key, precision=precision)
         self.cached: set[str] = set()
+        self.damaged: set[str] = set()  # cached, but the row failed its checks: embedded again (and rewritten)
         self.written = 0
         self.captions = captions if isinstance(captions, Captions) else Captions()
         self.text = None
@@ -156,11 +158,19 @@ class Engine:
             return item
         item.sha256 = sha256_bytes(data)
         item.provenance = read_provenance(data)
-        item.cached = item.sha256 in self.cached
-        if item.cached and not stability:
-            return item
+        item.cached = item.sha256 in self.cached and item.sha256 not in self.damaged
+        if item.cached:
+            item.data = data  # kept to embed it again if its cached row turns out damaged
+            if not stability:
+                return item
+        self._decode(item, data, stability)
+        return item
+
+    def _decode(self, item: Item, data: bytes, stability: list | None = None) -> None:
+        """Decode, view and preprocess `data` into `item.tensor` unless cached, and each `stability` view
+        into `item.views` (a problem becomes `item.error`)."""
         try:
-            dec = decode_image(data, name, max_pixels=self.max_pixels)
+            dec = decode_image(data, item.name, max_pixels=self.max_pixels)
             item.meta = {"width": dec.width, "height": dec.height, "format": dec.format}
             if not item.cached:
                 item.tensor = self.lazy.preprocess(apply_view(dec.image, self.view))
@@ -172,13 +182,22 @@ class Engine:
             raise
         except Exception as e:  # noqa: BLE001 - one bad upload never fails the others
             item.error = f"{type(e).__name__}: {e}"
-        return item
 
     # ------------------------------------------------------------------ model thread
     def run_batch(self, items: list[Item]) -> list[dict]:
         """Score a batch of prepared items; one row dict (see `public_row`) per item, in order."""
         key = self.detector.backbone_key
         feats: dict[str, np.ndarray] = {}
+        hits = list(dict.fromkeys(it.sha256 for it in items if it.cached and not it.error))
+        if hits:
+            rows = self.cache.load(key, self.view, shas=hits)
+            feats.update(zip(rows.sha256, rows.embedding))
+        for it in items:  # a damaged cached row (or one gone since start-up): embed those bytes again
+            if it.cached and not it.error and it.sha256 not in feats:
+                it.cached = False
+                self._decode(it, it.data)
+                self.damaged.add(it.sha256)  # from now on embedded; --cache-write writes a whole row again
+            it.data = b""
         new = [it for it in items if not it.error and not it.cached]
         if new:
             model = self.lazy.get()
@@ -189,10 +208,6 @@ class Engine:
                 feats[it.sha256] = emb16[i].astype(np.float32)
             if self.cache_write:
                 self._write(model, new, emb16, out)
-        hits = [it.sha256 for it in items if it.cached and it.sha256 not in feats]
-        if hits:
-            rows = self.cache.load(key, self.view, shas=hits)
-            feats.update(zip(rows.sha256, rows.embedding))
         scorable = [it for it in items if not it.error and it.sha256 in feats]
         X = np.stack([feats[it.sha256] for it in scorable]) if scorable else None
         if scorable and self.text is not None:
@@ -214,7 +229,7 @@ class Engine:
                     if it.stability is not None:
                         apply_judgement(row, view_scores.get(id(it), {}), self.threshold, band)
                 else:
-                    row["error"] = "no features (the cache changed while serving)"
+                    row["error"] = "no features (the model gave none)"
             if row["error"]:
                 row["label"] = "unknown"
             else:
@@ -257,7 +272,7 @@ class Engine:
         from ..backbones.base import feature_attrs
         from ..cache import FeatureRows, ImageMeta
 
-        fresh = [i for i, it in enumerate(items) if it.sha256 not in self.cached]
+        fresh = [i for i, it in enumerate(items) if it.sha256 not in self.cached or it.sha256 in self.damaged]
         if not fresh:
             return
         seen, keep = set(), []
@@ -272,6 +287,7 @@ class Engine:
         attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb16.shape[1]), self.lazy.heads_spec)
         self.cache.write_shard({(model.info.key, self.view): (rows, attrs)}, images=metas)
         self.cached.update(items[i].sha256 for i in keep)
+        self.damaged.difference_update(items[i].sha256 for i in keep)
         self.written += len(keep)
 
     def close(self) -> None:

@@ -19,6 +19,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_address(host: str) -> str:
+    """The address uvicorn binds: an IPv6 literal without its URL brackets ('[::1]' → '::1')."""
+    h = host.strip()
+    return h[1:-1] if h.startswith("[") and h.endswith("]") else h
+
+
+def url_host(host: str) -> str:
+    """`host` as it goes in a URL: IPv6 literals in brackets ('::1' → '[::1]')."""
+    h = bind_address(host)
+    return f"[{h}]" if ":" in h else h
+
+
+def public_name(path: str | None) -> str | None:
+    """A server path as a client may see it: its base name only (either separator), never the folders."""
+    if not path:
+        return path
+    return str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
 def check_bind(host: str, token: str | None, no_auth: bool) -> None:
     """Refuse to listen beyond loopback without a token, unless the user said --no-auth."""
     if token is not None and not token.strip():
@@ -44,6 +63,42 @@ async def _send_json(send, status: int, payload: dict, headers: list | None = No
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+#: Host header names always accepted: the loopback names (any port).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, lower-cased, without port, brackets or trailing dot ('[::1]:80' → '::1')."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        h = h[1:].partition("]")[0]
+    elif h.count(":") == 1:
+        h = h.partition(":")[0]
+    return h.rstrip(".")
+
+
+class HostCheckMiddleware:
+    """Pure ASGI middleware against DNS rebinding: 400 unless the Host header names an allowed host.
+
+    Allowed: the loopback names, plus `allowed` (`--allow-host`; '*' accepts any host).
+    """
+
+    def __init__(self, app, allowed=()):
+        self.app = app
+        self.allowed = {host_name(h) for h in (*LOOPBACK_HOSTS, *allowed)}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        raw = next((v for k, v in scope.get("headers", []) if k == b"host"), None)
+        name = host_name(raw.decode("latin-1")) if raw is not None else ""
+        if name not in self.allowed:
+            shown = "no Host header" if raw is None else f"Host {raw.decode('latin-1')[:100]!r}"
+            return await _send_json(send, 400, {"error": f"{shown} not allowed: this server answers to "
+                                                f"{', '.join(sorted(self.allowed))} (add names with --allow-host)"})
+        return await self.app(scope, receive, send)
 
 
 class BodyTooLarge(Exception):

@@ -190,6 +190,102 @@ def test_cluster_stopped_mid_run(tmp_path, tiny_spec, subprocess_env):
     assert len(fc.cached_shas(fc.groups()[0].key, "blur:1")) == 24
 
 
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _of_session(session: str) -> list[psutil.Process]:
+    """Live processes of the Ray session named `session` (workers a raylet starts late included)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if _alive(p) and any(session in a for a in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_of_extract_stops_its_driver_and_local_ray(tmp_path, tiny_spec, subprocess_env):
+    """kill -9 of `clipdet extract --engine ray`: its driver child and the local Ray it started stop within
+    seconds, instead of running on (and writing the cache) without a parent."""
+    tree = _tree(tmp_path / "tree", 160, bad=False)
+    cache = str(tmp_path / "c.h5")
+    env = {k: v for k, v in subprocess_env.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    cmd = CLIPDET + ["extract", str(tree), "-b", tiny_spec, "-c", cache, "--views", "blur:1.0", "--batch-size", "2",
+                     "--engine", "ray", "-q"]
+    with open(tmp_path / "err.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    tracked: set = set()
+    try:
+        child, deadline = None, time.time() + 150
+        while time.time() < deadline and proc.poll() is None:  # wait for the child and its raylet
+            try:
+                kids = psutil.Process(proc.pid).children()
+                child = next((k for k in kids if "ray_child" in " ".join(k.cmdline())), None)
+                if child is not None and any("raylet" in " ".join(p.cmdline())
+                                             for p in child.children(recursive=True)):
+                    break
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+        assert child is not None and proc.poll() is None, (proc.poll(), (tmp_path / "err.txt").read_text())
+        tracked = {child, *child.children(recursive=True)}
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == child.pid:  # the child's own process group
+                    tracked.add(p)
+            except (OSError, psutil.Error):
+                continue
+        assert len(tracked) > 3, tracked
+        session = next(a for p in tracked for a in p.cmdline() if "session_" in a).split("session_", 1)[1][:32]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        t0 = time.time()
+        while time.time() - t0 < 10 and (any(_alive(p) for p in tracked) or _of_session(session)):
+            time.sleep(0.1)
+        left = [(p.pid, p.name()) for p in tracked if _alive(p)] + [(p.pid, p.name()) for p in _of_session(session)]
+        tracked |= set(_of_session(session))
+        assert not left, f"still running {time.time() - t0:.0f} s after the parent was killed: {left}"
+    finally:
+        for p in tracked:  # whatever a failed run leaves, this test started it
+            if _alive(p):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_ray_lines_go_to_the_log_when_a_worker_is_killed(tmp_path, tiny_spec, subprocess_env):
+    """A killed embedding actor makes the raylet report it ('(raylet) A worker died ...'): with a local Ray
+    that report goes to Ray's log file, not to the terminal, whose output stays clipdet's own."""
+    tree = _tree(tmp_path / "tree", 40, bad=False)
+    cache = str(tmp_path / "c.h5")
+    env = {k: v for k, v in subprocess_env.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    cmd = CLIPDET + ["extract", str(tree), "-b", tiny_spec, "-c", cache, "--views", "blur:1.0", "--batch-size", "2",
+                     "--engine", "ray"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.time() + 150
+    while proc.poll() is None and time.time() < deadline and killed is None:
+        if glob.glob(cache + ".d/seg-*"):  # the run is writing batches: the embedder is busy
+            for w in _embed_workers(os.getpid()):
+                w.send_signal(signal.SIGKILL)
+                killed = w.pid
+                break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=180)
+    assert killed is not None, f"no embedding actor found busy mid-run (rc {proc.returncode}): {err}"
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [ln for ln in out.splitlines() if ln.startswith("40 images: 0 cached, 40 new")], out
+    shown = out + err
+    assert "raylet" not in shown and "worker died" not in shown.lower() and "Ray" not in err, shown
+
+
 def test_unreachable_address_is_one_line(cluster, tmp_path, tiny_spec, run_cli, make_image):
     """A wrong --ray-address fails at once with one line naming it (no minute of Ray retries); so does a
     backbone that cannot be loaded, as with the local engine; no log file is left behind for either."""

@@ -22,10 +22,12 @@ from clipdet.extract.discover import discover  # noqa: E402
 from clipdet.extract.lazy import LazyBackbone  # noqa: E402
 from clipdet.score.output import COLUMNS  # noqa: E402
 from clipdet.serve import Engine, ServeOptions, check_bind, create_app  # noqa: E402
+from clipdet.serve.app import hide_paths  # noqa: E402
 from clipdet.serve.batcher import MicroBatcher  # noqa: E402
-from clipdet.serve.security import token_ok  # noqa: E402
+from clipdet.serve.security import bind_address, token_ok, url_host  # noqa: E402
 
 TOKEN = "s3cret-token"
+LOCAL = "http://127.0.0.1"  # the server answers loopback Host names only (DNS rebinding): not "testserver"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def _wait_ready(client, timeout=60.0):
 
 def _client(det_path, cache=None, cache_write=False, **opts):
     engine = Engine(Detector.load(det_path), cache=cache, cache_write=cache_write, device="cpu")
-    return TestClient(create_app(engine, ServeOptions(**opts)))
+    return TestClient(create_app(engine, ServeOptions(**opts)), base_url=LOCAL)
 
 
 def _files(*paths):
@@ -80,7 +82,8 @@ def test_healthz_and_detector_metadata(client, served):
     assert client.get("/healthz").json()["status"] == "ok"
     meta = client.get("/v1/detector").json()
     det = Detector.load(served[0])
-    assert meta["head"] == "knn" and meta["backbone"] == det.backbone["spec"]
+    arch, _, weights = det.backbone["spec"].partition(":")  # a weights file: its base name only
+    assert meta["head"] == "knn" and meta["backbone"] == f"{arch}:{weights.rsplit('/', 1)[-1]}"
     assert meta["threshold"] == det.threshold and sorted(meta["generators"]) == ["genA", "genB"]
     assert meta["references"]["real"] == 4 and meta["references"]["total"] >= 8
     page = client.get("/")
@@ -111,7 +114,7 @@ def test_scores_equal_clipdet_score_on_the_same_bytes(client, served, run_cli, t
         assert not off["error"]
         assert f"{row['score']:.6g}" == off["score"] and f"{row['p_fake']:.6g}" == off["p_fake"]
         assert row["label"] == off["label"] and row["generator"] == off["generator"]
-        assert row["nearest_path"] == off["nearest_path"]
+        assert row["nearest_path"] == off["nearest_path"].rsplit("/", 1)[-1]  # a base name: no server path
         assert f"{row['nearest_similarity']:.6g}" == off["nearest_similarity"]
     # exact equality of the full-precision values, through the library on the same bytes
     lib = {x["sha256"]: x for x in Detector.load(det_path).score_paths(
@@ -122,11 +125,30 @@ def test_scores_equal_clipdet_score_on_the_same_bytes(client, served, run_cli, t
             assert row["p_fake"] == lib[row["sha256"]]["p_fake"]
 
 
+def test_server_paths_are_hidden_unless_expose_paths(served):
+    det_path, ref_cache, new = served
+    ref = sorted((new.parent / "tree" / "real" / "a").iterdir())[0]
+    with _client(det_path, cache=ref_cache) as c:
+        _wait_ready(c)
+        row = c.post("/v1/score", files=_files(ref)).json()["results"][0]
+        meta = c.get("/v1/detector").json()
+    assert row["nearest_path"] == ref.name and meta["cache"] == "refs.h5"
+    assert str(new.parent) not in str(row) + str(meta)
+    with _client(det_path, cache=ref_cache, expose_paths=True) as c:
+        _wait_ready(c)
+        row = c.post("/v1/score", files=_files(ref)).json()["results"][0]
+        meta = c.get("/v1/detector").json()
+    assert row["nearest_path"] == str(ref) and meta["cache"] == ref_cache
+    assert hide_paths({"backbone": "ViT-B-32:/srv/w/b.safetensors", "cache": "/srv/c.h5"}) == {
+        "backbone": "ViT-B-32:b.safetensors", "cache": "c.h5"}
+    assert hide_paths({"backbone": "ViT-B-32:openai", "cache": None})["backbone"] == "ViT-B-32:openai"
+
+
 def test_bad_uploads_are_per_file_errors(served, make_image, tmp_path):
     det_path, _, new = served
     big = make_image(tmp_path / "big.png", size=(400, 300), seed=3)
     engine = Engine(Detector.load(det_path), device="cpu", max_pixels=100_000)
-    with TestClient(create_app(engine)) as c:
+    with TestClient(create_app(engine), base_url=LOCAL) as c:
         _wait_ready(c)
         files = _files(big, new / "photo.jpg") + [("files", ("empty.jpg", b"", "image/jpeg")),
                                                   ("files", ("../../etc/passwd", b"root:x:0:0", "text/plain"))]
@@ -184,6 +206,20 @@ def test_token_required_on_api_calls(served):
     assert token_ok(f"bearer {TOKEN}", TOKEN) and not token_ok(TOKEN, TOKEN) and not token_ok(None, TOKEN)
 
 
+def test_only_loopback_host_names_are_answered_unless_allowed(client, served):
+    for ok in ("localhost", "localhost:8000", "127.0.0.1:1", "[::1]:8000", "[::1]", "LOCALHOST."):
+        assert client.get("/healthz", headers={"Host": ok}).status_code == 200, ok
+    for bad in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example:80"):
+        r = client.get("/v1/detector", headers={"Host": bad})
+        assert r.status_code == 400 and "--allow-host" in r.json()["error"] and "\n" not in r.text, bad
+    with _client(served[0], allow_hosts=("box.lan",)) as c:
+        assert c.get("/healthz", headers={"Host": "box.lan:8000"}).status_code in (200, 503)
+        assert c.get("/healthz", headers={"Host": "other.lan"}).status_code == 400
+    with _client(served[0], allow_hosts=("*",)) as c:
+        assert c.get("/healthz", headers={"Host": "other.lan"}).status_code in (200, 503)
+    assert bind_address("[::1]") == "::1" and bind_address("::1") == "::1" and url_host("::1") == "[::1]"
+
+
 def test_binding_beyond_loopback_needs_token(run_cli, served):
     check_bind("127.0.0.1", None, False)
     check_bind("::1", None, False)
@@ -226,13 +262,51 @@ def test_cache_is_reused_and_written_only_with_cache_write(served, make_image, t
     assert again["score"] == rows[1]["score"]
 
 
+def test_a_damaged_cached_row_is_embedded_again(served, tmp_path):
+    """As `clipdet score` does: a cached row that fails its checks is re-embedded, not an error."""
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    det_path, _, new = served
+    cache = tmp_path / "c.h5"
+    with _client(det_path) as c:  # no cache: the reference score
+        _wait_ready(c)
+        want = c.post("/v1/score", files=_files(new / "photo.jpg")).json()["results"][0]
+    with _client(det_path, cache=str(cache), cache_write=True) as c:
+        _wait_ready(c)
+        c.post("/v1/score", files=_files(new / "photo.jpg"))
+    fc = FeatureCache(str(cache))
+    fc.compact(full=True)
+    det = Detector.load(det_path)
+    sha = sha256_bytes((new / "photo.jpg").read_bytes())
+    with h5py.File(fc.segments()[0], "r+") as f:  # bit rot that keeps the checksum valid: a NaN in place
+        grp = f[f"features/{det.backbone_key}/{det.view}"]
+        i = [s.decode() if isinstance(s, bytes) else s for s in grp["sha256"][:]].index(sha)
+        row = grp["embedding"][i]
+        row[3] = np.nan
+        grp["embedding"][i] = row
+    with _client(det_path, cache=str(cache)) as c:
+        _wait_ready(c)
+        with pytest.warns(UserWarning, match="damaged"):
+            rows = c.post("/v1/score", files=_files(new / "photo.jpg", new / "photo.jpg")).json()["results"]
+        again = c.post("/v1/score", files=_files(new / "photo.jpg")).json()["results"][0]
+    for got in (*rows, again):
+        assert got["error"] is None and got["score"] == want["score"], got
+    with _client(det_path, cache=str(cache), cache_write=True) as c:  # --cache-write: a whole row again
+        _wait_ready(c)
+        with pytest.warns(UserWarning, match="damaged"):
+            c.post("/v1/score", files=_files(new / "photo.jpg"))
+    fresh = FeatureCache(str(cache)).load(det.backbone_key, det.view, shas=[sha])
+    assert list(fresh.sha256) == [sha] and np.isfinite(fresh.embedding).all()
+
+
 def test_healthz_is_503_while_the_model_loads(served):
     det_path, _, new = served
     engine = Engine(Detector.load(det_path), device="cpu")
     gate = threading.Event()
     real_load = engine.load
     engine.load = lambda: (gate.wait(30), real_load())
-    with TestClient(create_app(engine)) as c:
+    with TestClient(create_app(engine), base_url=LOCAL) as c:
         r = c.get("/healthz")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert c.post("/v1/score", files=_files(new / "photo.jpg")).status_code == 503

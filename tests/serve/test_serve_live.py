@@ -25,21 +25,22 @@ from clipdet.extract.lazy import LazyBackbone  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
+    with socket.socket(family) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class Server:
     """`python -m clipdet serve ...` on 127.0.0.1:<free port>, stopped by `stop()` (terminate, then kill)."""
 
-    def __init__(self, args, env, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, args, env, log: Path, host: str = "127.0.0.1"):
+        six = ":" in host
+        self.port = _free_port(socket.AF_INET6, "::1") if six else _free_port()
+        self.url = f"http://{'[::1]' if six else host}:{self.port}"
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "clipdet", "serve", *map(str, args), "--host",
-                                      "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
+                                      host, "--port", str(self.port), "--device", "cpu"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.log_path = log
 
@@ -90,8 +91,9 @@ def detector_file(tmp_path_factory, make_image, tiny_spec, tiny_backbone):
 def server(detector_file, subprocess_env, tmp_path):
     started = []
 
-    def start(*extra):
-        s = Server(["--detector", detector_file[0], *extra], subprocess_env, tmp_path / f"server{len(started)}.log")
+    def start(*extra, host="127.0.0.1"):
+        s = Server(["--detector", detector_file[0], *extra], subprocess_env, tmp_path / f"server{len(started)}.log",
+                   host=host)
         started.append(s)
         s.wait_ready()
         return s
@@ -104,6 +106,23 @@ def server(detector_file, subprocess_env, tmp_path):
 
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        _free_port(socket.AF_INET6, "::1")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_ipv6_loopback_binds_and_foreign_host_names_get_400(server):
+    s = server(host="[::1]")  # bracketed, as in a URL: binds ::1 without a token
+    assert httpx.get(s.url + "/healthz", timeout=5).status_code == 200
+    r = httpx.get(s.url + "/healthz", headers={"Host": "rebound.example"}, timeout=5)
+    assert r.status_code == 400 and "rebound.example" in r.json()["error"]
+    assert server(host="::1").url.startswith("http://[::1]:")
 
 
 def test_browser_uploads_through_the_page(server, detector_file, tmp_path):
@@ -221,7 +240,7 @@ def test_load_50_clients_x_20_requests_nothing_lost(server, detector_file):
 def test_streamed_body_over_limit_is_refused_before_it_ends(server):
     s = server("--max-upload-mb", "0.05")
     with socket.create_connection(("127.0.0.1", s.port), timeout=20) as sock:
-        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: multipart/form-data; boundary=zz\r\n\r\n")
         part = (b'--zz\r\nContent-Disposition: form-data; name="files"; filename="huge.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n")

@@ -285,7 +285,7 @@ def test_serve_takes_captions_per_upload(tree_cache, tmp_path, run_cli):
                    "--out", tmp_path / "s.csv").exit_code == 0
     offline = {x["path"]: x for x in read_rows(tmp_path / "s.csv")}
     engine = Engine(Detector.load(out), device="cpu")  # no cache: caption embeddings made in memory
-    with TestClient(create_app(engine, ServeOptions())) as c:
+    with TestClient(create_app(engine, ServeOptions()), base_url="http://127.0.0.1") as c:
         for _ in range(400):
             if c.get("/healthz").status_code == 200:
                 break

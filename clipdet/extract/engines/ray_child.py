@@ -2,7 +2,9 @@
 
 It connects to (or starts) Ray, runs the local pipeline with Ray's reader and embedder stages
 (`ray_stages`), writes the cache batch by batch, and leaves its summary or its error in OUT.pkl for the
-parent. Ray's own log lines go to LOG. Usage (internal): python -m clipdet.extract.engines.ray_child IN.pkl OUT.pkl LOG
+parent. Ray's own log lines (its loggers, its C++ logs on stderr, the raylet reports it prints on stdout) go
+to LOG; only clipdet's progress bar and warnings reach the terminal.
+Usage (internal): python -m clipdet.extract.engines.ray_child IN.pkl OUT.pkl LOG
 """
 
 from __future__ import annotations
@@ -12,7 +14,60 @@ import pickle
 import sys
 
 from ...errors import ClipdetError, UsageError
-from .ray_driver import RayClusterError
+from .ray_driver import PARENT_ENV, RayClusterError
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_group() -> None:
+    """Stop this driver at once, with the local Ray it started (its descendants, and its process group:
+    Ray's workers run in process groups of their own), by SIGKILL.
+
+    Processes of a cluster this run only connected to are neither and go on."""
+    import signal
+
+    try:
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001 - psutil missing or failing: the process group below still goes
+        pass
+    if hasattr(os, "killpg") and os.getpgrp() == os.getpid():  # started in its own group by ray_driver
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(137)
+
+
+def tie_to_parent(parent: int, poll: float = 0.2) -> None:
+    """End this driver and its Ray as soon as `parent` (the `clipdet extract` process) is gone, even by SIGKILL.
+
+    Linux: a parent-death signal (prctl PR_SET_PDEATHSIG) whose handler ends the group; everywhere: a
+    watchdog thread that polls os.getppid() (reparented: the parent is gone) and does the same from its
+    own thread, so a main thread busy in native code does not delay it."""
+    import signal
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            signal.signal(signal.SIGUSR2, lambda *_: end_group())
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0)
+        except (OSError, AttributeError, ValueError):  # no prctl here: the watchdog alone
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        end_group()
+
+    if os.getppid() != parent:  # gone before the signal was armed
+        end_group()
+    threading.Thread(target=watch, name="clipdet-parent-watch", daemon=True).start()
 
 
 def connect(address: str | None) -> bool:
@@ -110,7 +165,9 @@ def run_child(inp: str, out: str, log: str) -> int:
 
     term = os.fdopen(os.dup(2), "w", buffering=1)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
     os.dup2(fd, 2)
+    os.dup2(fd, 1)  # stdout too: Ray prints what its raylets report (a worker killed, ...) on sys.stdout
     os.close(fd)
     sys.stderr = term  # progress bar and warnings on the terminal; Ray's C++ and Python logs in the log
     import warnings
@@ -165,9 +222,10 @@ def run_child(inp: str, out: str, log: str) -> int:
 
 if __name__ == "__main__":
     from clipdet.extract.engines.ray_child import run_child as child  # the package's classes, so errors unpickle
+    from clipdet.extract.engines.ray_child import tie_to_parent
 
-
-
+    if os.environ.get(PARENT_ENV, "").isdigit():
+        tie_to_parent(int(os.environ[PARENT_ENV]))
     code = child(*sys.argv[1:4])
     sys.stdout.flush()
     os._exit(code)  # Ray is shut down and the result written: skip the interpreter's slow teardown

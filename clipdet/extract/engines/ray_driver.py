@@ -9,11 +9,15 @@ written before is in the cache, and a re-run skips it (content hashes, as with t
 Ray's own log lines go to a log file (named in the error, removed after a clean run), not the terminal.
 The progress bar and warnings reach the terminal as with the local engine.
 
-The child is `clipdet.extract.engines.ray_child` (run as `python -m ... IN.pkl OUT.pkl LOG`).
+The child is `clipdet.extract.engines.ray_child` (run as `python -m ... IN.pkl OUT.pkl LOG`). It runs in
+its own process group, with the Ray it starts: Ctrl-C here is passed on to it, and when this process
+ends in any way (even SIGKILL) the child ends that group: the driver and its local Ray stop at once
+(`ray_child.tie_to_parent`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -22,6 +26,9 @@ import sys
 import tempfile
 
 from ...errors import ClipdetError, UsageError
+
+#: tells the child the pid of the process it belongs to (it stops, with its Ray, when that one is gone)
+PARENT_ENV = "CLIPDET_RAY_PARENT"
 
 
 class RayClusterError(ClipdetError):
@@ -87,13 +94,29 @@ def _supervise(cmd: list[str]) -> int:
     here = os.path.abspath(__file__)  # <root>/clipdet/extract/engines/ray_driver.py
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(here))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(cmd, env=env)
+    env[PARENT_ENV] = str(os.getpid())
+    # its own session and process group: the child and the Ray processes it starts are one group to end
+    proc = subprocess.Popen(cmd, env=env, start_new_session=sys.platform != "win32")
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # the child got the same SIGINT: let it stop its Ray and write what it has
+    except KeyboardInterrupt:  # pass Ctrl-C on: the child stops its Ray and writes what it has
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _end_group(proc)
         raise
+    except BaseException:
+        _end_group(proc)
+        raise
+
+
+def _end_group(proc) -> None:
+    """SIGKILL the child's process group (the child and the local Ray it started) and reap the child."""
+    with contextlib.suppress(OSError):
+        if sys.platform != "win32":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    proc.wait()
