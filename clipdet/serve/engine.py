@@ -213,7 +213,7 @@ class Engine:
             if items[i].sha256 not in seen:
                 seen.add(items[i].sha256)
                 keep.append(i)
-        extra = {k: out[k][keep] for k in ("layers", "heads", "heads_rest") if out.get(k) is not None}
+        extra = {k: out[k][keep] for k in ("layers", "layers_mean", "heads", "heads_rest") if out.get(k) is not None}
         rows = FeatureRows([items[i].sha256 for i in keep], emb16[keep], **extra)
         metas = [ImageMeta(items[i].sha256, "", "", paths=[f"upload:{items[i].name}"], **items[i].meta)
                  for i in keep]
