@@ -82,6 +82,7 @@ class GroupInfo:
     dim: int
     count: int
     heads: dict | None = None   # {"blocks": [...], "n_heads": H} when extracted with --heads
+    extras: tuple = ()          # the EXTRAS arrays every segment of the group holds (e.g. layers, layers_mean)
 
 
 def str_dtype():

@@ -155,9 +155,10 @@ class FeatureCache(LabelsMixin, MaintainMixin):
         with self._session() as segs:
             for s in segs:
                 for k, gi in s.index.groups.items():
-                    found.setdefault(k, [gi.attrs, []])[1].append(gi.keys)
+                    found.setdefault(k, [gi.attrs, [], set(gi.extras)])[1].append(gi.keys)
+                    found[k][2] &= set(gi.extras)
         out = []
-        for (key, view), (attrs, tables) in sorted(found.items()):
+        for (key, view), (attrs, tables, extras) in sorted(found.items()):
             n = 0
             if count and len(tables) == 1:
                 n = len(tables[0])
@@ -165,7 +166,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 k64 = np.concatenate([t.k64 for t in tables])
                 n = len(unique_first(k64, np.concatenate([t.raw for t in tables]), np.arange(len(k64))))
             out.append(GroupInfo(key, view, json.loads(attrs["backbone"]), json.loads(attrs["layers"]),
-                                 int(attrs["dim"]), n, group_heads(attrs)))
+                                 int(attrs["dim"]), n, group_heads(attrs),
+                                 tuple(x for x in EXTRAS if x in extras)))
         return out
 
     def group(self, key: str, view: str) -> GroupInfo | None:

@@ -71,7 +71,10 @@ def _fit(train: Pool, head: str, seed: int, target_fpr: float, params: dict | No
 
 def decide(det, pool: Pool) -> np.ndarray:
     """`det`'s scores on `pool`, from the features its head reads (embedding, heads, layers)."""
-    return det.decision_function(pool.matrix(det.layout.get("kind", "embedding"))[0])
+    lay = det.layout
+    kind = lay.get("kind", "embedding")
+    blocks = lay.get("blocks") if kind in ("layers", "layers_mean", "layers_both") else None
+    return det.decision_function(pool.matrix(kind, blocks)[0])
 
 
 def zero_shot_heads(heads: Sequence[str]) -> list[str]:

@@ -21,7 +21,7 @@ class FitText:
     def __init__(self, head: str, features: str | None, captions, shots: int | None):
         from ..detectors import heads_registry
 
-        cls = heads_registry().get(head)
+        cls = heads_registry().get(head if head != "auto" else "svm")  # auto chooses among linear heads
         self.head, self.features = head, check_features(features)
         self.needs_prompts = bool(getattr(cls, "needs_prompts", False))
         if shots == 0 and not getattr(cls, "zero_shot", False):

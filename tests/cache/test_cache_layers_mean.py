@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_cache import DIM, INFO, KEY, attrs, emb, sha
 
 from clipdet.cache import FeatureCache, FeatureRows, ImageMeta
 from clipdet.errors import CacheError
-
-from test_cache import DIM, INFO, KEY, attrs, emb, sha
 
 
 def _shard(c: FeatureCache, ids, means: bool):

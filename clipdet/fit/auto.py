@@ -1,0 +1,149 @@
+"""`--head auto`: choose the head, the blocks and their pooling, and pruning by cross-validation on the
+references only.
+
+The candidates are small and fixed: heads ``svm``, ``logreg`` and ``centroid`` × features (the final
+embedding; when the references carry block features: each stored block's CLS token and patch-token
+mean, and the concatenation of the middle blocks' CLS tokens, means and both) × pruning off, then on
+for the best few. Each candidate is scored by the mean AUC over reference folds (leave-one-generator-out
+when the references name >= 2 generators, else stratified K folds; `clipdet.detectors.refcv`), repeated
+over a few seeded splits of the reals. Ties go to the candidate listed first (the simpler one). Nothing
+but the references is read: the evaluation-overlap guard of the callers still applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+
+HEADS = ("svm", "logreg", "centroid")
+#: candidates that also get a pruned variant (best by AUC without pruning)
+PRUNE_TOP = 3
+#: extra seeded splits of the reals across folds, averaged (fewer noisy folds at 10 shots)
+REPEATS = 3
+
+
+@dataclass
+class Candidate:
+    """One setting `--head auto` considers, and its reference-CV result."""
+
+    head: str
+    blocks: str  # "" = the final embedding, else a FitConfig.blocks spec
+    prune: int = 0
+    auc: float = float("nan")
+    sd: float = float("nan")
+
+    @property
+    def name(self) -> str:
+        """Readable name: head, features, pruning."""
+        return f"{self.head} / {self.blocks or 'final embedding'}" + (f" / prune {self.prune}" if self.prune else "")
+
+    def as_dict(self) -> dict:
+        """The JSON form stored in the detector."""
+        return {"head": self.head, "blocks": self.blocks, "prune": int(self.prune),
+                "auc": None if np.isnan(self.auc) else round(float(self.auc), 4),
+                "sd": None if np.isnan(self.sd) else round(float(self.sd), 4)}
+
+
+def feature_candidates(pool) -> list[str]:
+    """The feature settings to try on `pool`: "" (final embedding), then per-block and middle-block sets."""
+    out = [""]
+    stored = None
+    for kind in ("layers", "layers_mean"):
+        if kind in pool.feats:
+            stored = [int(b) for b in pool.feats[kind][1]["blocks"]]
+    if stored is None:
+        return out
+    pools = [p for p, k in (("cls", "layers"), ("mean", "layers_mean")) if k in pool.feats]
+    for b in sorted(stored):
+        out += [f"{p}:{b}" for p in pools]
+    if len(stored) >= 3:
+        out += [f"{p}:middle" for p in pools] + (["both:middle"] if len(pools) == 2 else [])
+    return out
+
+
+def prune_k(dim: int) -> int:
+    """Components pruning removes in a candidate: 1/32 of a unit's width (at least 1)."""
+    return max(1, dim // 32)
+
+
+def _cv(pool, head: str, blocks: str, prune: int, seed: int, folds_list) -> list[float]:
+    """Per-fold AUCs of one candidate over the prepared folds."""
+    from sklearn.base import clone
+
+    from ..detectors import create_head
+    from ..detectors.refcv import column_auc
+    from .config import FitConfig
+
+    kind, sel = FitConfig(blocks=blocks).kind()
+    X, layout = pool.matrix(kind, sel)
+    y = pool.y
+    base = create_head(head)
+    if "random_state" in base.get_params():
+        base.set_params(random_state=seed)
+    if "calibration_cv" in base.get_params():
+        base.set_params(calibration_cv=0)
+    aucs = []
+    gens = np.array(pool.generator, dtype=object)
+    for tr, te in folds_list:
+        Xtr, Xte = X[tr], X[te]
+        if prune:
+            from .prune import fit_pruner
+
+            unit = int(layout.get("dim") or X.shape[1])
+            try:
+                t = fit_pruner(Xtr, y[tr], list(gens[tr]), prune, "coord", seed, unit_dim=unit)
+            except UsageError:
+                continue
+            Xtr, Xte = t.transform(Xtr), t.transform(Xte)
+        m = clone(base).fit(Xtr, y[tr])
+        s = np.asarray(m.decision_function(Xte), np.float64)
+        aucs.append(float(column_auc(s[:, None], y[te])[0]))
+    return aucs
+
+
+def choose(pool, config, repeats: int = REPEATS) -> tuple[object, list[Candidate], str]:
+    """(the FitConfig with the chosen head, blocks and prune; every candidate, best first; the CV kind)."""
+    from ..detectors.refcv import reference_folds
+
+    y = pool.y
+    folds, kind = [], ""
+    for r in range(repeats):
+        f, kind = reference_folds(y, pool.generator, config.seed + r)
+        folds += f
+    if not folds:
+        raise UsageError("--head auto cross-validates on the references: it needs at least 2 real and 2 fake "
+                         "references (raise --shots)")
+    cands = [Candidate(h, b) for b in feature_candidates(pool) for h in HEADS]
+    for c in cands:
+        a = _cv(pool, c.head, c.blocks, 0, config.seed, folds)
+        c.auc, c.sd = float(np.mean(a)), float(np.std(a))
+    ranked = sorted(cands, key=lambda c: -round(c.auc, 9))  # stable: ties keep the listed order
+    pruned = []
+    for c in ranked[:PRUNE_TOP]:
+        kind_, sel = config.replace(blocks=c.blocks).kind()
+        dim = int(pool.matrix(kind_, sel)[1].get("dim") or pool.X.shape[1])
+        p = Candidate(c.head, c.blocks, prune_k(dim))
+        a = _cv(pool, p.head, p.blocks, p.prune, config.seed, folds)
+        if a:
+            p.auc, p.sd = float(np.mean(a)), float(np.std(a))
+            pruned.append(p)
+    order = {id(c): i for i, c in enumerate(cands + pruned)}
+    ranked = sorted(cands + pruned, key=lambda c: (-round(c.auc, 9), order[id(c)]))
+    best = ranked[0]
+    return config.replace(head=best.head, blocks=best.blocks, prune=best.prune), ranked, kind
+
+
+def describe_meta(auto: dict, top: int = 10) -> list[str]:
+    """The ranking `--head auto` saw (as stored in a detector's meta["auto"]), as lines for the console."""
+    ranked = auto.get("ranking", [])
+    lines = [f"--head auto: {len(ranked)} settings, mean AUC over {auto.get('cv')} folds on the references "
+             f"(best {min(top, len(ranked))}):"]
+    for i, d in enumerate(ranked[:top]):
+        c = Candidate(d["head"], d["blocks"], d["prune"])
+        auc, sd = (float("nan") if d[k] is None else d[k] for k in ("auc", "sd"))
+        lines.append(f"  {i + 1:2d}. AUC {auc:.3f} ± {sd:.3f}  {c.name}")
+    lines.append(f"chosen: {Candidate(**{k: auto['chosen'][k] for k in ('head', 'blocks', 'prune')}).name}")
+    return lines
