@@ -69,7 +69,12 @@ def test_auto_finds_the_block_and_is_deterministic():
     ranking = auto["ranking"]
     finals = [r for r in ranking if r["blocks"] == ""]
     assert finals and max(r["auc"] for r in finals) < ranking[0]["auc"]
-    assert len({(r["head"], r["blocks"], r["prune"]) for r in ranking}) == len(ranking) >= 3 * (1 + 8 + 3)
+    assert len({(r["head"], r["blocks"], r["prune"]) for r in ranking}) == len(ranking)
+    # every feature setting with the centroid head; svm and logreg on the final embedding and the best ones
+    assert {r["blocks"] for r in ranking if r["head"] == "centroid" and not r["prune"]} == \
+        {""} | {f"{p}:{b}" for p in ("cls", "mean") for b in range(4)} | {"cls:middle", "mean:middle", "both:middle"}
+    assert {("svm", ""), ("logreg", "")} <= {(r["head"], r["blocks"]) for r in ranking}
+    assert any(r["prune"] for r in ranking)
 
 
 # ---- through the cache and the CLI (tiny model, blocks 0 and 1) -------------------------------------
