@@ -107,7 +107,8 @@ def logo_plans(pool, k: int, seeds):
         held = [i for i in range(len(pool)) if lab[i] == "fake" and gen[i] == g]
         cand = sorted(reals + [i for i in range(len(pool)) if lab[i] == "fake" and gen[i] != g])
         for seed in seeds:
-            sub = sample_shots([lab[i] for i in cand], [gen[i] for i in cand], k, seed, keys=[pool.sha256[i] for i in cand])
+            sub = sample_shots([lab[i] for i in cand], [gen[i] for i in cand], k, seed,
+                               keys=[pool.sha256[i] for i in cand])
             train = [cand[j] for j in sub]
             shas = {pool.sha256[i] for i in train}
             test = [i for i in reals if pool.sha256[i] not in shas] + [i for i in held if pool.sha256[i] not in shas]
@@ -172,7 +173,8 @@ def summary(rows, target_fpr: float) -> str:
         sel = [r for r in rows if r["protocol"] == proto]
         if not sel:
             continue
-        out.append(f"\n## {proto}\n\n| setting | K | AUC | AP | FPR@thr (target {target_fpr}) | TPR@thr | ECE | fit s |")
+        out.append(f"\n## {proto}\n\n| setting | K | AUC | AP | FPR@thr (target {target_fpr}) | TPR@thr | ECE "
+                   "| fit s |")
         out.append("|---|---|---|---|---|---|---|---|")
         for setting in dict.fromkeys(r["setting"] for r in sel):
             for k in sorted({r["k"] for r in sel}):
