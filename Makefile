@@ -16,7 +16,7 @@ VIEWS  ?= jpeg:75
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,serve,finetune,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,onnx,dev,serve,finetune,ray]'
 	touch $@
 
 venv: $(BIN)/.installed

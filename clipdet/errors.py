@@ -53,3 +53,18 @@ class ImageError(ClipdetError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class MissingDependencyError(UsageError):
+    """An optional dependency (an extra of clipdet) is not installed."""
+
+
+def require(module: str, extra: str, what: str):
+    """Import and return `module`, or raise one line saying that `what` needs the `extra` of clipdet."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(f"{what} needs {module} (not installed here): "
+                                     f"pip install 'clipdet[{extra}]'") from None

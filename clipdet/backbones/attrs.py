@@ -14,7 +14,13 @@ def backbone_attrs(spec: str) -> tuple[str, dict]:
     from .registry import describe_backbone
 
     info = describe_backbone(spec)
-    dim = _embed_dim(info.arch)
+    if "onnx" in info.extra:  # an ONNX file says its size only when run: build the session (no torch)
+        from .registry import create_backbone
+
+        info = create_backbone(spec, device="cpu").info
+        dim = int(info.extra["embed_dim"])
+    else:
+        dim = _embed_dim(info.arch)
     if not dim:
         raise UsageError(f"--backbone {spec}: unknown embedding size for {info.arch}")
     return info.key, {"backbone": json.loads(info.to_json()), "layers": [], "dim": dim,

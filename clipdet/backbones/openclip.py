@@ -22,7 +22,10 @@ log = logging.getLogger("clipdet")
 
 def _open_clip():
     """Import open_clip (slow: pulls in torch) and register clipdet's built-in configs once."""
-    import open_clip
+    from ..errors import require
+
+    require("torch", "torch", "open_clip backbones (ARCH:WEIGHTS)")
+    open_clip = require("open_clip", "torch", "open_clip backbones (ARCH:WEIGHTS)")
 
     if not getattr(open_clip, "_clipdet_configs", False):
         open_clip.add_model_config(CONFIG_DIR)
@@ -282,9 +285,9 @@ class OpenClipProvider:
         and inference runs about 2-3x faster — see tests/test_speed_paths.py and
         benchmarks/results/extract_speed_cpu.md; CLIPDET_PRECISION overrides "auto").
         """
+        model, info, device = OpenClipProvider.build(spec, device)
         import torch
 
-        model, info, device = OpenClipProvider.build(spec, device)
         visual = model.visual
         preprocess_cfg = dict(visual.preprocess_cfg)
         del model
@@ -316,11 +319,11 @@ class OpenClipProvider:
         Returns `(model, info, device)` with `device` resolved; `load` keeps only the image tower,
         `clipdet finetune` trains it and saves the whole model back as an open_clip checkpoint.
         """
+        oc = _open_clip()  # first: without the torch extra, one line says how to install it
         import torch
 
         arch, weights = parse_spec(spec)
         info = OpenClipProvider.describe(spec)
-        oc = _open_clip()
         if arch not in oc.list_models():
             near = [m for m in oc.list_models() if arch.lower().split("-")[0] in m.lower()][:8]
             raise UsageError(

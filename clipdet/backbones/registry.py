@@ -9,6 +9,10 @@ DEFAULT_BACKBONE = "ViT-L-14:openai"
 
 
 def _provider_for(spec: str):
+    if spec.startswith("onnx:"):  # onnx:PATH — any ONNX image encoder (needs no torch)
+        from . import onnxrt  # noqa: F401  (registers itself)
+
+        return PROVIDERS.get("onnx"), spec
     from . import openclip  # noqa: F401  (registers itself)
 
     prefix, sep, rest = spec.partition("::")
@@ -39,7 +43,7 @@ def create_text_tower(spec: str, device: str = "auto"):
 
 def list_backbones() -> list[tuple[str, list[str]]]:
     """(architecture, [pretrained tags]) for every architecture the providers know."""
-    from . import openclip  # noqa: F401
+    from . import onnxrt, openclip  # noqa: F401
 
     out = []
     for name in PROVIDERS.names():

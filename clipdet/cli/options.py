@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/weights or ARCH:random "
-                           "[default: ViT-L-14:openai, or the only backbone in the cache]")
+BackboneOpt = typer.Option(None, "--backbone", "-b", help="ARCH:PRETRAINED, ARCH:/path/to/weights, ARCH:random "
+                           "or onnx:PATH [default: ViT-L-14:openai, or the only backbone in the cache]")
 CacheOpt = typer.Option(None, "--cache", "-c", help="Feature cache file [default: $CLIPDET_CACHE or cache/clipdet.h5]")
 ManifestOpt = typer.Option(None, "--manifest", "-m", help="CSV with columns path,label,generator")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or per-file lines; summary only")

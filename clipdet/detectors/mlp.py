@@ -86,7 +86,9 @@ class MLPHead(BaseHead):
 
     # ---- training ----------------------------------------------------------------------------
     def _fit_core(self, X, y_idx):
-        import torch
+        from ..errors import require
+
+        torch = require("torch", "torch", f"--head {self._head_name} (it trains a network)")
 
         # A few-shot MLP is thousands of tiny ops: one thread avoids OpenMP hand-off and spin-wait
         # costs that made 2-thread training 20-80x slower on a 2-core machine (benchmarks/fit_speed.py).

@@ -116,6 +116,9 @@ def finetune(
     The library form of `clipdet finetune` (see the module docstring). `on_step(step, epoch, loss)`
     is called after each optimiser step; raising there interrupts the run as a kill would.
     """
+    from ..errors import require
+
+    require("torch", "torch", "clipdet finetune (it trains the image tower)")
     from ..backbones.openclip import OpenClipBackbone, OpenClipProvider
     from ..evaluate.record import run_record, versions
     from ..extract.discover import discover

@@ -99,11 +99,16 @@ class Embedder:
     def _load(self) -> None:
         if self.threads:
             import ray
-            import torch
 
             n = self.threads.get(ray.get_runtime_context().get_node_id())
             if n:  # a CPU actor uses its node's cores, as the local engine's model does
-                torch.set_num_threads(int(n))
+                os.environ["CLIPDET_THREADS"] = str(int(n))  # an ONNX backbone's session reads it at load
+                try:
+                    import torch
+                except ImportError:  # a torch-free install (clipdet[onnx])
+                    torch = None
+                if torch is not None:
+                    torch.set_num_threads(int(n))
         try:
             self.lazy.get()
         except Exception:  # noqa: BLE001 - remembered by LazyBackbone, raised again by _model()
