@@ -43,8 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="*", default=[], help="Labelled folders to extract first")
     p.add_argument("--layers", default="", help="Blocks to extract, e.g. 0,1,...,11")
     p.add_argument("--out", required=True, help="Results folder")
-    p.add_argument("--ks", default="5,10,20,50", help="Shots per class [default: %(default)s]")
-    p.add_argument("--seeds", type=int, default=10, help="Seeds for logo/kshot [default: %(default)s]")
+    p.add_argument("--ks", default="5,10,20,50", help="Shots per class, kshot [default: %(default)s]")
+    p.add_argument("--seeds", type=int, default=10, help="Seeds for kshot [default: %(default)s]")
+    p.add_argument("--logo-ks", default="5,10,20,50", help="Shots per class, logo [default: %(default)s]")
+    p.add_argument("--logo-seeds", type=int, default=10, help="Seeds for logo [default: %(default)s]")
+    p.add_argument("--merge", nargs="*", default=None, help="Only summarise the rows.csv of these result folders "
+                   "into --out (several runs of this script split by protocol)")
     p.add_argument("--block-seeds", type=int, default=3, help="Seeds for the per-block sweep [default: %(default)s]")
     p.add_argument("--settings", default=",".join(MAIN), help="HEAD|BLOCKS settings [default: %(default)s]")
     p.add_argument("--protocols", default="logo,blocks,kshot", help="Which protocols [default: %(default)s]")
@@ -126,18 +130,18 @@ def kshot_plans(pool, k: int, seeds):
 
 def run(pool, args) -> list[dict]:
     """Every protocol's rows."""
-    ks = [int(k) for k in args.ks.split(",")]
-    seeds = list(range(args.seeds))
+    ks = [int(k) for k in args.ks.split(",") if k]
+    logo_ks = [int(k) for k in args.logo_ks.split(",") if k]
+    seeds, logo_seeds = list(range(args.seeds)), list(range(args.logo_seeds))
     settings = [s for s in args.settings.split(",") if s]
     protos = set(args.protocols.split(","))
     blocks = sorted(int(b) for b in pool.feats["layers"][1]["blocks"]) if "layers" in pool.feats else []
     pools = [p for p, kd in (("cls", "layers"), ("mean", "layers_mean")) if kd in pool.feats]
     jobs = []
-    for k in ks:
-        if "logo" in protos:
-            jobs += [("logo", k, s, logo_plans(pool, k, seeds)) for s in settings]
-        if "kshot" in protos:
-            jobs += [("kshot", k, s, kshot_plans(pool, k, seeds)) for s in settings]
+    if "logo" in protos:
+        jobs += [("logo", k, s, logo_plans(pool, k, logo_seeds)) for k in logo_ks for s in settings]
+    if "kshot" in protos:
+        jobs += [("kshot", k, s, kshot_plans(pool, k, seeds)) for k in ks for s in settings]
     if "blocks" in protos:
         jobs += [("blocks", 10, f"svm|{p}:{b}", logo_plans(pool, 10, range(args.block_seeds)))
                  for b in blocks for p in pools]
@@ -214,9 +218,18 @@ def main(argv=None) -> int:
     """Run and write rows.csv, summary.md, run.json into --out."""
     args = parse_args(argv)
     t0 = time.time()
-    pool = load(args)
-    print(f"pool: {len(pool)} images ({sum(pool.y)} fake), kinds {['embedding', *pool.feats]}", file=sys.stderr)
-    rows = run(pool, args)
+    if args.merge is not None:
+        rows = []
+        for d in args.merge:
+            with open(os.path.join(d, "rows.csv")) as f:
+                for r in csv.DictReader(f):
+                    rows.append({k: (v if k in ("protocol", "setting", "generator", "chosen") else
+                                     float(v) if v not in ("", None) else math.nan) for k, v in r.items()})
+        pool = []
+    else:
+        pool = load(args)
+        print(f"pool: {len(pool)} images ({sum(pool.y)} fake), kinds {['embedding', *pool.feats]}", file=sys.stderr)
+        rows = run(pool, args)
     os.makedirs(args.out, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(args.out, "rows.csv"), "w", newline="") as f:

@@ -5,11 +5,13 @@ The candidates are small and fixed, searched in three stages so that a 10-shot c
 1. the ``centroid`` head on every feature setting (the final embedding; when the references carry block
    features: each stored block's CLS token and patch-token mean, and the middle blocks' CLS tokens,
    means and both, concatenated) - exact and vectorised, so cheap;
-2. ``svm`` and ``logreg`` on the best `TOP_FEATURES` settings of stage 1 and on the final embedding;
+2. ``svm`` on the best `TOP_FEATURES` settings of stage 1, ``logreg`` on the best one, both on the final
+   embedding;
 3. pruning (`clipdet.fit.prune`, chosen inside each training fold) on the best `PRUNE_TOP` so far.
 Each candidate is scored by the mean AUC over reference folds (leave-one-generator-out when the
 references name >= 2 generators, else stratified K folds; `clipdet.detectors.refcv`), repeated over a
-few seeded splits of the reals. Ties go to the candidate listed first (the simpler one). Nothing but
+few seeded splits of the reals. AUCs within 0.001 count as ties (at a few shots many settings reach 1.0);
+ties go to svm, then logreg, then centroid; to the middle-block sets before single blocks; to no pruning. Nothing but
 the references is read: the evaluation-overlap guard of the callers still applies.
 """
 
@@ -61,11 +63,12 @@ def feature_candidates(pool) -> list[str]:
             stored = [int(b) for b in pool.feats[kind][1]["blocks"]]
     if stored is None:
         return out
-    pools = [p for p, k in (("cls", "layers"), ("mean", "layers_mean")) if k in pool.feats]
+    pools = [p for p, k in (("mean", "layers_mean"), ("cls", "layers")) if k in pool.feats]
+    if len(stored) >= 3:  # listed first: near-ties go to the middle-block sets (steadier than one block)
+        out += [f"{p}:middle" for p in pools[:1]] + (["both:middle"] if len(pools) == 2 else []) + \
+            [f"{p}:middle" for p in pools[1:]]
     for b in sorted(stored):
         out += [f"{p}:{b}" for p in pools]
-    if len(stored) >= 3:
-        out += [f"{p}:middle" for p in pools] + (["both:middle"] if len(pools) == 2 else [])
     return out
 
 
@@ -143,19 +146,23 @@ def choose(pool, config, repeats: int = REPEATS) -> tuple[object, list[Candidate
             c.auc, c.sd = float(np.mean(aucs)), float(np.std(aucs))
             tried.append(c)
 
-    def ranked() -> list[Candidate]:
-        return sorted(tried, key=lambda c: -round(c.auc, 9))  # stable: ties keep the order tried
+    feats = feature_candidates(pool)
 
-    for b in feature_candidates(pool):
+    def ranked() -> list[Candidate]:
+        # AUC to 3 decimals (closer is noise at a few shots), then the preferred head, features, no pruning
+        return sorted(tried, key=lambda c: (-round(c.auc, 3), HEADS.index(c.head), feats.index(c.blocks), c.prune))
+
+    for b in feats:
         record(Candidate("centroid", b), _cv_centroid(pool.matrix(*config.replace(blocks=b).kind())[0], y, folds))
     top = [c.blocks for c in ranked()[:TOP_FEATURES]]
-    for b in [""] + [b for b in top if b]:
-        for h in HEADS[:2]:
+    for h, bs in (("svm", [""] + top), ("logreg", [""] + top[:1])):
+        for b in dict.fromkeys(bs):
             record(Candidate(h, b), _cv(pool, h, b, 0, config.seed, folds))
+    first = folds[:len(folds) // repeats] or folds  # pruning is chosen inside each fold: one split of the reals
     for c in ranked()[:PRUNE_TOP]:
         lay = pool.matrix(*config.replace(blocks=c.blocks).kind())[1]
-        record(Candidate(c.head, c.blocks, prune_k(int(lay.get("dim") or pool.X.shape[1]))),
-               _cv(pool, c.head, c.blocks, prune_k(int(lay.get("dim") or pool.X.shape[1])), config.seed, folds))
+        k = prune_k(int(lay.get("dim") or pool.X.shape[1]))
+        record(Candidate(c.head, c.blocks, k), _cv(pool, c.head, c.blocks, k, config.seed, first))
     best = ranked()[0]
     return config.replace(head=best.head, blocks=best.blocks, prune=best.prune), ranked(), kind
 
