@@ -81,7 +81,7 @@ def zero_shot_heads(heads: Sequence[str]) -> list[str]:
     """The heads among `heads` that work without references (K = 0 on a k-shot curve)."""
     from ..detectors import heads_registry
 
-    return [h for h in heads if getattr(heads_registry().get(h), "zero_shot", False)]
+    return [h for h in heads if h != "auto" and getattr(heads_registry().get(h), "zero_shot", False)]
 
 
 def _score(det, test: Pool) -> dict:

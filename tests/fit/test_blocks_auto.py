@@ -124,3 +124,14 @@ def test_cli_means_missing_from_an_old_cache_say_how_to_get_them(run_cli, blocks
     assert "Traceback" not in r.output
     r = run_cli("fit", "-c", blocks_cache, "--blocks", "cls:1", "-k", "5", "-o", tmp_path / "y.clipdet")
     assert r.exit_code == 0, r.output
+
+
+def test_cli_bench_takes_head_auto(run_cli, blocks_cache, tmp_path):
+    out = tmp_path / "bench"
+    r = run_cli("bench", "-c", blocks_cache, "--heads", "svm,auto", "--protocol", "kshot", "--ks", "4",
+                "--seeds", "1", "-o", out)
+    assert r.exit_code == 0, r.output
+    import csv
+
+    rows = list(csv.DictReader((out / "kshot.csv").read_text().splitlines()))
+    assert {row["head"] for row in rows} == {"svm", "auto"}
