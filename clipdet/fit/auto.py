@@ -10,8 +10,10 @@ The candidates are small and fixed, searched in three stages so that a 10-shot c
 3. pruning (`clipdet.fit.prune`, chosen inside each training fold) on the best `PRUNE_TOP` so far.
 Each candidate is scored by the mean AUC over reference folds (leave-one-generator-out when the
 references name >= 2 generators, else stratified K folds; `clipdet.detectors.refcv`), repeated over a
-few seeded splits of the reals. AUCs within 0.001 count as ties (at a few shots many settings reach 1.0);
-ties go to svm, then logreg, then centroid; to the middle-block sets before single blocks; to no pruning. Nothing but
+few seeded splits of the reals. The choice follows the one-standard-error rule (`pick`): at a few
+shots the fold AUCs are noisy, so among the settings within one standard error of the best, the
+preferred one wins: svm, then logreg, then centroid; the middle-block sets before single blocks (RINE's
+finding that intermediate blocks carry generator traces); no pruning first. Nothing but
 the references is read: the evaluation-overlap guard of the callers still applies.
 """
 
@@ -41,6 +43,7 @@ class Candidate:
     prune: int = 0
     auc: float = float("nan")
     sd: float = float("nan")
+    n: int = 0  # folds behind auc and sd
 
     @property
     def name(self) -> str:
@@ -143,7 +146,7 @@ def choose(pool, config, repeats: int = REPEATS) -> tuple[object, list[Candidate
 
     def record(c: Candidate, aucs: list[float]) -> None:
         if aucs:
-            c.auc, c.sd = float(np.mean(aucs)), float(np.std(aucs))
+            c.auc, c.sd, c.n = float(np.mean(aucs)), float(np.std(aucs)), len(aucs)
             tried.append(c)
 
     feats = feature_candidates(pool)
@@ -163,8 +166,18 @@ def choose(pool, config, repeats: int = REPEATS) -> tuple[object, list[Candidate
         lay = pool.matrix(*config.replace(blocks=c.blocks).kind())[1]
         k = prune_k(int(lay.get("dim") or pool.X.shape[1]))
         record(Candidate(c.head, c.blocks, k), _cv(pool, c.head, c.blocks, k, config.seed, first))
-    best = ranked()[0]
+    best = pick(ranked(), feats)
     return config.replace(head=best.head, blocks=best.blocks, prune=best.prune), ranked(), kind
+
+
+def pick(ranked: list[Candidate], feats: list[str]) -> Candidate:
+    """The one-standard-error rule (Breiman et al. 1984): among the candidates whose AUC is within one
+    standard error (over folds) of the best, the preferred one: svm before logreg before centroid, the
+    feature settings in `feature_candidates` order (middle-block sets first), no pruning first."""
+    top = ranked[0]
+    se = top.sd / np.sqrt(max(1, top.n - 1))
+    near = [c for c in ranked if c.auc >= top.auc - se]
+    return min(near, key=lambda c: (HEADS.index(c.head), feats.index(c.blocks), c.prune))
 
 
 def describe_meta(auto: dict, top: int = 10) -> list[str]:
@@ -176,5 +189,6 @@ def describe_meta(auto: dict, top: int = 10) -> list[str]:
         c = Candidate(d["head"], d["blocks"], d["prune"])
         auc, sd = (float("nan") if d[k] is None else d[k] for k in ("auc", "sd"))
         lines.append(f"  {i + 1:2d}. AUC {auc:.3f} ± {sd:.3f}  {c.name}")
-    lines.append(f"chosen: {Candidate(**{k: auto['chosen'][k] for k in ('head', 'blocks', 'prune')}).name}")
+    lines.append(f"chosen: {Candidate(**{k: auto['chosen'][k] for k in ('head', 'blocks', 'prune')}).name} "
+                 "(the preferred setting within one standard error of the best)")
     return lines

@@ -50,7 +50,9 @@ def fit_from_pool(
 
         need_both_classes(pool, "fit --head auto")
         cfg, ranked, cv_kind = choose(pool, cfg)
-        auto = {"cv": cv_kind, "chosen": ranked[0].as_dict(), "ranking": [c.as_dict() for c in ranked]}
+        chosen = next(c for c in ranked if (c.head, c.blocks, c.prune) == (cfg.head, cfg.blocks, cfg.prune))
+        auto = {"cv": cv_kind, "rule": "one-standard-error", "chosen": chosen.as_dict(),
+                "ranking": [c.as_dict() for c in ranked]}
     head, params, target_fpr, seed = cfg.head, cfg.params, cfg.target_fpr, cfg.seed
     attribute, prune, prune_basis = cfg.attribute, cfg.prune, cfg.prune_basis
     if not 0 <= target_fpr < 1:

@@ -135,3 +135,14 @@ def test_cli_bench_takes_head_auto(run_cli, blocks_cache, tmp_path):
 
     rows = list(csv.DictReader((out / "kshot.csv").read_text().splitlines()))
     assert {row["head"] for row in rows} == {"svm", "auto"}
+
+
+def test_one_standard_error_rule_prefers_the_steadier_setting():
+    from clipdet.fit.auto import Candidate, pick
+
+    feats = ["", "mean:middle", "both:middle", "cls:middle", "mean:3"]
+    ranked = [Candidate("centroid", "mean:3", 0, 0.90, 0.2, 17), Candidate("svm", "mean:middle", 0, 0.86, 0.2, 17),
+              Candidate("svm", "", 0, 0.60, 0.1, 17)]
+    assert pick(ranked, feats) is ranked[1]  # 0.86 is within one SE (0.05) of 0.90
+    ranked[1].auc = 0.80
+    assert pick(ranked, feats) is ranked[0]  # not any more
