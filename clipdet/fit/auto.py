@@ -5,15 +5,15 @@ The candidates are small and fixed, searched in three stages so that a 10-shot c
 1. the ``centroid`` head on every feature setting (the final embedding; when the references carry block
    features: each stored block's CLS token and patch-token mean, and the middle blocks' CLS tokens,
    means and both, concatenated) - exact and vectorised, so cheap;
-2. ``svm`` on the best `TOP_FEATURES` settings of stage 1, ``logreg`` on the best one, both on the final
-   embedding;
+2. ``svm`` on the best `TOP_FEATURES` settings of stage 1 and on the preferred ones (final embedding,
+   middle-block means and both), ``logreg`` on the best one and the final embedding;
 3. pruning (`clipdet.fit.prune`, chosen inside each training fold) on the best `PRUNE_TOP` so far.
 Each candidate is scored by the mean AUC over reference folds (leave-one-generator-out when the
 references name >= 2 generators, else stratified K folds; `clipdet.detectors.refcv`), repeated over a
 few seeded splits of the reals. The choice follows the one-standard-error rule (`pick`): at a few
 shots the fold AUCs are noisy, so among the settings within one standard error of the best, the
-preferred one wins: svm, then logreg, then centroid; the middle-block sets before single blocks (RINE's
-finding that intermediate blocks carry generator traces); no pruning first. Nothing but
+preferred one wins: the middle-block sets (RINE's finding that intermediate blocks carry generator
+traces), then the final embedding, then single blocks; svm, then logreg, then centroid; no pruning. Nothing but
 the references is read: the evaluation-overlap guard of the callers still applies.
 """
 
@@ -158,7 +158,8 @@ def choose(pool, config, repeats: int = REPEATS) -> tuple[object, list[Candidate
     for b in feats:
         record(Candidate("centroid", b), _cv_centroid(pool.matrix(*config.replace(blocks=b).kind())[0], y, folds))
     top = [c.blocks for c in ranked()[:TOP_FEATURES]]
-    for h, bs in (("svm", [""] + top), ("logreg", [""] + top[:1])):
+    preferred = [b for b in feats if b.endswith(":middle")][:2]  # the steadier sets always get the svm too
+    for h, bs in (("svm", [""] + preferred + top), ("logreg", [""] + top[:1])):
         for b in dict.fromkeys(bs):
             record(Candidate(h, b), _cv(pool, h, b, 0, config.seed, folds))
     first = folds[:len(folds) // repeats] or folds  # pruning is chosen inside each fold: one split of the reals
@@ -172,12 +173,15 @@ def choose(pool, config, repeats: int = REPEATS) -> tuple[object, list[Candidate
 
 def pick(ranked: list[Candidate], feats: list[str]) -> Candidate:
     """The one-standard-error rule (Breiman et al. 1984): among the candidates whose AUC is within one
-    standard error (over folds) of the best, the preferred one: svm before logreg before centroid, the
-    feature settings in `feature_candidates` order (middle-block sets first), no pruning first."""
+    standard error (over folds) of the best, the preferred one: the middle-block sets (means, both, CLS),
+    then the final embedding, then single blocks; svm before logreg before centroid; no pruning first."""
     top = ranked[0]
     se = top.sd / np.sqrt(max(1, top.n - 1))
     near = [c for c in ranked if c.auc >= top.auc - se]
-    return min(near, key=lambda c: (HEADS.index(c.head), feats.index(c.blocks), c.prune))
+    def rank(b: str) -> int:
+        return 0 if b.endswith(":middle") else 1 if b == "" else 2
+
+    return min(near, key=lambda c: (rank(c.blocks), feats.index(c.blocks), HEADS.index(c.head), c.prune))
 
 
 def describe_meta(auto: dict, top: int = 10) -> list[str]:
