@@ -208,9 +208,10 @@ def summary(rows, target_fpr: float) -> str:
     if auto:
         from collections import Counter
 
-        out.append("\n## what --head auto chose (all its fits)\n")
-        for c, n in Counter(r["chosen"] for r in auto).most_common(12):
-            out.append(f"- {c}: {n}")
+        for setting in dict.fromkeys(r["setting"] for r in auto):
+            out.append(f"\n## what {setting.rstrip('|')} chose (all its fits)\n")
+            for c, n in Counter(r["chosen"] for r in auto if r["setting"] == setting).most_common(12):
+                out.append(f"- {c}: {n}")
     return "\n".join(out) + "\n"
 
 
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
             with open(os.path.join(d, "rows.csv")) as f:
                 for r in csv.DictReader(f):
                     rows.append({k: (v if k in ("protocol", "setting", "generator", "chosen") else
+                                     int(float(v)) if k in ("k", "seed") else
                                      float(v) if v not in ("", None) else math.nan) for k, v in r.items()})
         pool = []
     else:
