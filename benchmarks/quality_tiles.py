@@ -6,7 +6,9 @@
 Extracts the tile views `tile:SIZE:0..T-1` of the manifest's images (and the clean view), then, per setting
 (HEAD|BLOCKS), K and seed, draws K references per class and compares: ``clean`` (fit and score on the
 image resized by the backbone), ``tiles-mean`` / ``tiles-max`` (fit on every tile of the references as
-rows; score each tile of a test image and aggregate). Writes rows.csv and summary.md into --out.
+rows; score each tile of a test image and aggregate), with the detector's threshold (calibrated on
+single tiles, whose folds mix tiles of one image) or, ``-imgcal``, a threshold set on the references'
+aggregated out-of-fold image scores (folds of whole images). Writes rows.csv and summary.md into --out.
 """
 
 from __future__ import annotations
@@ -45,11 +47,30 @@ def concat(pools):
                 np.vstack([p.X for p in pools]), feats)
 
 
+def image_oof(tiles, train, cfg, seed, n_splits: int = 5) -> np.ndarray:
+    """(len(train), T) out-of-fold tile scores of the references, folds made of whole images (all the
+    tiles of an image on one side), so the threshold can be set on aggregated image scores."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from clipdet.evaluate.common import decide
+    from clipdet.fit.head import fit_from_pool
+
+    y = tiles[0].take(train).y
+    k = int(min(n_splits, np.bincount(y, minlength=2).min()))
+    out = np.zeros((len(train), len(tiles)))
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        det = fit_from_pool(concat([p.take([train[i] for i in tr]) for p in tiles]), cfg, seed=seed,
+                            attribute=False, calibrate=False)
+        out[te] = np.stack([decide(det, p.take([train[i] for i in te])) for p in tiles], axis=1)
+    return out
+
+
 def main(argv=None) -> int:
     """Run and write rows.csv and summary.md."""
     args = parse_args(argv)
     import clipdet
     from clipdet.cache import FeatureCache
+    from clipdet.detectors.calibration import threshold_at_fpr
     from clipdet.evaluate.common import decide, split_references
     from clipdet.evaluate.metrics import roc_auc
     from clipdet.extract.discover import discover
@@ -90,8 +111,12 @@ def main(argv=None) -> int:
                 res = {"clean": (sc, det.threshold)}
                 tdet = fit_from_pool(concat([p.take(train) for p in tiles]), cfg, seed=seed, attribute=False)
                 S = np.stack([decide(tdet, p.take(test)) for p in tiles], axis=1)
+                oof = image_oof(tiles, train, cfg, seed)  # per-image out-of-fold tile scores of the references
+                yr = clean.take(train).y
                 for rule in ("mean", "max"):
                     res[f"tiles-{rule}"] = (aggregate(S, rule), tdet.threshold)
+                    thr = threshold_at_fpr(aggregate(oof, rule)[yr == 0], cfg.target_fpr)
+                    res[f"tiles-{rule}-imgcal"] = (aggregate(S, rule), thr)
                 for name, (scores, thr) in res.items():
                     flagged = scores >= thr
                     rows.append({"setting": setting, "mode": name, "k": k, "seed": seed,
@@ -108,7 +133,7 @@ def main(argv=None) -> int:
              "| setting | K | mode | AUC | FPR@thr (target 0.05) | TPR@thr |", "|---|---|---|---|---|---|"]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         for k in sorted({r["k"] for r in rows}):
-            for mode in ("clean", "tiles-mean", "tiles-max"):
+            for mode in ("clean", "tiles-mean", "tiles-max", "tiles-mean-imgcal", "tiles-max-imgcal"):
                 rr = [r for r in rows if r["setting"] == setting and r["k"] == k and r["mode"] == mode]
                 cell = []
                 for m in ("auc", "fpr", "tpr"):
