@@ -76,7 +76,9 @@ class Backbone:
 
     - `preprocess(pil_rgb) -> torch.Tensor[3, S, S]` (float32, normalised) — runs in loader workers.
     - `embed(batch, layers=()) -> dict` with "embedding": float32 (n, D), L2-normalised, and, when
-      `layers` is given, "layers": float32 (n, len(layers), W) L2-normalised CLS tokens.
+      `layers` is given, "layers": float32 (n, len(layers), W) L2-normalised CLS tokens of those blocks
+      and "layers_mean": float32 (n, len(layers), W) the L2-normalised mean of each block's patch tokens
+      (all tokens but the CLS and any register tokens).
     """
 
     info: BackboneInfo

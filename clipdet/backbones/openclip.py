@@ -152,16 +152,22 @@ class OpenClipBackbone(Backbone):
             out.append(j)
         return tuple(out)
 
+    def _prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in a block's output: the CLS token (when the ViT has one)."""
+        return 0 if getattr(self.visual, "class_embedding", None) is None else 1
+
     def _ensure_hooks(self, layers: tuple[int, ...]):
         tr, blocks = self._blocks()
         batch_first = getattr(tr, "batch_first", True)
+        skip = self._prefix_tokens()
         for j in layers:
             if j in self._hooks:
                 continue
 
             def hook(_m, _inp, out, j=j):
                 x = out[0] if isinstance(out, tuple) else out
-                self._captured[j] = x[:, 0] if batch_first else x[0]
+                x = x if batch_first else x.transpose(0, 1)  # (n, tokens, width) either way
+                self._captured[j] = (x[:, 0], x[:, skip:].float().mean(dim=1))
 
             self._hooks[j] = blocks[j].register_forward_hook(hook)
 
@@ -186,6 +192,9 @@ class OpenClipBackbone(Backbone):
     # -- inference --------------------------------------------------------------------------
     def embed(self, batch, layers: tuple[int, ...] = (), heads: int = 0):
         """L2-normalised float32 embeddings (and CLS tokens of `layers`) for a batch of tensors.
+
+        With `layers`, "layers" (n, L, W) holds each block's CLS token and "layers_mean" (n, L, W) the
+        mean of its patch tokens (every token but the CLS), both L2-normalised.
 
         `heads` > 0 adds "heads" (n, heads x H, D) and "heads_rest" (n, D), float32: the direct
         contributions of each attention head of the last `heads` blocks and the rest, which sum to
@@ -232,8 +241,10 @@ class OpenClipBackbone(Backbone):
                 feats = feats[0]
             out = {"embedding": F.normalize(feats.float(), dim=-1).cpu().numpy()}
             if layers:
-                cls = torch.stack([self._captured[j].float() for j in layers], dim=1)
+                cls = torch.stack([self._captured[j][0].float() for j in layers], dim=1)
                 out["layers"] = F.normalize(cls, dim=-1).cpu().numpy()
+                mean = torch.stack([self._captured[j][1].float() for j in layers], dim=1)
+                out["layers_mean"] = F.normalize(mean, dim=-1).cpu().numpy()
             if cap is not None:
                 from .decompose import decompose
 

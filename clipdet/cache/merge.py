@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import CacheMismatchError
 from .files import check_free_space
 from .index import group_ids, hex_to_raw, raw_to_k64
-from .model import ImageMeta
+from .model import OPTIONAL_EXTRAS, ImageMeta
 from .segment import (
     create_feature_datasets,
     errors_table,
@@ -193,10 +193,11 @@ def _merge_group(srcs: list, g, key: str, view: str) -> int:
 
     def layout(g):
         return (json.loads(g.attrs["backbone"]).get("weights_id"), g.attrs["layers"], int(g.attrs["dim"]),
-                group_heads(g.attrs), group_extras(g))
+                group_heads(g.attrs), tuple(x for x in group_extras(g) if x not in OPTIONAL_EXTRAS))
 
     ref = layout(first)
-    extras = group_extras(first)
+    # optional extras (patch-token means) are kept only when every source holds them
+    extras = tuple(x for x in group_extras(first) if x not in OPTIONAL_EXTRAS or all(x in src for src in srcs))
     for src in srcs:
         if layout(src) != ref:
             raise CacheMismatchError(f"{src.file.filename}: features for {key}/{view} do not match the cache's; "

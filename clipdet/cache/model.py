@@ -46,10 +46,13 @@ class ImageMeta:
 
 
 #: per-row arrays a feature group may hold beside its embedding → the extract option that stores them.
-#: layers: CLS tokens of the --layers blocks (n, L, width); heads: direct contributions of each attention
+#: layers: CLS tokens of the --layers blocks (n, L, width); layers_mean: the mean of those blocks' patch
+#: tokens (n, L, width; caches written before 0.3 lack it); heads: direct contributions of each attention
 #: head of the last --heads blocks to the embedding (n, blocks × heads, dim); heads_rest: the rest of that
 #: decomposition (n, dim), so that heads.sum(1) + heads_rest is the embedding before normalisation.
-EXTRAS = {"layers": "--layers", "heads": "--heads", "heads_rest": "--heads"}
+EXTRAS = {"layers": "--layers", "layers_mean": "--layers", "heads": "--heads", "heads_rest": "--heads"}
+#: EXTRAS a reader takes when every segment holding the rows has them, and leaves out otherwise
+OPTIONAL_EXTRAS = ("layers_mean",)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class FeatureRows:
     embedding: np.ndarray
     layers: np.ndarray | None = None
     heads: np.ndarray | None = None
+    layers_mean: np.ndarray | None = None
     heads_rest: np.ndarray | None = None
 
     def extras(self) -> dict[str, np.ndarray]:
@@ -78,6 +82,7 @@ class GroupInfo:
     dim: int
     count: int
     heads: dict | None = None   # {"blocks": [...], "n_heads": H} when extracted with --heads
+    extras: tuple = ()          # the EXTRAS arrays every segment of the group holds (e.g. layers, layers_mean)
 
 
 def str_dtype():

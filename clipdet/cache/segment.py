@@ -11,6 +11,7 @@ Layout (format_version 2; version-1 files, written by clipdet 0.1, are read too)
     /features/<key>/<view>/sha256     S64
     /features/<key>/<view>/embedding  float16 (n, dim), L2-normalised, chunked + fletcher32 checksums
     /features/<key>/<view>/layers     float16 (n, L, width), when extracted with --layers
+    /features/<key>/<view>/layers_mean float16 (n, L, width), those blocks' patch-token means (clipdet >= 0.3)
     /features/<key>/<view>/heads      float16 (n, N × H, dim), per-head contributions, with --heads N
     /features/<key>/<view>/heads_rest float16 (n, dim), the rest of that decomposition
            attrs: backbone (JSON), layers (JSON), dim, clipdet_version[, heads (JSON)]

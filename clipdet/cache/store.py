@@ -156,9 +156,10 @@ class FeatureCache(LabelsMixin, MaintainMixin):
         with self._session() as segs:
             for s in segs:
                 for k, gi in s.index.groups.items():
-                    found.setdefault(k, [gi.attrs, []])[1].append(gi.keys)
+                    found.setdefault(k, [gi.attrs, [], set(gi.extras)])[1].append(gi.keys)
+                    found[k][2] &= set(gi.extras)
         out = []
-        for (key, view), (attrs, tables) in sorted(found.items()):
+        for (key, view), (attrs, tables, extras) in sorted(found.items()):
             n = 0
             if count and len(tables) == 1:
                 n = len(tables[0])
@@ -166,7 +167,8 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 k64 = np.concatenate([t.k64 for t in tables])
                 n = len(unique_first(k64, np.concatenate([t.raw for t in tables]), np.arange(len(k64))))
             out.append(GroupInfo(key, view, json.loads(attrs["backbone"]), json.loads(attrs["layers"]),
-                                 int(attrs["dim"]), n, group_heads(attrs)))
+                                 int(attrs["dim"]), n, group_heads(attrs),
+                                 tuple(x for x in EXTRAS if x in extras)))
         return out
 
     def group(self, key: str, view: str) -> GroupInfo | None:
@@ -187,16 +189,20 @@ class FeatureCache(LabelsMixin, MaintainMixin):
     # ------------------------------------------------------------------ reading: rows
     def load(
         self, key: str, view: str, shas: Iterable[str] | None = None, with_layers: bool = False,
-        with_heads: bool = False,
+        with_heads: bool = False, with_layers_mean: bool = False,
     ) -> FeatureRows:
         """Features of (key, view) as float32, in the order of `shas` (those found) or cache order;
-        `with_layers` adds the --layers CLS tokens, `with_heads` the --heads decomposition (heads,
-        heads_rest). CacheError when the group was extracted without them.
+        `with_layers` adds the --layers CLS tokens and, when every segment read holds them, the blocks'
+        patch-token means (`layers_mean`; None otherwise); `with_layers_mean` requires those means,
+        `with_heads` the --heads decomposition (heads, heads_rest). CacheError when the group was
+        extracted without what is required.
 
         Only the requested rows are read. A row that fails its checksum, is not finite or is not unit
         length (or whose requested extras fail theirs) is damaged: it is skipped (a later copy is used if
         one exists), its hash is added to `self.damaged`, and a warning says so."""
-        extras = ("layers",) * with_layers + ("heads", "heads_rest") * with_heads
+        extras = ("layers",) * with_layers + ("layers_mean",) * with_layers_mean + ("heads", "heads_rest") * with_heads
+        if with_layers and not with_layers_mean:
+            extras += ("layers_mean?",)  # optional: read when every segment involved holds it
         with self._session() as segs:
             if shas is None:
                 return self._load_all(segs, key, view, extras)
@@ -205,10 +211,16 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 return FeatureRows([], np.zeros((0, 0), np.float32))
             return self._load_keys(segs, key, view, wanted, *keys_of(wanted), extras)
 
-    def _require_extras(self, gi, key: str, view: str, extras: tuple[str, ...]) -> None:
-        missing = [x for x in extras if x not in gi.extras]
+    def _require_extras(self, gi, key: str, view: str, extras: tuple[str, ...]) -> tuple[str, ...]:
+        """The extras to read from a segment's group: `extras` ("name?" optional ones only where held);
+        CacheError when a required one is missing."""
+        missing = [x for x in extras if not x.endswith("?") and x not in gi.extras]
         if missing:
-            raise CacheError(f"{self.path}: features {key}/{view} were extracted without {EXTRAS[missing[0]]}")
+            hint = (" (caches written before clipdet 0.3 hold only the CLS tokens: extract again into a new "
+                    "cache with --layers for the patch-token means)") if missing[0] == "layers_mean" else ""
+            raise CacheError(f"{self.path}: features {key}/{view} were extracted without "
+                             f"{EXTRAS[missing[0]]}{hint}")
+        return tuple(x.rstrip("?") for x in extras if not x.endswith("?") or x[:-1] in gi.extras)
 
     def _load_keys(self, segs: list[_Seg], key: str, view: str, wanted: list[str], k64: np.ndarray,
                    raw: np.ndarray, extras: tuple[str, ...]) -> FeatureRows:
@@ -216,6 +228,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
         have = np.zeros(len(wanted), bool)
         emb = None
         xs: dict[str, np.ndarray] = {}
+        lacking: set[str] = set()  # optional extras some segment read lacks: left out of the result
         for s in segs:
             gi = s.index.groups.get((key, view))
             if gi is None:
@@ -229,9 +242,10 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 continue
             todo, rows = todo[sel], rows[sel]
             g = s.file[f"features/{key}/{view}"]
-            self._require_extras(gi, key, view, extras)
+            here = self._require_extras(gi, key, view, extras)
+            lacking |= {x[:-1] for x in extras if x.endswith("?")} - set(here)
             uniq, inv = np.unique(rows, return_inverse=True)
-            e, ok, xv = group_rows_checked(g, uniq, extras)  # a row is whole with its extras
+            e, ok, xv = group_rows_checked(g, uniq, here)  # a row is whole with its extras
             e, ok = e[inv].astype(np.float32), ok[inv]
             ok &= (hex_to_raw(read_rows(g["sha256"], uniq))[inv] == raw[todo]).all(axis=1)  # row holds that image
             if emb is None:
@@ -251,14 +265,15 @@ class FeatureCache(LabelsMixin, MaintainMixin):
         idx = np.flatnonzero(have)
         if emb is None:
             return FeatureRows([], np.zeros((0, 0), np.float32))
-        return FeatureRows([wanted[i] for i in idx], emb[idx], **{n: v[idx] for n, v in xs.items()})
+        return FeatureRows([wanted[i] for i in idx], emb[idx], **{n: v[idx] for n, v in xs.items()
+                                                                   if n not in lacking})
 
     def _load_all(self, segs: list[_Seg], key: str, view: str, extras: tuple[str, ...]) -> FeatureRows:
         parts = []
         for s in segs:
             gi = s.index.groups.get((key, view))
             if gi is not None and gi.n:
-                self._require_extras(gi, key, view, extras)
+                self._require_extras(gi, key, view, extras)  # fail before reading any row
                 parts.append((s, gi))
         if not parts:
             return FeatureRows([], np.zeros((0, 0), np.float32))

@@ -120,9 +120,14 @@ def register(app: typer.Typer) -> None:
             from ..text.features import check_features
 
             check_features(features)  # before any extraction
-            check_kinds_features(kinds_for(head_list), features)
-            pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet,
-                                     kinds_for(head_list))
+            kinds = kinds_for(head_list)
+            if "auto" in head_list:  # auto also considers the block features the cache holds
+                from ..cache import FeatureCache
+                from ..fit.run import auto_kinds
+
+                kinds += [k for k in auto_kinds(FeatureCache(cache), backbone, "clean") if k not in kinds]
+            check_kinds_features(kinds, features)
+            pools, info = load_pools(list(paths or []), manifest, cache, backbone, view_list, device, quiet, kinds)
             summary = info["extract"]
             if summary is not None:
                 for path, reason in summary.errors:

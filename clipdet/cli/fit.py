@@ -14,7 +14,8 @@ from .options import BackboneOpt, CacheOpt, CaptionsOpt, ManifestOpt, QuietOpt
 def fit(
     paths: List[str] = typer.Argument(None, help="Reference images (folders/files/-); default: every labelled "
                                       "image in the cache for the backbone"),
-    head: str = typer.Option("svm", "--head", help="Head name (see clipdet heads)"),
+    head: str = typer.Option("svm", "--head", help="Head name (see clipdet heads), or auto: choose head, "
+                             "blocks and pruning by cross-validation on the references"),
     shots: str = typer.Option("10", "--shots", "-k", help="References per class (or per generator), or 'all'"),
     seed: int = typer.Option(0, "--seed", help="Seed for drawing the shots and for the head"),
     out: str = typer.Option("detector.clipdet", "--out", "-o", help="Detector file to write"),
@@ -48,6 +49,9 @@ def fit(
     unsure_accuracy: float = typer.Option(0.9, "--unsure-accuracy", help="Accuracy each side of the threshold "
                                           "must reach on the references' cross-validated scores; the scores "
                                           "between are the detector's unsure band (score --stability)"),
+    blocks: str = typer.Option("", "--blocks", help="Read stored blocks instead of the final embedding: "
+                               "POOL:BLOCKS, POOL cls|mean|both, BLOCKS all|middle|6|4-8|3,6,9 "
+                               "(needs features extracted with --layers)"),
 ) -> None:
     """Fit a few-shot detector from cached features (images not yet cached are extracted first).
 
@@ -62,7 +66,7 @@ def fit(
                            augment_views=augment_views, per_generator=per_generator,
                            exclude_generators=tuple(exclude_generator or ()), calibrate=tuple(calibrate or ()),
                            target_fpr=target_fpr, attribute=attribute, prune=prune, prune_basis=prune_basis,
-                           features=features, unsure_accuracy=unsure_accuracy)
+                           features=features, unsure_accuracy=unsure_accuracy, blocks=blocks)
         det = run_fit(paths or None, config, backbone=backbone, cache=cache, manifest=manifest, device=device,
                       quiet=quiet, captions=captions)
         det.save(out)
@@ -70,6 +74,11 @@ def fit(
             err(f"skipped {path}: {reason}")
         for note in det.meta.get("notes", []) + getattr(det, "input_notes", []):
             err(f"note: {note}")
+        if det.meta.get("auto"):
+            from ..fit.auto import describe_meta
+
+            for line in describe_meta(det.meta["auto"]):
+                typer.echo(line)
         typer.echo(f"wrote {out}: {det.summary()}")
         if not det.meta.get("uncalibrated") and det.meta.get("calibration", {}).get("method") != "none":
             typer.echo(det.describe_unsure())

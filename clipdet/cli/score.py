@@ -50,6 +50,9 @@ def score(
     provenance: bool = typer.Option(True, "--provenance/--no-provenance", help="Read provenance marks (C2PA, "
                                     "XMP DigitalSourceType, generator PNG text, EXIF Software) into the "
                                     "provenance column; never part of the score"),
+    tiles: Optional[str] = typer.Option(None, "--tiles", help="Score on SIZE:COUNT native-resolution tiles "
+                                        "(views tile:SIZE:0..COUNT-1, no resize) and aggregate, e.g. 224:4"),
+    tile_rule: str = typer.Option("mean", "--tile-rule", help="How tile scores make the image's: mean or max"),
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error, provenance)."""
     quiet_warnings(quiet)
@@ -86,11 +89,19 @@ def score(
         n = 0
         try:
             fc = FeatureCache(cache, readonly=cache_readonly)
-            for row in score_refs(refs, det, cache=fc, device=device, threshold=threshold, backbone=backbone,
-                                  batch_size=batch_size, workers=workers, quiet=quiet, precision=precision,
-                                  on_chunk=writer.flush, captions=caps, engine=engine_option(engine, ray_address),
-                                  ray_address=ray_address, stability=stab, stability_cache=stability_cache,
-                                  provenance=provenance):
+            kw = dict(cache=fc, device=device, threshold=threshold, backbone=backbone, batch_size=batch_size,
+                      workers=workers, quiet=quiet, precision=precision, captions=caps,
+                      engine=engine_option(engine, ray_address), ray_address=ray_address)
+            if tiles:
+                from ..score.tiles import parse_tiles, score_tiles
+
+                if stab is not None:
+                    raise UsageError("--tiles and --stability cannot be combined yet: score tiles or check stability")
+                rows = score_tiles(refs, det, *parse_tiles(tiles), tile_rule, **kw)
+            else:
+                rows = score_refs(refs, det, on_chunk=writer.flush, stability=stab, stability_cache=stability_cache,
+                                  provenance=provenance, **kw)
+            for row in rows:
                 writer.write(row)
                 n += 1
                 counts[row["label"]] = counts.get(row["label"], 0) + 1

@@ -28,6 +28,8 @@ def kinds_for(heads: Iterable[str]) -> list[str]:
     """The feature kinds a set of heads needs, "embedding" first."""
     out = ["embedding"]
     for h in heads:
+        if h == "auto":  # fit --head auto: reads what the cache holds (clipdet.fit.run.auto_kinds)
+            continue
         k = head_kind(h)
         if k not in out:
             out.append(k)

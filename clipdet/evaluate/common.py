@@ -74,14 +74,17 @@ def _fit(train: Pool, head: str, seed: int, target_fpr: float, params: dict | No
 
 def decide(det, pool: Pool) -> np.ndarray:
     """`det`'s scores on `pool`, from the features its head reads (embedding, heads, layers)."""
-    return det.decision_function(pool.matrix(det.layout.get("kind", "embedding"))[0])
+    lay = det.layout
+    kind = lay.get("kind", "embedding")
+    blocks = lay.get("blocks") if kind in ("layers", "layers_mean", "layers_both") else None
+    return det.decision_function(pool.matrix(kind, blocks)[0])
 
 
 def zero_shot_heads(heads: Sequence[str]) -> list[str]:
     """The heads among `heads` that work without references (K = 0 on a k-shot curve)."""
     from ..detectors import heads_registry
 
-    return [h for h in heads if getattr(heads_registry().get(h), "zero_shot", False)]
+    return [h for h in heads if h != "auto" and getattr(heads_registry().get(h), "zero_shot", False)]
 
 
 def _score(det, test: Pool) -> dict:

@@ -42,7 +42,8 @@ def parse_ks(ks: str | Iterable[int]) -> list[int]:
 
 
 def parse_heads(heads: str | Iterable[str]) -> list[str]:
-    """Head names from "svm,logreg" or a list, checked against the head registry (in order, no repeats)."""
+    """Head names from "svm,logreg" or a list, checked against the head registry (in order, no repeats);
+    "auto" (`--head auto`) is accepted too."""
     from ..detectors import list_heads
 
     items = heads.split(",") if isinstance(heads, str) else list(heads)
@@ -52,7 +53,8 @@ def parse_heads(heads: str | Iterable[str]) -> list[str]:
             out.append(h)
     if not out:
         raise UsageError("--heads: expected at least one head name")
-    unknown = [h for h in out if h not in list_heads()]
+    unknown = [h for h in out if h not in list_heads() and h != "auto"]
     if unknown:
-        raise UsageError(f"unknown head(s) {', '.join(unknown)}; heads are: {', '.join(list_heads())}")
+        raise UsageError(f"unknown head(s) {', '.join(unknown)}; heads are: {', '.join(list_heads())}, "
+                         "or auto (chosen per fit by cross-validation on its references)")
     return out

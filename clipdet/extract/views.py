@@ -1,4 +1,5 @@
-"""Views (perturbations) of a decoded image: jpeg:Q, resize:F, blur:S, crop:N; real and fake get the same operation."""
+"""Views (perturbations) of a decoded image: jpeg:Q, resize:F, blur:S, crop:N, tile:N:K; real and fake get
+the same operation."""
 
 from __future__ import annotations
 
@@ -16,7 +17,23 @@ VIEW_KINDS = {
     "resize": "rescale both sides by factor F with bicubic filtering (resize:0.5)",
     "blur": "Gaussian blur with sigma S pixels (blur:1.0)",
     "crop": "centre crop to N x N pixels, or the whole image if smaller (crop:224)",
+    "tile": "tile K of a deterministic grid of N x N crops at the image's own resolution, no resize "
+            "(tile:224:0; K beyond the image's grid wraps around)",
 }
+
+
+def tile_grid(width: int, height: int, n: int) -> list[tuple[int, int, int, int]]:
+    """The (left, top, right, bottom) boxes of an image's N x N tiles, row by row: ceil(W/N) x ceil(H/N)
+    tiles spread evenly from edge to edge (neighbours overlap rather than leave a strip out); a side
+    shorter than N gives one tile of its whole length."""
+    def starts(size: int) -> list[int]:
+        if size <= n:
+            return [0]
+        k = -(-size // n)
+        return [round(i * (size - n) / (k - 1)) for i in range(k)]
+
+    cw, ch = min(n, width), min(n, height)
+    return [(x, y, x + cw, y + ch) for y in starts(height) for x in starts(width)]
 
 
 def parse_views(spec: str | Iterable[str] | None) -> list[str]:
@@ -53,6 +70,12 @@ def canonical_view(item: str) -> str:
             if n < 8:
                 raise ValueError
             return f"crop:{n}"
+        if kind == "tile":
+            size, sep, idx = arg.partition(":")
+            n, k = int(size), int(idx) if sep else 0
+            if n < 8 or k < 0:
+                raise ValueError
+            return f"tile:{n}:{k}"
         x = float(arg)
         if kind == "resize" and not 0.01 <= x <= 8:
             raise ValueError
@@ -89,4 +112,13 @@ def apply_view(image, view: str):
         cw, ch = min(n, w), min(n, h)
         left, top = (w - cw) // 2, (h - ch) // 2
         return image.crop((left, top, left + cw, top + ch))
+    if kind == "tile":
+        size, _, idx = arg.partition(":")
+        boxes = tile_grid(*image.size, int(size))
+        return image.crop(boxes[int(idx or 0) % len(boxes)])
     raise UsageError(f"unknown view {view!r}")
+
+
+def tile_views(size: int, count: int) -> list[str]:
+    """The view names of the first `count` tiles of the `size` grid: tile:SIZE:0 ... tile:SIZE:count-1."""
+    return [f"tile:{int(size)}:{k}" for k in range(int(count))]

@@ -34,8 +34,8 @@ class BatchWriter:
                 self._flush(v)
 
     def _embed(self, model, tensors: list) -> dict:
-        """The model's outputs for a batch of preprocessed tensors: embedding, and layers / heads /
-        heads_rest when the run stores them."""
+        """The model's outputs for a batch of preprocessed tensors: embedding, and layers (+ layers_mean) /
+        heads / heads_rest when the run stores them."""
         kw = {"heads": self.lazy.heads} if self.lazy.heads else {}
         return model.embed(model.collate(tensors), layers=self.lazy.absolute_layers, **kw)
 
@@ -50,7 +50,8 @@ class BatchWriter:
         emb = out["embedding"]
         attrs = feature_attrs(model, self.lazy.absolute_layers, int(emb.shape[1]), self.lazy.heads_spec)
         rows = FeatureRows([s for s, _ in items], emb.astype(np.float16), out.get("layers"),
-                           heads=out.get("heads"), heads_rest=out.get("heads_rest"))
+                           heads=out.get("heads"), heads_rest=out.get("heads_rest"),
+                           layers_mean=out.get("layers_mean"))
         self.cache.write_shard({(model.info.key, view): (rows, attrs)}, images=self.metas, errors=self.errors)
         self.metas, self.errors = [], []
         self.embedded += len(items)

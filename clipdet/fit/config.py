@@ -40,11 +40,25 @@ class FitConfig:
     prune_basis: str = "coord"
     features: str = "image"
     unsure_accuracy: float = 0.9
+    #: "" (the head's own features) or "POOL:BLOCKS" (clipdet.detectors.features.parse_blocks): the head
+    #: reads those stored blocks' CLS tokens (cls), patch-token means (mean) or both
+    blocks: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "params", dict(self.params or {}))
         object.__setattr__(self, "exclude_generators", tuple(self.exclude_generators or ()))
         object.__setattr__(self, "calibrate", tuple(self.calibrate or ()))
+
+    def kind(self, head_kind: str = "embedding") -> tuple[str, str | None]:
+        """(feature kind, block selector or None) a head that `needs` `head_kind` reads under this config."""
+        if not self.blocks:
+            return head_kind, None
+        from ..detectors.features import parse_blocks
+
+        kind, sel = parse_blocks(self.blocks)
+        if head_kind not in ("embedding", "layers"):
+            raise UsageError(f"--blocks {self.blocks}: head {self.head} reads {head_kind} features, not blocks")
+        return kind, sel
 
     def replace(self, **changes) -> FitConfig:
         """A copy with `changes` (field names; an unknown one is a UsageError)."""

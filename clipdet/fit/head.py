@@ -44,6 +44,15 @@ def fit_from_pool(
     from ..detectors.openset import OpenSetRule
 
     cfg = with_options(config, options)
+    auto = None
+    if cfg.head == "auto":  # choose head, blocks and pruning by CV on these references only
+        from .auto import choose
+
+        need_both_classes(pool, "fit --head auto")
+        cfg, ranked, cv_kind = choose(pool, cfg)
+        chosen = next(c for c in ranked if (c.head, c.blocks, c.prune) == (cfg.head, cfg.blocks, cfg.prune))
+        auto = {"cv": cv_kind, "rule": "one-standard-error", "chosen": chosen.as_dict(),
+                "ranking": [c.as_dict() for c in ranked]}
     head, params, target_fpr, seed = cfg.head, cfg.params, cfg.target_fpr, cfg.seed
     attribute, prune, prune_basis = cfg.attribute, cfg.prune, cfg.prune_basis
     if not 0 <= target_fpr < 1:
@@ -60,8 +69,9 @@ def fit_from_pool(
     if "calibration_cv" in base.get_params():
         base.set_params(calibration_cv=0)  # the detector calibrates once, below
     trainable = getattr(base, "trainable", True)
-    kind = getattr(base, "needs", "embedding")
-    X, layout = pool.matrix(kind)
+    kind, blocks = cfg.kind(getattr(base, "needs", "embedding"))
+    X, layout = pool.matrix(kind, blocks)
+    blocks = layout.get("blocks") if blocks is not None else None  # resolved: other pools get the same
     base.set_params(**base.layout_params(layout))
     transform = None
     if prune and zero:
@@ -74,7 +84,7 @@ def fit_from_pool(
         X = transform.transform(X)
 
     def features(p: Pool) -> np.ndarray:
-        m = p.matrix(kind)[0]
+        m = p.matrix(kind, blocks)[0]
         return m if transform is None else transform.transform(m)
 
     y = pool.y
@@ -169,6 +179,10 @@ def fit_from_pool(
         "calibration_sha256": sorted(set(calibration.sha256)) if calibration is not None else [],
         "clipdet_version": __version__, "notes": notes, "layout": layout,
     })
+    if cfg.blocks:
+        m["blocks"] = cfg.blocks
+    if auto is not None:
+        m["auto"] = auto
     if transform is not None:
         m["prune"] = {"k": int(prune), "basis": prune_basis, **transform.info}
         notes.append(transform.describe())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..detectors.features import HINTS, KINDS, load_kwargs, matrix
+from ..detectors.features import HINTS, KINDS, load_kwargs, matrix, select_units
 from ..errors import CacheError, UsageError
 from .shots import draw_shots
 
@@ -30,13 +30,19 @@ class Pool:
         return Pool([self.sha256[i] for i in idx], [self.label[i] for i in idx], [self.generator[i] for i in idx],
                     [self.path[i] for i in idx], self.X[idx], {k: (m[idx], lay) for k, (m, lay) in self.feats.items()})
 
-    def matrix(self, kind: str = "embedding") -> tuple[np.ndarray, dict]:
-        """(features of `kind` as a flat matrix, their layout); UsageError when the pool lacks them."""
+    def matrix(self, kind: str = "embedding", blocks=None) -> tuple[np.ndarray, dict]:
+        """(features of `kind` as a flat matrix, their layout); UsageError when the pool lacks them.
+        `blocks` (block kinds only): a `parse_blocks` selector or absolute block indices to keep."""
         if kind == "embedding":
             return self.X, {"kind": "embedding", "units": 1, "dim": int(self.X.shape[1]) if self.X.ndim == 2 else 0}
+        if kind == "layers_both" and kind not in self.feats and {"layers", "layers_mean"} <= set(self.feats):
+            (a, la), (b, _) = self.feats["layers"], self.feats["layers_mean"]
+            self.feats[kind] = (np.hstack([a, b]), dict(la, kind=kind, units=2 * int(la["units"])))
         if kind not in self.feats:
             raise UsageError(f"these references have no {kind!r} features; {HINTS.get(kind, '')}")
-        return self.feats[kind]
+        if blocks is None:
+            return self.feats[kind]
+        return select_units(*self.feats[kind], blocks)
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -255,8 +261,9 @@ def group_layout(cache, key: str, view: str, kind: str) -> dict:
                              + HINTS["heads"])
         return {"kind": "heads", "blocks": list(spec["blocks"]), "n_heads": int(spec["n_heads"]),
                 "units": len(spec["blocks"]) * int(spec["n_heads"]), "dim": int(g.dim)}
-    if kind == "layers":
+    if kind in ("layers", "layers_mean", "layers_both"):
         if not g.layers:
             raise UsageError(f"{cache.path}: features {key}/{view} have no block CLS tokens; " + HINTS["layers"])
-        return {"kind": "layers", "blocks": list(g.layers), "units": len(g.layers)}
+        n = len(g.layers) * (2 if kind == "layers_both" else 1)
+        return {"kind": kind, "blocks": list(g.layers), "units": n}
     raise UsageError(f"unknown feature kind {kind!r}; known: {', '.join(KINDS)}")

@@ -51,12 +51,16 @@ def fit(
     head, shots, seed = cfg.head, cfg.shots, cfg.seed
     per_generator, exclude_generators, calibrate = cfg.per_generator, cfg.exclude_generators, cfg.calibrate
     augment_views, features, prune = cfg.augment_views, cfg.features, cfg.prune
-    kinds = kinds_for([head])
+    kinds = kinds_for([head]) if head != "auto" else ["embedding"]
+    if cfg.blocks:
+        kinds = ["embedding", cfg.kind(kinds[-1])[0]]
     check_kinds_features(kinds, features)
 
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     cfg = cfg.replace(view=canonical_view(cfg.view))
     view = cfg.view
+    if head == "auto":
+        kinds = auto_kinds(cache, backbone, view)
     k = parse_shots(shots)
     ft = FitText(head, features, captions, k)
     if k == 0 and prune:
@@ -143,3 +147,19 @@ def fit(
     det.skipped = skipped
     det.input_notes = [refs.summary()] if refs is not None and hasattr(refs, "summary") and refs.summary() else []
     return det
+
+
+def auto_kinds(cache, backbone: str | None, view: str) -> list[str]:
+    """Feature kinds `--head auto` reads: the embedding, and the block kinds the cache's group holds."""
+    if not cache.exists():
+        return ["embedding"]
+    groups = [g for g in cache.groups(count=False) if g.view == view]
+    if backbone:
+        from ..backbones import describe_backbone
+
+        key = describe_backbone(backbone).key
+        groups = [g for g in groups if g.key == key]
+    if len(groups) != 1 or not groups[0].layers:
+        return ["embedding"]
+    g = groups[0]
+    return ["embedding", "layers"] + (["layers_mean"] if "layers_mean" in getattr(g, "extras", ()) else [])

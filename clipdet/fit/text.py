@@ -21,7 +21,7 @@ class FitText:
     def __init__(self, head: str, features: str | None, captions, shots: int | None):
         from ..detectors import heads_registry
 
-        cls = heads_registry().get(head)
+        cls = heads_registry().get(head if head != "auto" else "svm")  # auto chooses among linear heads
         self.head, self.features = head, check_features(features)
         self.needs_prompts = bool(getattr(cls, "needs_prompts", False))
         if shots == 0 and not getattr(cls, "zero_shot", False):
@@ -138,7 +138,7 @@ def bench_text(heads, features: str | None, captions, pools: dict, refs, spec: s
     from ..text.features import pool_features
 
     features = check_features(features)
-    prompt_heads = [h for h in heads if getattr(heads_registry().get(h), "needs_prompts", False)]
+    prompt_heads = [h for h in heads if h != "auto" and getattr(heads_registry().get(h), "needs_prompts", False)]
     if prompt_heads and features != "image":
         raise UsageError(f"head(s) {', '.join(prompt_heads)} score image embeddings against prompts: "
                          "bench them with --features image")

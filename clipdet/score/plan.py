@@ -14,7 +14,8 @@ def read_plan(cache, detector, view: str) -> tuple[np.ndarray | None, dict]:
     Without the group, new images are extracted with the detector's layout (`--heads N` / `--layers`)
     and read as stored. A group holding exactly that layout is read as stored and keeps its own settings
     (extraction follows a group's layers and heads); one holding the same blocks in another order is
-    read in the detector's order. Anything else (no head contributions / block tokens, other blocks or
+    read in the detector's order, and so is one holding more blocks than the detector reads (a fit with
+    --blocks picks some of them). Anything else (no head contributions / block tokens, other blocks or
     heads) is a UsageError naming the cache and what differs, raised before any extraction."""
     lay = detector.layout
     kind = lay.get("kind", "embedding")
@@ -41,7 +42,7 @@ def read_plan(cache, detector, view: str) -> tuple[np.ndarray | None, dict]:
                          f"{want}: {other}, or extract with --layers {','.join(map(str, want))} into a new cache")
     if have == want:
         return None, {}
-    if sorted(have) == sorted(want):
+    if set(want) <= set(have):  # the same blocks in another order, or more blocks than the detector reads
         return np.array([have.index(b) for b in want], dtype=np.int64), {}
     raise UsageError(f"{cache.path}: its {view} features hold the CLS tokens of blocks {have}; the detector reads "
                      f"blocks {want}: {other}")

@@ -68,9 +68,13 @@ class Engine:
         from ..text import Captions, TextEmbedder, needs_captions
 
         kind = detector.layout.get("kind", "embedding")
-        if kind != "embedding":
-            raise UsageError(f"clipdet serve scores from the final embedding; this detector's head reads {kind} "
-                             "features (fit --head heads/layers): score with clipdet score instead")
+        if kind not in ("embedding", "layers", "layers_mean", "layers_both"):
+            raise UsageError(f"clipdet serve scores from the embedding or block tokens; this detector's head reads "
+                             f"{kind} features (fit --head heads): score with clipdet score instead")
+        self.kind = kind
+        #: block kinds: the blocks the detector reads, and their positions in a cached row (None: as stored)
+        self.blocks = tuple(int(b) for b in detector.layout.get("blocks", ())) if kind != "embedding" else ()
+        self.hit_order = None
         self.detector = detector
         self.threshold = detector.threshold if threshold is None else float(threshold)
         self.view = detector.view
@@ -78,7 +82,7 @@ class Engine:
         self.cache = None if cache is None else (cache if isinstance(cache, FeatureCache) else FeatureCache(cache))
         self.cache_write = bool(cache_write and self.cache is not None)
         self.lazy = LazyBackbone(backbone or detector.backbone.get("spec"), device=device,
-                                 key=detector.backbone_key, precision=precision)
+                                 key=detector.backbone_key, precision=precision, layers=self.blocks)
         self.cached: set[str] = set()
         self.damaged: set[str] = set()  # cached, but the row failed its checks: embedded again (and rewritten)
         self.written = 0
@@ -95,6 +99,10 @@ class Engine:
         key = self.detector.backbone_key
         if self.cache is not None and self.cache.exists():
             group = self.cache.group(key, self.view)
+            if self.blocks and group is not None:  # the cached rows must hold the blocks the detector reads
+                from ..score.plan import read_plan
+
+                self.hit_order = read_plan(self.cache, self.detector, self.view)[0]
             if self.cache_write and group is not None:  # keep the group's layers and heads, as `extract` does
                 self.lazy.layers = tuple(group.layers or ())
                 self.lazy.heads = len(group.heads["blocks"]) if group.heads else 0
@@ -190,8 +198,11 @@ class Engine:
         feats: dict[str, np.ndarray] = {}
         hits = list(dict.fromkeys(it.sha256 for it in items if it.cached and not it.error))
         if hits:
-            rows = self.cache.load(key, self.view, shas=hits)
-            feats.update(zip(rows.sha256, rows.embedding))
+            from ..detectors.features import load_kwargs, matrix
+
+            rows = self.cache.load(key, self.view, shas=hits, **load_kwargs([self.kind]))
+            if len(rows.sha256):
+                feats.update(zip(rows.sha256, matrix(rows, self.kind, order=self.hit_order)))
         for it in items:  # a damaged cached row (or one gone since start-up): embed those bytes again
             if it.cached and not it.error and it.sha256 not in feats:
                 it.cached = False
@@ -204,8 +215,9 @@ class Engine:
             kw = {"heads": self.lazy.heads} if self.lazy.heads else {}
             out = model.embed(model.collate([it.tensor for it in new]), layers=self.lazy.absolute_layers, **kw)
             emb16 = out["embedding"].astype(np.float16)  # what the cache stores and `clipdet score` reads
+            X = emb16.astype(np.float32) if not self.blocks else self._block_matrix(out)
             for i, it in enumerate(new):
-                feats[it.sha256] = emb16[i].astype(np.float32)
+                feats[it.sha256] = X[i]
             if self.cache_write:
                 self._write(model, new, emb16, out)
         scorable = [it for it in items if not it.error and it.sha256 in feats]
@@ -244,12 +256,25 @@ class Engine:
         if not todo:
             return {}
         model = self.lazy.get()
-        emb = model.embed(model.collate([t for _, _, t in todo]))["embedding"].astype(np.float16).astype(np.float32)
-        scores = self.detector.decision_function(emb)
+        out = model.embed(model.collate([t for _, _, t in todo]), layers=self.lazy.absolute_layers)
+        X = out["embedding"].astype(np.float16).astype(np.float32) if not self.blocks else self._block_matrix(out)
+        scores = self.detector.decision_function(X)
         out: dict[int, dict[str, float]] = {}
         for (it, v, _), s in zip(todo, scores):
             out.setdefault(id(it), {})[v] = float(s)
         return out
+
+    def _block_matrix(self, out: dict) -> np.ndarray:
+        """The detector's block features from a model output (rounded to float16 as the cache stores them)."""
+        from types import SimpleNamespace
+
+        from ..detectors.features import matrix
+
+        have = list(self.lazy.absolute_layers)
+        order = np.array([have.index(b) for b in self.blocks], dtype=np.int64)
+        rows = SimpleNamespace(**{k: None if out.get(k) is None else out[k].astype(np.float16)
+                                  for k in ("embedding", "layers", "layers_mean")})
+        return matrix(rows, self.kind, order=order)
 
     def _caption_features(self, X: np.ndarray, items: list[Item]) -> tuple[np.ndarray, list[Item]]:
         """The detector's caption features for `items`; those without a caption get MISSING_CAPTION."""
@@ -280,7 +305,7 @@ class Engine:
             if items[i].sha256 not in seen:
                 seen.add(items[i].sha256)
                 keep.append(i)
-        extra = {k: out[k][keep] for k in ("layers", "heads", "heads_rest") if out.get(k) is not None}
+        extra = {k: out[k][keep] for k in ("layers", "layers_mean", "heads", "heads_rest") if out.get(k) is not None}
         rows = FeatureRows([items[i].sha256 for i in keep], emb16[keep], **extra)
         metas = [ImageMeta(items[i].sha256, "", "", paths=[f"upload:{items[i].name}"], **items[i].meta)
                  for i in keep]

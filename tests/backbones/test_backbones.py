@@ -95,6 +95,28 @@ def test_layers_cls_tokens(tiny_backbone):
     np.testing.assert_allclose(b.embed(x)["embedding"], out["embedding"], atol=1e-6)
 
 
+def test_layers_mean_of_patch_tokens(tiny_backbone):
+    """"layers_mean": per block, the normalised mean of the patch tokens (CLS left out), beside "layers"."""
+    b = tiny_backbone
+    x = _batch(b, n=3)
+    seen = {}
+    blocks = b.visual.transformer.resblocks
+    hook = blocks[0].register_forward_hook(lambda _m, _i, o: seen.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    try:
+        out = b.embed(x, layers=(0, -1))
+    finally:
+        hook.remove()
+    mean = out["layers_mean"]
+    assert mean.shape == out["layers"].shape == (3, 2, 64) and mean.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(mean, axis=2), 1, atol=1e-5)
+    tokens = seen["x"].float()
+    if not getattr(b.visual.transformer, "batch_first", True):
+        tokens = tokens.transpose(0, 1)
+    want = torch.nn.functional.normalize(tokens[:, 1:].mean(dim=1), dim=-1).numpy()
+    np.testing.assert_allclose(mean[:, 0], want, atol=1e-4)
+    assert not np.allclose(mean[:, 0], out["layers"][:, 0], atol=1e-2)  # not the CLS token
+
+
 def test_wrong_architecture_weights_one_line_error(tiny_weights, tmp_path):
     # a real checkpoint of another architecture: open_clip raises AssertionError/RuntimeError inside
     with pytest.raises(BackboneError) as ei:

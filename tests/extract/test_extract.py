@@ -208,8 +208,9 @@ def test_layers_stored_and_mismatch_refused(labelled_tree, tmp_path, tiny_spec, 
     s = _run(labelled_tree, cache, lz, batch_size=8)
     assert s.new == 24
     r = cache.load(lz.key, "clean", with_layers=True)
-    assert r.layers.shape == (24, 2, 64)
+    assert r.layers.shape == r.layers_mean.shape == (24, 2, 64)  # CLS tokens and patch-token means
     np.testing.assert_allclose(np.linalg.norm(r.layers, axis=2), 1, atol=3e-3)
+    np.testing.assert_allclose(np.linalg.norm(r.layers_mean, axis=2), 1, atol=3e-3)
     with single_segment(cache.path) as f:
         g = f[f"features/{lz.key}/clean"]
         assert g["layers"].dtype == np.float16 and g["layers"].shape == (24, 2, 64)

@@ -104,6 +104,8 @@ def test_ray_engine_matches_local(cluster, tmp_path, tiny_spec, tiny_backbone, r
         np.testing.assert_allclose(fa.embedding[pa], fb.embedding[pb], atol=2e-3)
         assert fa.layers.shape == fb.layers.shape == (14, 2, fa.layers.shape[2])  # CLS tokens of two blocks
         np.testing.assert_allclose(fa.layers[pa].astype(np.float32), fb.layers[pb].astype(np.float32), atol=2e-3)
+        assert fb.layers_mean is not None  # and the blocks' patch-token means, as locally
+        np.testing.assert_allclose(fa.layers_mean[pa], fb.layers_mean[pb], atol=2e-3)
         assert fa.heads.shape == fb.heads.shape and fa.heads.shape[0] == 14
         np.testing.assert_allclose(fa.heads[pa], fb.heads[pb], atol=2e-3)  # the attention-head decomposition
         np.testing.assert_allclose(fa.heads_rest[pa], fb.heads_rest[pb], atol=2e-3)

@@ -24,7 +24,7 @@ from ..pipeline import Prepared, decode_views, read_hashed
 from ..writer import BatchWriter
 
 #: the model outputs an embedding actor sends back per image and view (those the run asked for)
-OUTPUTS = ("embedding", "layers", "heads", "heads_rest")
+OUTPUTS = ("embedding", "layers", "layers_mean", "heads", "heads_rest")
 
 
 def _s(x) -> str:
