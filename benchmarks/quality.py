@@ -119,7 +119,12 @@ def main(argv=None) -> int:
         views = parse_views(args.views) if "robustness" in protos else ["clean"]
         say(f"extracting {args.data} with {args.backbone}, views {','.join(views)} into {args.cache}")
         t0 = time.perf_counter()
-        pools, info = load_pools([args.data], None, args.cache, args.backbone, views, args.device, quiet=True)
+        from clipdet.detectors import kinds_for
+        from clipdet.evaluate.parse import parse_heads
+
+        kinds = kinds_for(parse_heads(args.heads))  # e.g. the layers head reads the blocks' CLS tokens
+        pools, info = load_pools([args.data], None, args.cache, args.backbone, views, args.device, quiet=True,
+                                 kinds=kinds)
         t_extract = time.perf_counter() - t0
         s = info["extract"]
         say(s.line() if s is not None else f"loaded from cache in {t_extract:.1f} s")
