@@ -95,3 +95,8 @@ def str_dtype():
 def decode(a) -> list[str]:
     """Bytes or str values → list of str."""
     return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a]
+
+
+def heads_text(heads: dict | None, empty: str = "none") -> str:
+    """A group's head set for messages: "blocks [8, 9, 10, 11] × 12 heads", or `empty` without --heads."""
+    return empty if not heads else f"blocks {heads.get('blocks')} × {heads.get('n_heads')} heads"

@@ -35,7 +35,7 @@ from .index import (
 )
 from .labels import LabelsMixin
 from .maintain import MaintainMixin
-from .model import EXTRAS, LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path
+from .model import EXTRAS, LABELS, FeatureRows, GroupInfo, ImageMeta, default_cache_path, heads_text
 from .segindex import _Seg, build_index
 from .segment import (
     errors_table,
@@ -369,7 +369,7 @@ class FeatureCache(LabelsMixin, MaintainMixin):
                 if have["layers"] != want["layers"]:
                     diff.append(f"layers {have['layers']} vs {want['layers']}")
                 if have["heads"] != want["heads"]:
-                    diff.append(f"heads {_heads_text(have['heads'])} vs {_heads_text(want['heads'])}")
+                    diff.append(f"heads {heads_text(have['heads'])} vs {heads_text(want['heads'])}")
                 raise CacheMismatchError(
                     f"{self.path}: features for {info.key}/{view} were made differently "
                     f"({', '.join(diff)} differ); use another --cache or the same settings"
@@ -446,8 +446,3 @@ class FeatureCache(LabelsMixin, MaintainMixin):
             "segments": len(cat.segments), "pending_shards": self.shard_count() if cat.segments else 0,
             "images": n_images, "errors": n_errors, "conflicts": n_conflicts, "features": feats,
         }
-
-
-def _heads_text(heads: dict | None) -> str:
-    """A head set for messages: "none" or "blocks [8, 9, 10, 11] × 12 heads"."""
-    return "none" if not heads else f"blocks {heads.get('blocks')} × {heads.get('n_heads')} heads"

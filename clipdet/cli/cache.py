@@ -10,11 +10,6 @@ import typer
 cache_app = typer.Typer(help="Inspect and maintain the feature cache.", no_args_is_help=True, rich_markup_mode=None)
 
 
-def _heads_text(heads: dict | None) -> str:
-    """', attention heads of blocks [8, 9, 10, 11] × 12' for a group extracted with --heads, else ''."""
-    return f", attention heads of blocks {heads.get('blocks')} × {heads.get('n_heads')}" if heads else ""
-
-
 def register(app: typer.Typer) -> None:
     """Add the `cache` command group to `app`."""
     from .common import quiet_warnings, run_command
@@ -30,6 +25,7 @@ def register(app: typer.Typer) -> None:
         def go():
             quiet_warnings(False)
             from ..cache import FeatureCache
+            from ..cache.model import heads_text
             from ..errors import CacheError
 
             fc = FeatureCache(cache)
@@ -50,7 +46,7 @@ def register(app: typer.Typer) -> None:
                 labels = ", ".join(f"{k} {v}" for k, v in f["labels"].items())
                 typer.echo(f"  {f['backbone']} [{f['backbone_key']}] view {f['view']}: {f['images']} images "
                            f"(dim {f['dim']}{', layers ' + str(f['layers']) if f['layers'] else ''}"
-                           f"{_heads_text(f['heads'])}; {labels})")
+                           f"{', attention heads of ' + heads_text(f['heads']) if f['heads'] else ''}; {labels})")
                 if f["generators"]:
                     typer.echo("    generators: " + ", ".join(f"{k} {v}" for k, v in f["generators"].items()))
                 pool = f["labels"].get("real", 0) + f["labels"].get("fake", 0)

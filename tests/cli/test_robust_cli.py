@@ -44,14 +44,14 @@ def test_help_shows_defaults(run_cli, monkeypatch):
 
 
 def test_jsonl_rows_have_every_column(fitted, tmp_path, run_cli):
-    from clipdet.score.output import COLUMNS
+    from clipdet.score.output import COLUMNS, JSONL_ONLY
 
     tree, cache, det = fitted
     out = tmp_path / "s.jsonl"
     r = run_cli("score", str(tree / "real"), "--detector", det, "--cache", cache, "--out", str(out))
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows and all(list(row) == COLUMNS for row in rows)
+    assert rows and all(list(row) == COLUMNS + JSONL_ONLY for row in rows)  # JSONL adds provenance_details
     assert rows[0]["nearest_path"] is None and rows[0]["error"] is None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -159,7 +160,8 @@ def test_tampered_truncated_and_newer_detector_files_refused(syn_cache, tmp_path
     (tmp_path / "flip.clipdet").write_bytes(flipped)
     n = struct.unpack("<Q", raw[:8])[0]
     header = raw[8:8 + n].decode()
-    edited = header.replace('\\"threshold\\":', '\\"threshold\\":1', 1)
+    # change a threshold's value and keep the JSON valid: a leading 1 (-0.35 -> -10.35, 0.4 -> 10.4)
+    edited = re.sub(r'(\\"threshold\\":\s*-?)', r"\g<1>1", header, count=1)
     assert edited != header
     (tmp_path / "edit.clipdet").write_bytes(struct.pack("<Q", len(edited.encode())) + edited.encode() + raw[8 + n:])
     for name, pattern in [("trunc", "trunc.clipdet.*(truncat|incomplete|size)"), ("flip", "checksum|SHA"),
