@@ -50,8 +50,8 @@ def images(data: str, n: int) -> list[str]:
     from clipdet.extract.discover import discover
 
     refs = discover([data])
-    real = [r.path for r in refs if r.label == 0]
-    fake = [r.path for r in refs if r.label == 1]
+    real = [r.path for r in refs if r.label == "real"]
+    fake = [r.path for r in refs if r.label == "fake"]
     out = [p for pair in zip(real, fake) for p in pair]
     return out[:n]
 
@@ -120,9 +120,12 @@ def whole_process(spec: str, paths: list[str], repeats: int, workdir: str) -> di
         if r.returncode not in (0, 1):
             raise SystemExit(f"extract with {spec} failed: {r.stderr[-500:]}")
         times.append(dt)
+        import shutil
+
         for f in os.listdir(workdir):
             if f.startswith(os.path.basename(cache)):
-                os.remove(os.path.join(workdir, f))
+                p = os.path.join(workdir, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     s = statistics.median(times)
     return {"s": s, "img_s": len(paths) / s, "runs": times}
 
@@ -158,7 +161,7 @@ def main() -> None:
     b32q = os.path.join(work, "vitb32-int8.onnx")
     t0 = time.perf_counter()
     exports = {"vitb32_fp32": export_onnx("ViT-B-32:random", b32).cosine_min,
-               "vitb32_int8": export_onnx("ViT-B-32:random", b32q, int8=True).cosine_min,
+               "vitb32_int8": export_onnx(f"onnx:{b32}", b32q, int8=True).cosine_min,
                "dinov2s_int8": export_onnx(f"onnx:{args.dinov2}", d8, int8=True).cosine_min}
     print(f"exports in {time.perf_counter() - t0:.0f} s: {exports}", flush=True)
     paths = images(args.data, max(args.n, args.n_process))
@@ -184,7 +187,9 @@ def main() -> None:
             print(rows[-1], flush=True)
             del bb
     # int8 vs fp32 on real DINOv2-S features
-    real = [p for p in images(args.data, 4 * args.n_cosine)][: args.n_cosine]
+    from clipdet.extract.discover import discover
+
+    real = [r.path for r in discover([args.data]) if r.label == "real"][: args.n_cosine]
     f32, q8 = create_backbone(f"onnx:{args.dinov2}", device="cpu"), create_backbone(f"onnx:{d8}", device="cpu")
     cos = []
     for i in range(0, len(real), args.batch):
