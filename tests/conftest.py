@@ -28,8 +28,10 @@ fails the run naming every file of the checkout that a test created or changed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -88,6 +90,32 @@ def _checkout_untouched():
     if changed:
         pytest.fail("tests wrote into the checkout (write under tmp_path; pass --cache): " + ", ".join(changed),
                     pytrace=False)
+
+
+@contextlib.contextmanager
+def tmpfs_mount(mnt: Path, size: str):
+    """A tmpfs of `size` (e.g. "1m") mounted at the new folder `mnt` for the block; the test is skipped
+    where mounting is not allowed (not root). Unmounted (lazily) afterwards."""
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """`n` seeded random unit vectors of dimension `d` (float32): synthetic embeddings."""
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def hex_sha(i: int) -> str:
+    """A 64-hex-digit SHA-256-shaped key for synthetic row `i`."""
+    return f"{i:064x}"
 
 
 def _image_array(size: tuple[int, int], seed: int, fake: bool = False) -> np.ndarray:

@@ -11,21 +11,14 @@ import pathlib
 import h5py
 import numpy as np
 import pytest
+from conftest import hex_sha as _sha
+from conftest import unit_rows as _unit
 
 from clipdet.cache import DiskFullError, FeatureCache, FeatureRows, ImageMeta
 from clipdet.cache import files as files_mod
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-def _unit(n, d, seed=0):
-    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _sha(i):
-    return f"{i:064x}"
 
 
 @pytest.fixture

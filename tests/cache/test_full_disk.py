@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tmpfs_mount
 from PIL import Image
 
 from clipdet.cache import FeatureCache
@@ -16,15 +17,8 @@ from clipdet.cache import FeatureCache
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
-    try:
+    with tmpfs_mount(tmp_path / "mnt", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.slow

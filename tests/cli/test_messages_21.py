@@ -7,6 +7,7 @@ import subprocess
 import warnings
 
 import pytest
+from conftest import tmpfs_mount
 
 from clipdet.errors import CacheError
 
@@ -31,15 +32,8 @@ def test_compact_on_a_read_only_cache_suggests_what_works_there(monkeypatch, run
 
 @pytest.fixture
 def ro_mount(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
-    try:
+    with tmpfs_mount(tmp_path / "ro", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_extract_onto_a_read_only_cache_suggests_a_writable_cache(ro_mount, labelled_tree, tiny_spec, run_cli,

@@ -70,6 +70,17 @@ def _rows(cache: str, key: str, view: str) -> list[bytes]:
     return out
 
 
+def _kill_a_busy_embedder(proc, cache: str, deadline: float) -> int | None:
+    """SIGKILL one embedding actor once the run `proc` writes batches into `cache`; its pid, or None."""
+    while proc.poll() is None and time.time() < deadline:
+        if glob.glob(cache + ".d/seg-*"):  # the run is writing batches: the embedder is busy
+            for w in _embed_workers(os.getpid()):
+                w.send_signal(signal.SIGKILL)
+                return w.pid
+        time.sleep(0.02)
+    return None
+
+
 def _embed_workers(root_pid: int) -> list[psutil.Process]:
     """The Ray actor processes running the embedder, among the descendants of `root_pid` (our cluster)."""
     found = []
@@ -136,15 +147,7 @@ def test_worker_killed_mid_run(cluster, tmp_path, tiny_spec, subprocess_env):
     cmd = CLIPDET + ["extract", str(tree), "-b", tiny_spec, "-c", cache, "--views", "blur:1.0",
                      "--batch-size", "2", "--engine", "ray", "--ray-address", cluster.address]
     proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = None
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and killed is None:
-        if glob.glob(cache + ".d/seg-*"):  # the run is writing batches: the embedder is busy
-            for w in _embed_workers(os.getpid()):
-                w.send_signal(signal.SIGKILL)
-                killed = w.pid
-                break
-        time.sleep(0.02)
+    killed = _kill_a_busy_embedder(proc, cache, time.time() + 120)
     out, err = proc.communicate(timeout=180)
     assert killed is not None, f"no embedding actor found busy mid-run (rc {proc.returncode}): {err}"
     assert proc.returncode == 0, err
@@ -272,14 +275,7 @@ def test_ray_lines_go_to_the_log_when_a_worker_is_killed(tmp_path, tiny_spec, su
     cmd = CLIPDET + ["extract", str(tree), "-b", tiny_spec, "-c", cache, "--views", "blur:1.0", "--batch-size", "2",
                      "--engine", "ray"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed, deadline = None, time.time() + 150
-    while proc.poll() is None and time.time() < deadline and killed is None:
-        if glob.glob(cache + ".d/seg-*"):  # the run is writing batches: the embedder is busy
-            for w in _embed_workers(os.getpid()):
-                w.send_signal(signal.SIGKILL)
-                killed = w.pid
-                break
-        time.sleep(0.02)
+    killed = _kill_a_busy_embedder(proc, cache, time.time() + 150)
     out, err = proc.communicate(timeout=180)
     assert killed is not None, f"no embedding actor found busy mid-run (rc {proc.returncode}): {err}"
     assert proc.returncode == 0, err
