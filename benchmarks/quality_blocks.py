@@ -78,13 +78,14 @@ def load(args):
 
 
 def fit(train, setting: str, seed: int, target_fpr: float):
-    """A detector for `setting` ("HEAD|BLOCKS") on the `train` pool, calibrated on the references."""
+    """A detector for `setting` ("HEAD|BLOCKS" or "HEAD|BLOCKS|THRESHOLD_RULE") on the `train` pool,
+    calibrated on the references."""
     from clipdet.fit.config import FitConfig
     from clipdet.fit.head import fit_from_pool
 
-    head, _, blocks = setting.partition("|")
-    return fit_from_pool(train, FitConfig(head=head, blocks=blocks, seed=seed, target_fpr=target_fpr),
-                         attribute=False)
+    head, blocks, rule = (setting.split("|") + ["", ""])[:3]
+    return fit_from_pool(train, FitConfig(head=head, blocks=blocks, seed=seed, target_fpr=target_fpr,
+                                          threshold_rule=rule or "auto"), attribute=False)
 
 
 def score(det, test) -> dict:
@@ -187,9 +188,13 @@ def summary(rows, target_fpr: float) -> str:
                     continue
                 if proto == "kshot":  # spread over seeds
                     cells = [_mci([r[m] for r in rr]) for m in ("auc", "ap", "fpr", "tpr", "ece")]
-                else:  # mean over generators of the per-generator mean over seeds; spread over generators
+                else:  # mean over generators of the per-generator mean over seeds; AUC, AP and TPR spread
+                    # over generators; FPR and ECE over seeds (every generator's test shares one seed's reals)
                     gens = sorted({r["generator"] for r in rr})
+                    seeds = sorted({r["seed"] for r in rr})
                     cells = [_mci([np.nanmean([r[m] for r in rr if r["generator"] == g]) for g in gens])
+                             if m in ("auc", "ap", "tpr") else
+                             _mci([np.nanmean([r[m] for r in rr if r["seed"] == s]) for s in seeds])
                              for m in ("auc", "ap", "fpr", "tpr", "ece")]
                 fs = np.mean([r["fit_s"] for r in rr])
                 out.append(f"| {setting} | {k} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells)

@@ -49,6 +49,9 @@ def fit(
     unsure_accuracy: float = typer.Option(0.9, "--unsure-accuracy", help="Accuracy each side of the threshold "
                                           "must reach on the references' cross-validated scores; the scores "
                                           "between are the detector's unsure band (score --stability)"),
+    threshold_rule: str = typer.Option("auto", "--threshold-rule", help="auto: with fewer real references than "
+                                       "1/--target-fpr, the threshold is also kept above the normal prediction "
+                                       "bound of their scores; empirical: the order statistic only"),
     blocks: str = typer.Option("", "--blocks", help="Read stored blocks instead of the final embedding: "
                                "POOL:BLOCKS, POOL cls|mean|both, BLOCKS all|middle|6|4-8|3,6,9 "
                                "(needs features extracted with --layers)"),
@@ -66,7 +69,8 @@ def fit(
                            augment_views=augment_views, per_generator=per_generator,
                            exclude_generators=tuple(exclude_generator or ()), calibrate=tuple(calibrate or ()),
                            target_fpr=target_fpr, attribute=attribute, prune=prune, prune_basis=prune_basis,
-                           features=features, unsure_accuracy=unsure_accuracy, blocks=blocks)
+                           features=features, unsure_accuracy=unsure_accuracy, blocks=blocks,
+                           threshold_rule=threshold_rule)
         det = run_fit(paths or None, config, backbone=backbone, cache=cache, manifest=manifest, device=device,
                       quiet=quiet, captions=captions)
         det.save(out)

@@ -21,8 +21,13 @@ __all__ = [
     "fit_temperature",
     "sigmoid",
     "softmax",
+    "reference_threshold",
     "threshold_at_fpr",
 ]
+
+#: How `reference_threshold` may place the threshold: "auto" (the normal prediction bound when the real
+#: scores are too few for the empirical quantile) or "empirical" (the order statistic only).
+THRESHOLD_RULES = ("auto", "empirical")
 
 
 def sigmoid(z) -> np.ndarray:
@@ -232,6 +237,31 @@ def threshold_at_fpr(real_scores, target_fpr: float) -> float:
     desc = np.sort(r)[::-1]
     pivot = desc[m]
     return float(np.nextafter(pivot, np.array(np.inf, dtype=r.dtype)))
+
+
+def reference_threshold(real_scores, target_fpr: float, rule: str = "auto") -> tuple[float, str]:
+    """(threshold, how it was placed) for a target false-positive rate, from real references' scores.
+
+    With ``n`` real scores the empirical rule (`threshold_at_fpr`) can only promise about ``1 / (n + 1)``:
+    below ``n = 1 / target_fpr`` no real score may be flagged, so the threshold sits just above the
+    largest one, and a new real image exceeds the largest of ``n`` with probability ``1 / (n + 1)``
+    (0.091 at 10 references against a 0.05 target). Rule "auto" then also takes the one-sided normal
+    prediction bound ``mean + t(1 - target, n - 1) * sd * sqrt(1 + 1/n)`` of the real scores (the
+    textbook bound for one new draw from a normal sample of size n) and keeps the higher threshold;
+    with enough real scores, or with rule "empirical", the empirical threshold is used alone.
+    Returns the threshold and "empirical" or "normal-prediction-bound".
+    """
+    if rule not in THRESHOLD_RULES:
+        raise UsageError(f"threshold rule {rule!r}: expected {' or '.join(THRESHOLD_RULES)}")
+    t = threshold_at_fpr(real_scores, target_fpr)
+    r = np.asarray(real_scores, dtype=np.float64).ravel()
+    n = r.size
+    if rule == "empirical" or n < 3 or target_fpr <= 0 or np.floor(target_fpr * n + 1e-9) >= 1:
+        return t, "empirical"
+    from scipy.stats import t as student_t
+
+    bound = float(r.mean() + student_t.ppf(1.0 - target_fpr, n - 1) * r.std(ddof=1) * np.sqrt(1.0 + 1.0 / n))
+    return (bound, "normal-prediction-bound") if bound > t else (t, "empirical")
 
 
 def cross_val_decision(estimator, X, y, n_splits: int = 5, random_state: int | None = 0,

@@ -259,7 +259,10 @@ class Detector:
             thr = (f"threshold {self.threshold:.4g} UNCALIBRATED (zero-shot without references: the prompts' "
                    "midpoint, not set at any target FPR; --calibrate PATH calibrates it on labelled images)")
         else:
-            thr = f"threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}"
+            rule = m.get("calibration", {}).get("threshold_rule")
+            how = " (normal prediction bound: too few real references for the empirical quantile)" \
+                if rule == "normal-prediction-bound" else ""
+            thr = f"threshold {self.threshold:.4g} at target FPR {m.get('target_fpr')}{how}"
         return (f"{m['head']} detector on {m['backbone'].get('spec')} [{m.get('view', 'clean')}]{feats}, "
                 f"{counts.get('real', 0)} real + {counts.get('fake', 0)} fake references (shots {m.get('shots')}, "
                 f"seed {m.get('seed')}){attr}; {thr}")

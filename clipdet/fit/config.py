@@ -43,6 +43,9 @@ class FitConfig:
     #: "" (the head's own features) or "POOL:BLOCKS" (clipdet.detectors.features.parse_blocks): the head
     #: reads those stored blocks' CLS tokens (cls), patch-token means (mean) or both
     blocks: str = ""
+    #: how the threshold is placed on the references' scores: "auto" (normal prediction bound when they
+    #: are too few for the empirical quantile) or "empirical" (clipdet.detectors.calibration.reference_threshold)
+    threshold_rule: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "params", dict(self.params or {}))

@@ -39,7 +39,7 @@ def fit_from_pool(
     from sklearn.base import clone
 
     from ..detectors import create_head
-    from ..detectors.calibration import cross_val_decision, threshold_at_fpr
+    from ..detectors.calibration import cross_val_decision, reference_threshold
     from ..detectors.detector import Detector
     from ..detectors.openset import OpenSetRule
 
@@ -57,6 +57,10 @@ def fit_from_pool(
     attribute, prune, prune_basis = cfg.attribute, cfg.prune, cfg.prune_basis
     if not 0 <= target_fpr < 1:
         raise UsageError(f"--target-fpr {target_fpr}: expected a number in [0, 1)")
+    from ..detectors.calibration import THRESHOLD_RULES
+
+    if cfg.threshold_rule not in THRESHOLD_RULES:
+        raise UsageError(f"--threshold-rule {cfg.threshold_rule!r}: expected {' or '.join(THRESHOLD_RULES)}")
     if not 0.5 <= cfg.unsure_accuracy <= 1:
         raise UsageError(f"--unsure-accuracy {cfg.unsure_accuracy}: expected a number in [0.5, 1]")
     params = dict(params or {})
@@ -124,7 +128,7 @@ def fit_from_pool(
         cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
         cal_y = y
         cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
-    notes = []
+    notes, threshold_rule = [], "none"
     if uncalibrated:
         threshold, slope = 0.0, float(model.calibration_slope_)
         notes.append("calibration: none - zero-shot detector without references: the threshold is the natural "
@@ -133,7 +137,7 @@ def fit_from_pool(
     elif not calibrate:  # a head's natural threshold 0; an untrained head keeps its own slope (zeroshot: 100)
         threshold, slope = 0.0, (1.0 if trainable else float(model.calibration_slope_))
     else:
-        threshold = threshold_at_fpr(cal_scores[cal_y == 0], target_fpr)
+        threshold, threshold_rule = reference_threshold(cal_scores[cal_y == 0], target_fpr, cfg.threshold_rule)
         slope, cal_notes = calibration_slope(cal_scores, cal_y, threshold)
         notes += cal_notes
     band = None
@@ -172,7 +176,8 @@ def fit_from_pool(
     m = dict(meta or {})
     m.update({
         "head": head, "params": model.get_params(), "seed": seed, "target_fpr": target_fpr,
-        "calibration": {"method": cal_method, "n": int(len(cal_y)), "platt": [float(platt[0]), float(platt[1])]},
+        "calibration": {"method": cal_method, "n": int(len(cal_y)), "platt": [float(platt[0]), float(platt[1])],
+                        "threshold_rule": threshold_rule},
         "counts": {"real": int((y == 0).sum()), "fake": int((y == 1).sum()),
                    "extra_rows": 0 if extra is None else int(len(extra))},
         "generators": named, "reference_sha256": sorted(set(pool.sha256)),

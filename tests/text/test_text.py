@@ -160,13 +160,13 @@ def test_zeroshot_prompts_file_and_calibration_on_references(tree_cache, tmp_pat
     assert det.head.get_params()["prompts"] == det.meta["prompts"]  # the text, not the file name
     assert det.meta["calibration"]["method"] == "references" and not det.meta.get("uncalibrated")
     # the threshold sits at the target FPR of the references' own scores (nothing was trained on them)
-    from clipdet.detectors.calibration import threshold_at_fpr
+    from clipdet.detectors.calibration import reference_threshold
 
     refs = FeatureCache(cache).load(key, "clean", shas=det.meta["reference_sha256"])
     labels = FeatureCache(cache).image_metas(refs.sha256)
     s = det.decision_function(refs.embedding)
     y = np.array([labels[x].label == "fake" for x in refs.sha256])
-    assert det.threshold == pytest.approx(threshold_at_fpr(s[~y], det.meta["target_fpr"]))
+    assert det.threshold == pytest.approx(reference_threshold(s[~y], det.meta["target_fpr"])[0])
     path = det.save(tmp_path / "zs.clipdet")
     np.testing.assert_array_equal(Detector.load(path).decision_function(refs.embedding), s)
     with pytest.raises(clipdet.errors.UsageError, match="not a JSON prompts file|expected"):
