@@ -52,6 +52,11 @@ def fit(
     threshold_rule: str = typer.Option("auto", "--threshold-rule", help="auto: with fewer real references than "
                                        "1/--target-fpr, the threshold is also kept above the normal prediction "
                                        "bound of their scores; empirical: the order statistic only"),
+    tiles: str = typer.Option("", "--tiles", help="Also calibrate for scoring on SIZE:COUNT native-resolution "
+                              "tiles (e.g. 224:4): the references' tiles are embedded, the tile rule and an "
+                              "image-level threshold are learned on them; score then uses the tiles"),
+    tile_rule: str = typer.Option("auto", "--tile-rule", help="With --tiles: auto (learned on the references), "
+                                  "mean, max or mix:W"),
     blocks: str = typer.Option("", "--blocks", help="Read stored blocks instead of the final embedding: "
                                "POOL:BLOCKS, POOL cls|mean|both, BLOCKS all|middle|6|4-8|3,6,9 "
                                "(needs features extracted with --layers)"),
@@ -70,7 +75,7 @@ def fit(
                            exclude_generators=tuple(exclude_generator or ()), calibrate=tuple(calibrate or ()),
                            target_fpr=target_fpr, attribute=attribute, prune=prune, prune_basis=prune_basis,
                            features=features, unsure_accuracy=unsure_accuracy, blocks=blocks,
-                           threshold_rule=threshold_rule)
+                           threshold_rule=threshold_rule, tiles=tiles, tile_rule=tile_rule)
         det = run_fit(paths or None, config, backbone=backbone, cache=cache, manifest=manifest, device=device,
                       quiet=quiet, captions=captions)
         det.save(out)
@@ -84,6 +89,10 @@ def fit(
             for line in describe_meta(det.meta["auto"]):
                 typer.echo(line)
         typer.echo(f"wrote {out}: {det.summary()}")
+        if det.meta.get("tiles"):
+            from ..fit.tiles import describe
+
+            typer.echo(describe(det.meta["tiles"]))
         if not det.meta.get("uncalibrated") and det.meta.get("calibration", {}).get("method") != "none":
             typer.echo(det.describe_unsure())
         for line in det.explain():

@@ -51,8 +51,11 @@ def score(
                                     "XMP DigitalSourceType, generator PNG text, EXIF Software) into the "
                                     "provenance column; never part of the score"),
     tiles: Optional[str] = typer.Option(None, "--tiles", help="Score on SIZE:COUNT native-resolution tiles "
-                                        "(views tile:SIZE:0..COUNT-1, no resize) and aggregate, e.g. 224:4"),
-    tile_rule: str = typer.Option("mean", "--tile-rule", help="How tile scores make the image's: mean or max"),
+                                        "(views tile:SIZE:0..COUNT-1, no resize) and aggregate, e.g. 224:4; "
+                                        "default: the detector's tiles if fitted with --tiles; none: whole images"),
+    tile_rule: Optional[str] = typer.Option(None, "--tile-rule", help="How tile scores make the image's: mean, "
+                                            "max or mix:W ((1-W) mean + W max); default: the rule the "
+                                            "detector learned with fit --tiles, else mean"),
 ) -> None:
     """Score images: one row per input (path, sha256, score, p_fake, label, generator, nearest, error, provenance)."""
     quiet_warnings(quiet)
@@ -84,7 +87,10 @@ def score(
         stab = parse_stability(stability_views, det.view) if stability else None
         if stab is not None and det.unsure_range() is None:
             err("note: " + det.describe_unsure() + "; only view flips make a verdict unsure")
-        writer = RowWriter(dest, COLUMNS + (STABILITY_COLUMNS if stability else []))
+        from ..score.tiles import TILE_COLUMNS, score_tiles, tile_setting
+
+        writer = RowWriter(dest, COLUMNS + (STABILITY_COLUMNS if stability else [])
+                           + (TILE_COLUMNS if tile_setting(det, tiles, tile_rule) else []))
         counts: dict[str, int] = {}
         n = 0
         try:
@@ -92,12 +98,21 @@ def score(
             kw = dict(cache=fc, device=device, threshold=threshold, backbone=backbone, batch_size=batch_size,
                       workers=workers, quiet=quiet, precision=precision, captions=caps,
                       engine=engine_option(engine, ray_address), ray_address=ray_address)
-            if tiles:
-                from ..score.tiles import parse_tiles, score_tiles
-
+            tiled = tile_setting(det, tiles, tile_rule)
+            if tiled:
+                size, count, weight, cal = tiled
                 if stab is not None:
                     raise UsageError("--tiles and --stability cannot be combined yet: score tiles or check stability")
-                rows = score_tiles(refs, det, *parse_tiles(tiles), tile_rule, **kw)
+                if cal is None:
+                    err(f"note: this detector has no calibration for {size}:{count} tiles: the whole-image threshold "
+                        "applies to the tile rule's scores and flags more real images (fit --tiles "
+                        f"{size}:{count} calibrates one)")
+                elif tiles is None:
+                    err(f"note: scoring on the detector's tiles {size}:{count} (rule {cal.rule}); --tiles none "
+                        "scores whole images")
+                if cal is not None and threshold is None:
+                    t = cal.threshold
+                rows = score_tiles(refs, det, size, count, weight, calibration=cal, **kw)
             else:
                 rows = score_refs(refs, det, on_chunk=writer.flush, stability=stab, stability_cache=stability_cache,
                                   provenance=provenance, **kw)

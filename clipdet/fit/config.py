@@ -46,6 +46,10 @@ class FitConfig:
     #: how the threshold is placed on the references' scores: "auto" (normal prediction bound when they
     #: are too few for the empirical quantile) or "empirical" (clipdet.detectors.calibration.reference_threshold)
     threshold_rule: str = "auto"
+    #: "SIZE:COUNT": also calibrate the detector for scoring on native-resolution tiles (clipdet.fit.tiles)
+    tiles: str = ""
+    #: the tile rule: auto (learned on the references), mean, max or mix:W (clipdet.detectors.tiles)
+    tile_rule: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "params", dict(self.params or {}))

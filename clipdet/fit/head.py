@@ -19,6 +19,7 @@ def fit_from_pool(
     meta: dict | None = None,
     calibrate: bool = True,
     text=None,
+    tiles: list[Pool] | None = None,
     **options,
 ):
     """Fit a `Detector` on the references in `pool` (already sampled); returns it.
@@ -28,6 +29,9 @@ def fit_from_pool(
 
     `text`: a `clipdet.text.TextEmbedder` for heads that embed prompts (zeroshot). A zero-shot head
     fits with an empty `pool` (--shots 0): threshold at its natural midpoint 0, uncalibrated.
+
+    `tiles`: the references' tile views (`clipdet.fit.tiles.tile_pools`, rows as `pool`) when the config
+    asks for `tiles`: the detector also gets an image-level calibration for scoring on them.
 
     `extra`: additional training rows (e.g. perturbed views of the same references) used for the
     head only. `calibration`: held-out labelled images for threshold and Platt; without it, both come
@@ -197,6 +201,16 @@ def fit_from_pool(
         m["unsure"] = band
     if getattr(model, "needs_prompts", False):
         m["prompts"] = model.prompt_sets()
+    if tiles:
+        from ..detectors.tiles import parse_tiles
+        from .tiles import calibrate_tiles
+
+        if uncalibrated or not calibrate:
+            raise UsageError("--tiles calibrates on the references: it needs --shots K > 0 and calibration")
+        m["tiles"] = calibrate_tiles(base, model, X, y, [features(p) for p in tiles], *parse_tiles(cfg.tiles),
+                                     seed=seed, target_fpr=target_fpr, threshold_rule=cfg.threshold_rule,
+                                     rule=cfg.tile_rule, unsure_accuracy=cfg.unsure_accuracy,
+                                     auto_view=auto is not None, slope_fn=calibration_slope, trainable=trainable)
     refs = {"sha256": list(pool.sha256), "path": list(pool.path), "label": list(pool.label),
             "generator": list(pool.generator)}
     if extra is not None and len(extra):

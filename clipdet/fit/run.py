@@ -65,6 +65,8 @@ def fit(
     ft = FitText(head, features, captions, k)
     if k == 0 and prune:
         raise UsageError("--prune chooses components on the references: it needs --shots K > 0")
+    if k == 0 and cfg.tiles:
+        raise UsageError("--tiles calibrates on the references: it needs --shots K > 0")
     if k == 0:
         return ft.zero_shot_fit(cache, backbone, cfg, device, unused=bool(paths or manifest), quiet=quiet)
     skipped: list[tuple[str, str]] = []
@@ -137,9 +139,18 @@ def fit(
         "per_generator": per_generator, "exclude_generators": sorted(excluded), "augment_views": augment_views,
         "candidates": {"real": counts["real"], "fake": counts["fake"]}, "features": ft.features,
     }
+    tiles = None
+    if cfg.tiles:
+        from ..detectors.tiles import parse_tiles
+        from .tiles import tile_pools
+
+        if features != "image":
+            raise UsageError(f"--tiles applies to image features, not --features {features}")
+        tiles = tile_pools(chosen, cache, key, rec.get("spec") or backbone, *parse_tiles(cfg.tiles), kinds,
+                           device, quiet)
     text = ft.embedder(rec.get("spec") or backbone, cache, key, device)
     chosen, extra, cal_pool = (ft.transform(p, text) for p in (chosen, extra, cal_pool))
-    det = fit_from_pool(chosen, cfg, calibration=cal_pool, extra=extra, meta=meta, text=text)
+    det = fit_from_pool(chosen, cfg, calibration=cal_pool, extra=extra, meta=meta, text=text, tiles=tiles)
     short = shots_shortfall(counts, k, per_generator)
     if short:
         det.meta.setdefault("notes", []).insert(0, short)

@@ -1,11 +1,13 @@
 """Scoring on native-resolution tiles: each image is scored on `count` tile views (tile:N:0 ...) and the
-tile scores are aggregated (mean or max) into the image's score.
+tile scores are aggregated into the image's score by a rule (mean, max, or mix:W = (1-W) mean + W max;
+`clipdet.detectors.tiles`).
 
 Every tile view is a normal cached view (one row per image and tile), so the cache, the engines and
 resumption work as for any view; a 2,000-px photo is judged on its own pixels, not on a thumbnail.
-The aggregated score goes through the detector's threshold and p_fake mapping; the threshold was
-calibrated on single views, so with ``max`` the false-positive rate rises with the number of tiles
-(recalibrate with a tile-fitted detector, or prefer ``mean``).
+A detector fitted with `fit --tiles SIZE:COUNT` carries an image-level threshold, p_fake slope and
+learned rule for those tiles, and they apply. Without one, the aggregated score goes through the
+whole-image threshold, which was calibrated on single views: the false-positive rate then rises with
+the number of tiles, most with ``max`` (the CLI says so).
 """
 
 from __future__ import annotations
@@ -14,57 +16,69 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..detectors.tiles import parse_tiles  # noqa: F401  (re-exported: the CLI and tests import it here)
 
-RULES = ("mean", "max")
-
-
-def parse_tiles(spec: str) -> tuple[int, int]:
-    """"N:T" (tile size, number of tiles) → (N, T); "224" means one tile."""
-    size, _, count = str(spec).partition(":")
-    try:
-        n, t = int(size), int(count or 1)
-    except ValueError:
-        n = t = 0
-    if n < 8 or t < 1:
-        raise UsageError(f"--tiles {spec!r}: expected SIZE:COUNT, e.g. 224:4 (four 224-px tiles)")
-    return n, t
+RULES = ("mean", "max", "mix:W", "auto")
 
 
 def aggregate(scores: np.ndarray, rule: str = "mean") -> np.ndarray:
-    """Per-image scores from (n, T) tile scores (NaN for a missing tile) by `rule` (mean | max)."""
-    if rule not in RULES:
-        raise UsageError(f"--tile-rule {rule!r}: expected {' or '.join(RULES)}")
-    s = np.asarray(scores, dtype=np.float64)
-    ok = ~np.isnan(s)
-    out = np.full(len(s), np.nan)
-    has = ok.any(axis=1)
-    if rule == "mean":
-        out[has] = np.nanmean(s[has], axis=1)
-    else:
-        out[has] = np.nanmax(s[has], axis=1)
-    return out
+    """Per-image scores from (n, T) tile scores (NaN for a missing tile) by `rule` (mean, max or mix:W)."""
+    from ..detectors.tiles import mix, parse_rule
+
+    w = parse_rule(rule)
+    return mix(scores, 0.0 if w is None else w)
 
 
-def score_tiles(refs: Iterable, detector, size: int, count: int, rule: str = "mean",
-                threshold: float | None = None, **kwargs) -> Iterator[dict]:
+#: what a tiled row adds to the output (tile scores ';'-joined, and the rule that made the image's score)
+TILE_COLUMNS = ["tile_scores", "tile_rule"]
+
+
+def tile_setting(detector, tiles: str | None, rule: str | None) -> tuple[int, int, float, object] | None:
+    """(size, count, weight on the max, the detector's `TileCalibration` when it matches) for `score --tiles`,
+    or None to score whole images. `tiles` None follows the detector (its tiles when fitted with them as the
+    default view), "none" means whole images; `rule` None takes the detector's learned rule, else mean."""
+    from ..detectors.tiles import TileCalibration, parse_rule
+
+    cal = TileCalibration.from_meta(detector.meta)
+    if tiles is None and not (cal and cal.default):
+        return None
+    if tiles is not None and str(tiles).strip().lower() == "none":
+        return None
+    size, count = (cal.size, cal.count) if tiles is None else parse_tiles(tiles)
+    match = cal if cal and (cal.size, cal.count) == (size, count) else None
+    weight = parse_rule(rule)
+    if weight is None:
+        weight = match.weight if match else 0.0
+    return size, count, weight, match
+
+
+def score_tiles(refs: Iterable, detector, size: int, count: int, rule: str | float = "mean",
+                threshold: float | None = None, calibration=None, **kwargs) -> Iterator[dict]:
     """Rows as `score_refs` yields them, one per input in input order, scored on `count` tiles of `size`
-    px and aggregated by `rule`; `kwargs` go to `score_refs` (cache, device, engine, ...). A row's
-    "tiles" holds the tile scores."""
+    px and aggregated by `rule` (a name or the weight on the max); `kwargs` go to `score_refs` (cache,
+    device, engine, ...). `calibration`: the detector's `TileCalibration` for these tiles, whose
+    image-level threshold and p_fake apply (else the whole-image ones, which flag more reals, with max
+    most). A row's "tiles" holds the tile scores, "tile_scores" the same as text."""
+    from ..detectors.tiles import mix, parse_rule, rule_name
     from ..extract.views import tile_views
     from .stream import growing_chunks, score_refs
 
-    aggregate(np.zeros((0, 1)), rule)  # validate before any work
-    t = detector.threshold if threshold is None else threshold
+    weight = float(rule) if isinstance(rule, (int, float)) else parse_rule(rule)
+    if weight is None:
+        weight = calibration.weight if calibration else 0.0
+    t = threshold if threshold is not None else calibration.threshold if calibration else detector.threshold
+    proba = calibration.proba if calibration and threshold is None else (lambda s: detector.proba_from_scores(s, t))
     for part in growing_chunks(refs):
         per_view = [list(score_refs(part, detector, view=v, threshold=t, **kwargs)) for v in tile_views(size, count)]
         S = np.array([[np.nan if r.get("error") else r["score"] for r in rows] for rows in per_view]).T
-        agg = aggregate(S, rule)
-        p = detector.proba_from_scores(np.nan_to_num(agg), t)
+        agg = mix(S, weight)
+        p = proba(np.nan_to_num(agg))
         for i, row in enumerate(per_view[0]):
             row = dict(row)
             if not np.isnan(agg[i]):
                 row.update(score=float(agg[i]), p_fake=float(p[i]), label="fake" if agg[i] >= t else "real",
                            error="")
             row["tiles"] = [None if np.isnan(x) else float(x) for x in S[i]]
+            row["tile_scores"] = ";".join("" if np.isnan(x) else f"{x:.6g}" for x in S[i])
+            row["tile_rule"] = rule_name(weight)
             yield row

@@ -17,7 +17,8 @@ def test_parse_and_aggregate():
     S = np.array([[0.0, 1.0, np.nan], [np.nan, np.nan, np.nan], [-1.0, 3.0, 1.0]])
     np.testing.assert_allclose(aggregate(S, "mean"), [0.5, np.nan, 1.0])
     np.testing.assert_allclose(aggregate(S, "max"), [1.0, np.nan, 3.0])
-    with pytest.raises(UsageError, match="mean or max"):
+    np.testing.assert_allclose(aggregate(S, "mix:0.5"), [0.75, np.nan, 2.0])
+    with pytest.raises(UsageError, match="mean, max, mix:W"):
         aggregate(S, "median")
 
 
