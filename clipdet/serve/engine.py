@@ -23,6 +23,7 @@ from ..extract.decode import DEFAULT_MAX_PIXELS, decode_image, sha256_bytes
 from ..extract.views import apply_view
 from ..score.output import COLUMNS, JSONL_ONLY
 from ..score.stability import STABILITY_COLUMNS, apply_judgement
+from ..score.tiles import TILE_COLUMNS
 
 
 @dataclass
@@ -40,13 +41,14 @@ class Item:
     views: dict = field(default_factory=dict)  # view -> preprocessed tensor, for the stability check
     provenance: object = None  # clipdet.provenance.Provenance of the uploaded bytes
     data: bytes = b""  # the bytes of a cached item, kept to embed it again if its cached row is damaged
+    tiles: list = field(default_factory=list)  # preprocessed tiles, when the detector scores on tiles
 
 
-def public_row(row: dict, stability: bool = False) -> dict:
-    """A row as JSON-safe dict with every `clipdet score` column, provenance_details, and with `stability`
-    the stability columns (NaN and absent values → None)."""
+def public_row(row: dict, stability: bool = False, tiles: bool = False) -> dict:
+    """A row as JSON-safe dict with every `clipdet score` column, provenance_details, with `stability`
+    the stability columns and with `tiles` the tile columns (NaN and absent values → None)."""
     out = {}
-    for k in COLUMNS + JSONL_ONLY + (STABILITY_COLUMNS if stability else []):
+    for k in COLUMNS + JSONL_ONLY + (STABILITY_COLUMNS if stability else []) + (TILE_COLUMNS if tiles else []):
         v = row.get(k)
         out[k] = None if isinstance(v, float) and math.isnan(v) else v
     return out
@@ -77,7 +79,12 @@ class Engine:
         self.hit_order = None
         self.detector = detector
         self.threshold = detector.threshold if threshold is None else float(threshold)
+        self.own_threshold = threshold is None  # no --threshold: a tile calibration's own threshold applies
         self.view = detector.view
+        from ..detectors.tiles import TileCalibration
+
+        cal = TileCalibration.from_meta(detector.meta)  # a detector fitted with --tiles as its view scores tiles
+        self.tiles = cal if cal is not None and cal.default else None
         self.max_pixels = max_pixels
         self.cache = None if cache is None else (cache if isinstance(cache, FeatureCache) else FeatureCache(cache))
         self.cache_write = bool(cache_write and self.cache is not None)
@@ -136,6 +143,9 @@ class Engine:
             "cache_write": self.cache_write, "features": self.detector.features,
             "unsure_band": list(self.detector.unsure_range(self.threshold) or []) or None,
             "unsure": self.detector.describe_unsure(),
+            "tiles": None if self.tiles is None else {
+                "size": self.tiles.size, "count": self.tiles.count, "rule": self.tiles.rule,
+                "threshold": self.tiles.threshold if self.own_threshold else self.threshold},
         }
 
     def stability_option(self, value: str | None) -> list | None:
@@ -148,6 +158,8 @@ class Engine:
         v = (value or "").strip().lower()
         if v in ("", "0", "false", "off", "no"):
             return None
+        if self.tiles is not None:
+            raise UsageError("stability: not available yet for a detector that scores tiles (fit --tiles)")
         if self.text is not None:
             raise UsageError("stability: not available for detectors on caption features in serve "
                              "(use clipdet score --stability)")
@@ -169,7 +181,7 @@ class Engine:
         item.cached = item.sha256 in self.cached and item.sha256 not in self.damaged
         if item.cached:
             item.data = data  # kept to embed it again if its cached row turns out damaged
-            if not stability:
+            if not stability and self.tiles is None:
                 return item
         self._decode(item, data, stability)
         return item
@@ -184,6 +196,11 @@ class Engine:
                 item.tensor = self.lazy.preprocess(apply_view(dec.image, self.view))
             for v in stability or ():
                 item.views[v] = self.lazy.preprocess(apply_view(dec.image, v))
+            if self.tiles is not None:
+                from ..extract.views import tile_views
+
+                item.tiles = [self.lazy.preprocess(apply_view(dec.image, v))
+                              for v in tile_views(self.tiles.size, self.tiles.count)]
         except ImageError as e:
             item.error = e.reason
         except ClipdetError:
@@ -226,6 +243,8 @@ class Engine:
             X, scorable = self._caption_features(X, scorable)
         scored = self.detector.score_features(X, threshold=self.threshold) if scorable else []
         by_item = {id(it): r for it, r in zip(scorable, scored)}
+        if self.tiles is not None and scorable:
+            self._tile_rows(scorable, scored)
         view_scores = self._view_scores([it for it in scorable if it.stability is not None])
         band = self.detector.unsure_range(self.threshold)
         results = []
@@ -246,19 +265,39 @@ class Engine:
                 row["label"] = "unknown"
             else:
                 row["error"] = None
-            results.append(public_row(row, it.stability is not None))
+            results.append(public_row(row, it.stability is not None, self.tiles is not None))
         return results
 
+    def _tile_rows(self, items: list[Item], rows: list[dict]) -> None:
+        """Score `items` on their tiles and put the tile rule's image score and verdict in their `rows`
+        (the detector's tile threshold and p_fake, or the server's --threshold), as `clipdet score` does."""
+        from ..detectors.tiles import mix
+
+        cal, n = self.tiles, self.tiles.count
+        S = self._scores([t for it in items for t in it.tiles]).reshape(len(items), n)
+        agg = mix(S, cal.weight)
+        own = self.own_threshold
+        t = cal.threshold if own else self.threshold
+        p = cal.proba(agg) if own else self.detector.proba_from_scores(agg, t)
+        for row, s, pf, tiles in zip(rows, agg, p, S):
+            row.update(score=float(s), p_fake=float(pf), label="fake" if s >= t else "real",
+                       tile_scores=";".join(f"{x:.6g}" for x in tiles), tile_rule=cal.rule)
+
+    def _scores(self, tensors: list) -> np.ndarray:
+        """The detector's scores of preprocessed images in one forward pass (features rounded to float16 as
+        the cache stores them, so they equal `clipdet score` on the same views)."""
+        model = self.lazy.get()
+        out = model.embed(model.collate(tensors), layers=self.lazy.absolute_layers)
+        X = out["embedding"].astype(np.float16).astype(np.float32) if not self.blocks else self._block_matrix(out)
+        return np.asarray(self.detector.decision_function(X), np.float64)
+
     def _view_scores(self, items: list[Item]) -> dict[int, dict[str, float]]:
-        """{id(item): {view: score}} for the perturbed views of `items`, in one forward pass (rounded to
-        float16 as the cache stores them, so they equal `clipdet score --stability`)."""
+        """{id(item): {view: score}} for the perturbed views of `items`, in one forward pass (as `_scores`,
+        so they equal `clipdet score --stability`)."""
         todo = [(it, v, t) for it in items for v, t in it.views.items()]
         if not todo:
             return {}
-        model = self.lazy.get()
-        out = model.embed(model.collate([t for _, _, t in todo]), layers=self.lazy.absolute_layers)
-        X = out["embedding"].astype(np.float16).astype(np.float32) if not self.blocks else self._block_matrix(out)
-        scores = self.detector.decision_function(X)
+        scores = self._scores([t for _, _, t in todo])
         out: dict[int, dict[str, float]] = {}
         for (it, v, _), s in zip(todo, scores):
             out.setdefault(id(it), {})[v] = float(s)

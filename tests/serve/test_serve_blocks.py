@@ -32,3 +32,32 @@ def test_engine_scores_block_detectors_like_clipdet_score(labelled_tree, tiny_sp
         assert [r["error"] for r in rows] == [None] * 3
         for r in rows:
             assert r["score"] == pytest.approx(want[r["sha256"]], abs=1e-4)
+
+
+def test_engine_scores_a_tile_detector_like_clipdet_score(labelled_tree, tiny_spec, tiny_backbone, tmp_path):
+    """A detector fitted with --tiles: serve scores the tiles with its learned rule and image threshold."""
+    from clipdet.score.tiles import score_tiles
+
+    cache = str(tmp_path / "t.h5")
+    det = clipdet.fit(list(map(str, [labelled_tree])), head="svm", shots=4, seed=0, cache=cache, tiles="64:3",
+                      backbone=tiny_spec, attribute=False)
+    det.save(tmp_path / "t.clipdet")
+    det = Detector.load(tmp_path / "t.clipdet")
+    cal = det.meta["tiles"]
+    files = sorted((labelled_tree / "fake" / "genB").iterdir())[:3]
+    refs = discover([str(p) for p in files])
+    from clipdet.detectors.tiles import TileCalibration
+
+    want = {r["sha256"]: r for r in score_tiles(refs, det, 64, 3, calibration=TileCalibration.from_meta(det.meta),
+                                                cache=clipdet.cache.FeatureCache(cache), device="cpu")}
+    engine = Engine(det, cache=cache, device="cpu")
+    engine.load()
+    assert engine.describe()["tiles"] == {"size": 64, "count": 3, "rule": cal["rule"], "threshold": cal["threshold"]}
+    rows = engine.run_batch([engine.prepare(p.name, p.read_bytes()) for p in files])
+    for r in rows:
+        w = want[r["sha256"]]
+        assert r["error"] is None and r["tile_rule"] == cal["rule"]
+        assert r["score"] == pytest.approx(w["score"], abs=1e-4) and r["label"] == w["label"]
+        assert (r["label"] == "fake") == (r["score"] >= cal["threshold"])
+    with pytest.raises(clipdet.errors.UsageError, match="tiles"):
+        engine.stability_option("1")
