@@ -96,9 +96,12 @@ def fit_from_pool(
         return m if transform is None else transform.transform(m)
 
     y = pool.y
+    tile_X = [features(p) for p in tiles] if tiles else []
     Xfit, yfit, gfit = X, y, list(pool.generator)
+    if tile_X:  # the head will judge tiles too: it learns from the references' tiles as well
+        Xfit, yfit, gfit = np.vstack([X, *tile_X]), np.tile(y, len(tile_X) + 1), gfit * (len(tile_X) + 1)
     if extra is not None and len(extra):
-        Xfit, yfit, gfit = np.vstack([X, features(extra)]), np.concatenate([y, extra.y]), gfit + list(extra.generator)
+        Xfit, yfit, gfit = np.vstack([Xfit, features(extra)]), np.concatenate([yfit, extra.y]), gfit + list(extra.generator)
     fit_kw = {"groups": np.array(gfit, dtype=object)} if getattr(base, "uses_groups", False) else {}
     model = clone(base)
     if getattr(model, "needs_prompts", False):
@@ -109,6 +112,14 @@ def fit_from_pool(
              else model.fit(Xfit, yfit, **fit_kw))
 
     uncalibrated = zero and calibration is None
+    if tile_X and (uncalibrated or not calibrate):
+        raise UsageError("--tiles calibrates on the references: it needs --shots K > 0 and calibration")
+    oof = None
+    if tile_X:  # out-of-fold whole-image and tile scores, from fold heads fitted like this one
+        from .tiles import out_of_fold
+
+        need_both_classes(pool, "fit --tiles")
+        oof = out_of_fold(base, model, X, y, tile_X, seed, trainable)
     if uncalibrated:
         cal_scores, cal_y, cal_method = np.zeros(0), np.zeros(0, dtype=np.int64), "none (zero-shot)"
     elif not calibrate:
@@ -129,9 +140,12 @@ def fit_from_pool(
         counts = np.bincount(y, minlength=2)
         if counts.min() < 2:
             raise UsageError("calibration needs at least 2 references per class (raise --shots or pass --calibrate)")
-        cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
+        if oof is not None:
+            cal_scores, cal_method = oof[0], "cross-validation (heads also fitted on the tiles)"
+        else:
+            cal_scores = cross_val_decision(base, X, y, n_splits=5, random_state=seed)
+            cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
         cal_y = y
-        cal_method = "cross-validation" if counts.min() >= 5 else "leave-one-out"
     notes, threshold_rule = [], "none"
     if uncalibrated:
         threshold, slope = 0.0, float(model.calibration_slope_)
@@ -201,16 +215,14 @@ def fit_from_pool(
         m["unsure"] = band
     if getattr(model, "needs_prompts", False):
         m["prompts"] = model.prompt_sets()
-    if tiles:
+    if oof is not None:
         from ..detectors.tiles import parse_tiles
         from .tiles import calibrate_tiles
 
-        if uncalibrated or not calibrate:
-            raise UsageError("--tiles calibrates on the references: it needs --shots K > 0 and calibration")
-        m["tiles"] = calibrate_tiles(base, model, X, y, [features(p) for p in tiles], *parse_tiles(cfg.tiles),
-                                     seed=seed, target_fpr=target_fpr, threshold_rule=cfg.threshold_rule,
-                                     rule=cfg.tile_rule, unsure_accuracy=cfg.unsure_accuracy,
-                                     auto_view=auto is not None, slope_fn=calibration_slope, trainable=trainable)
+        m["tiles"] = calibrate_tiles(oof, y, *parse_tiles(cfg.tiles), target_fpr=target_fpr,
+                                     threshold_rule=cfg.threshold_rule, rule=cfg.tile_rule,
+                                     unsure_accuracy=cfg.unsure_accuracy, auto_view=auto is not None,
+                                     slope_fn=calibration_slope)
     refs = {"sha256": list(pool.sha256), "path": list(pool.path), "label": list(pool.label),
             "generator": list(pool.generator)}
     if extra is not None and len(extra):

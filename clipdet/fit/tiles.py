@@ -1,11 +1,13 @@
 """`fit --tiles SIZE:COUNT`: calibrate a detector for scoring on native-resolution tiles.
 
-The head is fitted on the references' whole-image view as always. For tiles, the image's score is a rule
-over its tile scores (`clipdet.detectors.tiles.mix`), and a threshold set on whole images does not hold
-for it (the max of four tiles flags far more reals than one view). So, on the references only:
-1. their tile views are embedded through the extract path (cached; nothing else is read);
-2. out-of-fold tile scores: each fold's head, fitted on the other references' whole images, scores the
-   held-out references' tiles (stratified folds, as the whole-image calibration);
+A tiled image's score is a rule over its tile scores (`clipdet.detectors.tiles.mix`), and a threshold set on
+whole images does not hold for it (the max of four tiles flags far more reals than one view). So, on the
+references only:
+1. their tile views are embedded through the extract path (cached; nothing else is read), and the head
+   learns from their whole images and their tiles (it will judge both);
+2. out-of-fold scores: each fold's head, fitted the same way on the other references, scores the held-out
+   references' whole images and tiles (stratified folds of whole images: an image's tiles never straddle
+   a fold); the whole-image threshold comes from these too;
 3. the rule's weight on the max is the one whose aggregated out-of-fold scores rank the references best
    (ties go to the lower weight, mean), unless `--tile-rule` fixes it;
 4. the image-level threshold (at the target FPR), p_fake's slope and the unsure band come from those
@@ -67,7 +69,8 @@ def _folds(y, seed: int):
 
 def out_of_fold(base, model, X, y, tiles, seed: int, trainable: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
     """(whole-image scores (n,), tile scores (n, T), folds) of the references, out of fold when the head
-    learns from them; `tiles`: the references' tile feature matrices, one per tile, rows as `X`."""
+    learns from them. `tiles`: the references' tile feature matrices, one per tile, rows as `X`. Each
+    fold's head learns, like the detector's, from the training references' whole images and tiles."""
     from sklearn.base import clone
 
     n, T = len(y), len(tiles)
@@ -78,26 +81,26 @@ def out_of_fold(base, model, X, y, tiles, seed: int, trainable: bool = True) -> 
                 [(np.arange(n), np.arange(n))])
     folds = _folds(y, seed)
     for tr, te in folds:
-        m = clone(base).fit(X[tr], y[tr])
+        m = clone(base).fit(np.vstack([X[tr], *[t[tr] for t in tiles]]), np.tile(y[tr], T + 1))
         whole[te] = m.decision_function(X[te])
         for j, t in enumerate(tiles):
             S[te, j] = m.decision_function(t[te])
     return whole, S, folds
 
 
-def calibrate_tiles(base, model, X, y, tiles, size: int, count: int, *, seed: int, target_fpr: float,
-                    threshold_rule: str, rule: str | None, unsure_accuracy: float, auto_view: bool,
-                    slope_fn, trainable: bool = True) -> dict:
-    """The detector's ``meta["tiles"]``: size, count, rule and weight, image-level threshold and slope,
-    unsure band, and the out-of-fold AUC of every rule and of the whole image (see the module doc).
-    `slope_fn(scores, y, threshold) -> (slope, notes)` is the whole-image calibration's."""
+def calibrate_tiles(oof, y, size: int, count: int, *, target_fpr: float, threshold_rule: str, rule: str | None,
+                    unsure_accuracy: float, auto_view: bool, slope_fn) -> dict:
+    """The detector's ``meta["tiles"]`` from the references' out-of-fold scores `oof` (`out_of_fold`): size,
+    count, rule and weight, image-level threshold and slope, unsure band, and the out-of-fold AUC of every
+    rule and of the whole image (see the module doc). `slope_fn(scores, y, threshold) -> (slope, notes)`
+    is the whole-image calibration's."""
     from ..detectors.calibration import reference_threshold
     from ..detectors.refcv import column_auc, unsure_band
     from ..detectors.tiles import WEIGHTS, mix, parse_rule, rule_name
 
     fixed = parse_rule(rule)
     y = np.asarray(y, dtype=np.int64)
-    whole, S, folds = out_of_fold(base, model, X, y, tiles, seed, trainable)
+    whole, S, folds = oof
     weights = WEIGHTS if fixed is None else (fixed,)
 
     def fold_aucs(scores) -> list[float]:

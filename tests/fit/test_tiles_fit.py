@@ -44,22 +44,22 @@ def _pools(seed: int, n: int = 30):
 
 
 def test_learned_rule_and_image_threshold_hold_on_new_images():
-    pool, tiles = _pools(0)
-    det = _fit(pool, tiles)
-    cal = TileCalibration.from_meta(det.meta)
-    t = det.meta["tiles"]
-    assert (cal.size, cal.count) == (64, 4) and set(t["auc"]) == {"mean", "mix:0.25", "mix:0.5", "mix:0.75", "max"}
-    assert cal.weight >= 0.5 and t["auc"]["max"] > t["auc"]["mean"]  # one strong tile: the max carries it
-    # new images the fit never saw: the tile threshold keeps reals near the target (0.05); the whole-image
-    # threshold, set on another score distribution, misses it
-    rng = np.random.default_rng(99)
-    _, new_tiles = _images(rng, 4000, False)
-    S = np.stack([det.decision_function(new_tiles[k]) for k in range(4)], axis=1)
-    agg = mix(S, cal.weight)
-    fpr_tiles, fpr_whole = float(np.mean(agg >= cal.threshold)), float(np.mean(agg >= det.threshold))
-    assert fpr_tiles <= 0.1 and abs(fpr_tiles - 0.05) < abs(fpr_whole - 0.05)
-    p = cal.proba(agg)
-    assert np.array_equal(p >= 0.5, agg >= cal.threshold)
+    _, new_tiles = _images(np.random.default_rng(99), 4000, False)  # real images no fit ever saw
+    fpr, naive = [], []
+    for seed in range(4):
+        pool, tiles = _pools(seed)
+        det = _fit(pool, tiles)
+        cal = TileCalibration.from_meta(det.meta)
+        t = det.meta["tiles"]
+        assert (cal.size, cal.count) == (64, 4) and set(t["auc"]) == {"mean", "mix:0.25", "mix:0.5", "mix:0.75", "max"}
+        assert cal.weight >= 0.5 and t["auc"]["max"] > t["auc"]["mean"]  # one strong tile: the max carries it
+        S = np.stack([det.decision_function(new_tiles[k]) for k in range(4)], axis=1)
+        agg = mix(S, cal.weight)
+        fpr.append(np.mean(agg >= cal.threshold))
+        naive.append(np.mean(S.max(axis=1) >= det.threshold))  # the max of tiles at the whole-image threshold
+        assert np.array_equal(cal.proba(agg) >= 0.5, agg >= cal.threshold)
+    # the image-level threshold keeps new reals near the 0.05 target; the whole-image one on the max does not
+    assert np.mean(fpr) <= 0.07 < np.mean(naive)
     fixed = _fit(pool, tiles, tile_rule="mean")
     assert fixed.meta["tiles"]["weight"] == 0.0 and list(fixed.meta["tiles"]["auc"]) == ["mean"]
 
