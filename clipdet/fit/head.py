@@ -101,7 +101,8 @@ def fit_from_pool(
     if tile_X:  # the head will judge tiles too: it learns from the references' tiles as well
         Xfit, yfit, gfit = np.vstack([X, *tile_X]), np.tile(y, len(tile_X) + 1), gfit * (len(tile_X) + 1)
     if extra is not None and len(extra):
-        Xfit, yfit, gfit = np.vstack([Xfit, features(extra)]), np.concatenate([yfit, extra.y]), gfit + list(extra.generator)
+        Xfit, yfit = np.vstack([Xfit, features(extra)]), np.concatenate([yfit, extra.y])
+        gfit = gfit + list(extra.generator)
     fit_kw = {"groups": np.array(gfit, dtype=object)} if getattr(base, "uses_groups", False) else {}
     model = clone(base)
     if getattr(model, "needs_prompts", False):
