@@ -146,6 +146,8 @@ def fit(
 
         if features != "image":
             raise UsageError(f"--tiles applies to image features, not --features {features}")
+        if "heads" in kinds:
+            raise UsageError("--tiles works with heads that read the embedding or blocks, not attention heads")
         tiles = tile_pools(chosen, cache, key, rec.get("spec") or backbone, *parse_tiles(cfg.tiles), kinds,
                            device, quiet)
     text = ft.embedder(rec.get("spec") or backbone, cache, key, device)
