@@ -119,3 +119,11 @@ def test_auto_chooses_whether_tiles_are_the_view(labelled_tree, tiny_spec, tiny_
     t = Detector.load(det_path).meta["tiles"]
     assert isinstance(t["default"], bool) and t["auc_whole"] is not None and len(t["auc"]) == 5
     assert ("the default view for score" if t["default"] else "did not beat the whole image") in r.output
+
+
+def test_tiles_refuse_attention_heads(labelled_tree, tiny_spec, tiny_backbone, run_cli, tmp_path):
+    cache = str(tmp_path / "h.h5")
+    assert run_cli("extract", labelled_tree, "-b", tiny_spec, "-c", cache, "--heads", "2").exit_code == 0
+    r = run_cli("fit", labelled_tree, "-b", tiny_spec, "-c", cache, "--head", "heads", "--shots", "4",
+                "--tiles", "64:2", "-o", str(tmp_path / "h.clipdet"))
+    assert r.exit_code == 2 and "not attention heads" in r.output and "Traceback" not in r.output
