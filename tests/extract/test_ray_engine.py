@@ -137,6 +137,21 @@ def test_ray_engine_matches_local(cluster, tmp_path, tiny_spec, tiny_backbone, r
     lines_l, lines_r = out_l.read_text().splitlines(), out_r.read_text().splitlines()
     assert [x.split(",")[:2] for x in lines_l] == [x.split(",")[:2] for x in lines_r]
     assert [x.split(",")[4] for x in lines_l] == [x.split(",")[4] for x in lines_r]  # same verdicts
+    # native-resolution tile views (score --tiles) go through the Ray engine like any view
+    tl, tr = tmp_path / "tl.csv", tmp_path / "tr.csv"
+    assert run_cli("score", tree, "-d", det, "-c", str(tmp_path / "s1.h5"), "-o", tl, "--tiles", "64:2").exit_code == 1
+    r = run_cli("score", tree, "-d", det, "-c", str(tmp_path / "s2.h5"), "-o", tr, "--tiles", "64:2",
+                "--engine", "ray", "--ray-address", cluster.address)
+    assert r.exit_code == 1, r.stderr
+    import csv
+
+    rows_l, rows_r = (list(csv.DictReader(f.read_text().splitlines())) for f in (tl, tr))
+    assert [x["label"] for x in rows_l] == [x["label"] for x in rows_r]
+    def tiles(row):  # '' for a tile of an unreadable image
+        return [float(v) if v else np.nan for v in row["tile_scores"].split(";")] if row["tile_scores"] else []
+
+    for x, y in zip(rows_l, rows_r):
+        np.testing.assert_allclose(tiles(x), tiles(y), atol=2e-3)
 
 
 @pytest.mark.slow
