@@ -25,8 +25,9 @@ __all__ = [
     "threshold_at_fpr",
 ]
 
-#: How `reference_threshold` may place the threshold: "auto" (the normal prediction bound when the real
-#: scores are too few for the empirical quantile) or "empirical" (the order statistic only).
+#: How `reference_threshold` may place the threshold: "auto" (for new real images: the conformal quantile,
+#: or the normal prediction bound when the references are too few for any) or "empirical" (for the
+#: references themselves: `threshold_at_fpr`).
 THRESHOLD_RULES = ("auto", "empirical")
 
 
@@ -242,26 +243,37 @@ def threshold_at_fpr(real_scores, target_fpr: float) -> float:
 def reference_threshold(real_scores, target_fpr: float, rule: str = "auto") -> tuple[float, str]:
     """(threshold, how it was placed) for a target false-positive rate, from real references' scores.
 
-    With ``n`` real scores the empirical rule (`threshold_at_fpr`) can only promise about ``1 / (n + 1)``:
-    below ``n = 1 / target_fpr`` no real score may be flagged, so the threshold sits just above the
-    largest one, and a new real image exceeds the largest of ``n`` with probability ``1 / (n + 1)``
-    (0.091 at 10 references against a 0.05 target). Rule "auto" then also takes the one-sided normal
-    prediction bound ``mean + t(1 - target, n - 1) * sd * sqrt(1 + 1/n)`` of the real scores (the
-    textbook bound for one new draw from a normal sample of size n) and keeps the higher threshold;
-    with enough real scores, or with rule "empirical", the empirical threshold is used alone.
-    Returns the threshold and "empirical" or "normal-prediction-bound".
+    Rule "auto" aims at the target for a *new* real image, not for the references themselves. A new
+    real score is exchangeable with the n reference scores, so it exceeds the k-th smallest with
+    probability at most ``1 - k / (n + 1)``; the threshold sits just above the k-th smallest real score
+    with ``k = ceil((1 - target) (n + 1))`` (the split-conformal quantile: "conformal"). When k > n (fewer
+    than ``(1 - target) / target`` references, 19 at 0.05) no order statistic reaches the target (above
+    the largest of 10, a new real still lands with probability 1/11 = 0.091): the threshold then also
+    clears the one-sided normal prediction bound ``mean + t(1 - target, n - 1) * sd * sqrt(1 + 1/n)``
+    (the textbook bound for one new draw from a normal sample of size n; "normal-prediction-bound"), or
+    stays just above the largest score when that is higher ("largest-reference"). Rule "empirical" is
+    `threshold_at_fpr`: at most the target share of the references themselves flagged, which lets a new
+    real through more often at small n (about (floor(target n) + 1) / (n + 1)).
     """
     if rule not in THRESHOLD_RULES:
         raise UsageError(f"threshold rule {rule!r}: expected {' or '.join(THRESHOLD_RULES)}")
-    t = threshold_at_fpr(real_scores, target_fpr)
+    if rule == "empirical":
+        return threshold_at_fpr(real_scores, target_fpr), "empirical"
     r = np.asarray(real_scores, dtype=np.float64).ravel()
     n = r.size
-    if rule == "empirical" or n < 3 or target_fpr <= 0 or np.floor(target_fpr * n + 1e-9) >= 1:
-        return t, "empirical"
+    f = float(target_fpr)
+    if n == 0 or f <= 0 or f >= 1:
+        return threshold_at_fpr(real_scores, target_fpr), "empirical"
+    above = n - int(np.ceil((1.0 - f) * (n + 1) - 1e-9))  # reference scores the threshold may leave above it
+    if above >= 0:
+        return threshold_at_fpr(real_scores, above / n), "conformal"
+    top = threshold_at_fpr(real_scores, 0.0)
+    if n < 3:
+        return top, "largest-reference"
     from scipy.stats import t as student_t
 
-    bound = float(r.mean() + student_t.ppf(1.0 - target_fpr, n - 1) * r.std(ddof=1) * np.sqrt(1.0 + 1.0 / n))
-    return (bound, "normal-prediction-bound") if bound > t else (t, "empirical")
+    bound = float(r.mean() + student_t.ppf(1.0 - f, n - 1) * r.std(ddof=1) * np.sqrt(1.0 + 1.0 / n))
+    return (bound, "normal-prediction-bound") if bound > top else (top, "largest-reference")
 
 
 def cross_val_decision(estimator, X, y, n_splits: int = 5, random_state: int | None = 0,

@@ -21,26 +21,31 @@ def test_bound_hand_computed_at_ten_references():
     assert reference_threshold(r, 0.05, "empirical") == (threshold_at_fpr(r, 0.05), "empirical")
 
 
-def test_enough_references_or_a_lower_bound_keep_the_empirical_threshold():
+def test_enough_references_take_the_conformal_quantile():
     rng = np.random.default_rng(0)
-    r = rng.normal(size=40)  # 0.05 x 40 = 2 may be flagged: the order statistic can place the target
-    assert reference_threshold(r, 0.05) == (threshold_at_fpr(r, 0.05), "empirical")
+    r = rng.normal(size=40)  # k = ceil(0.95 x 41) = 39: one reference score may stay above the threshold
+    assert reference_threshold(r, 0.05) == (threshold_at_fpr(r, 1 / 40), "conformal")
+    assert np.sum(r >= reference_threshold(r, 0.05)[0]) == 1
+    assert threshold_at_fpr(r, 0.05) < reference_threshold(r, 0.05)[0]  # the empirical rule leaves two above
+    r20 = rng.normal(size=20)  # k = ceil(0.95 x 21) = 20: the largest, exactly as conformal as it gets
+    assert reference_threshold(r20, 0.05) == (threshold_at_fpr(r20, 0.0), "conformal")
     skew = np.array([0.0] * 9 + [10.0])  # one far outlier: the largest score is already above the bound
-    assert reference_threshold(skew, 0.05) == (threshold_at_fpr(skew, 0.05), "empirical")
-    assert reference_threshold([0.1, 0.2], 0.05)[1] == "empirical"  # too few for a spread
+    assert reference_threshold(skew, 0.05) == (threshold_at_fpr(skew, 0.0), "largest-reference")
+    assert reference_threshold([0.1, 0.2], 0.05)[1] == "largest-reference"  # too few for a spread
     with pytest.raises(UsageError, match="threshold rule 'x'"):
         reference_threshold(r, 0.05, "x")
 
 
 def test_false_positive_rate_over_many_draws_meets_the_target_for_normal_scores():
-    """The reason for the rule: at 10 references the empirical threshold flags 1/11 of new reals on average,
-    the prediction bound the target itself (exact for normal scores)."""
+    """The reason for the rule: for a new real image, the empirical threshold misses the target at small n
+    (1/11 at 10 references, 2/21 at 20); the auto rule meets it (exactly at 10 for normal scores)."""
     rng = np.random.default_rng(1)
-    draws = rng.normal(size=(4000, 10))
-    fpr = {rule: np.mean([norm.sf(reference_threshold(d, 0.05, rule)[0]) for d in draws])
-           for rule in ("empirical", "auto")}
-    assert fpr["empirical"] == pytest.approx(1 / 11, abs=0.006)
-    assert fpr["auto"] == pytest.approx(0.05, abs=0.004)
+    for n, empirical in ((10, 1 / 11), (20, 2 / 21)):
+        draws = rng.normal(size=(4000, n))
+        fpr = {rule: np.mean([norm.sf(reference_threshold(d, 0.05, rule)[0]) for d in draws])
+               for rule in ("empirical", "auto")}
+        assert fpr["empirical"] == pytest.approx(empirical, abs=0.006)
+        assert fpr["auto"] <= 0.052
 
 
 def _pool(n: int, sep: float) -> Pool:
@@ -59,6 +64,6 @@ def test_fit_records_the_rule_and_summary_says_so():
     plain = fit_from_pool(_pool(10, 1.0), head="logreg", seed=0, attribute=False, threshold_rule="empirical")
     assert plain.meta["calibration"]["threshold_rule"] == "empirical" and plain.threshold < few.threshold
     many = fit_from_pool(_pool(40, 1.0), head="logreg", seed=0, attribute=False)
-    assert many.meta["calibration"]["threshold_rule"] == "empirical"
+    assert many.meta["calibration"]["threshold_rule"] == "conformal"
     with pytest.raises(UsageError, match="--threshold-rule 'bogus'"):
         fit_from_pool(_pool(10, 1.0), head="logreg", threshold_rule="bogus")
