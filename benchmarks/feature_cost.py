@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         for e in ext:
             lines.append(f"| {e['config']} | " + " | ".join(f"{t:.1f} s" for t in e["times"].values())
                          + f" | {e['per_image_s'] * 1000:.0f} ms | {e['bytes_per_image'] / 1024:.1f} KB | "
-                         f"{e['per_image_s'] * 1e6 / 3600:.0f} CPU-h, {e['bytes_per_image'] * 1e6 / 1e9:.1f} GB |")
+                         f"{e['per_image_s'] * 1e6 / 3600:.0f} h here, {e['bytes_per_image'] * 1e6 / 1e9:.1f} GB |")
     if rd:
         lines += ["\n## Reading 1,000 random cached rows back (median per row)\n",
                   "| cache rows | bytes per row | embedding | layers_mean | layers + layers_mean | write s |",
