@@ -166,6 +166,11 @@ def eval_cmd(
                                    "and report coverage, accuracy on decided images, unsure rates"),
     stability_views: Optional[str] = typer.Option(None, "--stability-views", help="Views for --stability "
                                                   "[default: jpeg:75,resize:0.5,crop:224]; 'none': the band only"),
+    tiles: Optional[str] = typer.Option(None, "--tiles", help="Evaluate on SIZE:COUNT native-resolution tiles, as "
+                                        "score --tiles; default: the detector's tiles if fitted with --tiles; "
+                                        "none: whole images"),
+    tile_rule: Optional[str] = typer.Option(None, "--tile-rule", help="mean, max or mix:W; default: the "
+                                            "detector's learned rule, else mean"),
 ) -> None:
     """Measure a detector on labelled images: AUC, AP, accuracy, TPR@1%FPR, EER, ECE, Brier, per generator."""
     quiet_warnings(quiet)
@@ -191,7 +196,8 @@ def eval_cmd(
         stab = parse_stability(stability_views, det.view) if stability else None
         res = evaluate(refs, det, cache=cache, views=extra, allow_overlap=allow_overlap,
                        exclude_references=exclude_references, device=device, quiet=quiet, backbone=backbone,
-                       captions=captions_for(det, refs, captions, "eval"), stability=stab)
+                       captions=captions_for(det, refs, captions, "eval"), stability=stab,
+                       tiles=tiles, tile_rule=tile_rule)
         if json_out:
             typer.echo(json.dumps(json_safe(public(res)), indent=1, allow_nan=False))
         else:

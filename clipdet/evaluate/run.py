@@ -78,6 +78,8 @@ def evaluate(
     backbone: str | None = None,
     captions=None,
     stability: Sequence[str] | None = None,
+    tiles: str | None = None,
+    tile_rule: str | None = None,
 ) -> dict:
     """Metrics of `detector` on labelled `refs` (clean view, plus each robustness view); a JSON-able dict.
 
@@ -88,7 +90,10 @@ def evaluate(
 
     `backbone` overrides the detector's backbone spec (e.g. the weights file moved); same weights only.
     `captions` (a `clipdet.text.Captions`) for detectors fitted on caption features.
+    `tiles`, `tile_rule`: as `score --tiles` (`clipdet.score.tiles.tile_setting`): a detector fitted with
+    `fit --tiles` is evaluated on its tiles, with its image-level threshold; "none" evaluates whole images.
     """
+    from ..detectors.tiles import rule_name
     from ..score.stream import score_refs
     from .metrics import binary_report, roc_auc
 
@@ -103,10 +108,24 @@ def evaluate(
         from ..score.stability import stability_views
 
         stability = stability_views(stability, detector.view)
-    rows = list(score_refs(labelled, detector, stability=stability, **kw))
+    from ..score.tiles import score_tiles, tile_setting
+
+    tiled = tile_setting(detector, tiles, tile_rule)
+    threshold, notes = detector.threshold, []
+    if tiled:
+        size, count, weight, cal = tiled
+        if stability is not None:
+            raise UsageError("--tiles and --stability cannot be combined yet: evaluate tiles or stability")
+        rows = list(score_tiles(labelled, detector, size, count, weight, calibration=cal, **kw))
+        threshold = cal.threshold if cal is not None else detector.threshold
+        notes.append(f"scored on tiles {size}:{count}, rule {rule_name(weight)}, "
+                     + ("the detector's image-level threshold" if cal is not None else
+                        "the whole-image threshold (this detector has no calibration for these tiles: it flags "
+                        "more real images)"))
+    else:
+        rows = list(score_refs(labelled, detector, stability=stability, **kw))
     ref_shas = detector.reference_shas
     overlap = {r["sha256"] for r in rows if r["sha256"] in ref_shas}
-    notes = []
     if detector.backbone.get("weights") == "random":
         notes.append("the backbone has RANDOM weights: these numbers say nothing about detection quality "
                      "(use pretrained weights, e.g. ViT-L-14:openai)")
@@ -131,12 +150,13 @@ def evaluate(
     y, s, p, gens, scored, shas = _labelled(rows, by_path)
     if len(y) == 0:
         raise UsageError("no evaluation image could be scored")
-    report = binary_report(y, s, p, threshold=detector.threshold)
+    report = binary_report(y, s, p, threshold=threshold)
     notes += report.pop("notes", [])
     result = {
         "detector": {"head": detector.meta.get("head"), "backbone": detector.backbone.get("spec"),
                      "backbone_weights": detector.backbone.get("weights"),
-                     "view": detector.view, "features": detector.features, "threshold": detector.threshold,
+                     "view": f"tiles {tiled[0]}:{tiled[1]}" if tiled else detector.view,
+                     "features": detector.features, "threshold": threshold,
                      "target_fpr": detector.meta.get("target_fpr"), "shots": detector.meta.get("shots"),
                      "seed": detector.meta.get("seed")},
         "n_inputs": len(refs), "n_unlabelled": len(refs) - len(labelled), "n_errors": len(errors),
@@ -176,7 +196,10 @@ def evaluate(
                      "accuracy": float(np.mean((vs >= detector.threshold) == (vy == 1))) if len(vy) else float("nan")}
         result["_curves"][v] = (vy, vs)
     if robust:
-        robust = {detector.view: {"auc": report["auc"], "n": int(len(y)), "accuracy": report["accuracy"]}, **robust}
+        robust = {result["detector"]["view"]: {"auc": report["auc"], "n": int(len(y)),
+                                               "accuracy": report["accuracy"]}, **robust}
+        if tiled:
+            notes.append("the perturbed views (--views) are scored on whole images, at the whole-image threshold")
         result["robustness"] = robust
     return result
 

@@ -104,6 +104,17 @@ def test_fit_and_score_on_tiles_cli(labelled_tree, tiny_spec, tiny_backbone, run
     assert r.exit_code == 0 and "tile_rule" not in out.read_text().splitlines()[0]
     r = run_cli("score", labelled_tree / "fake", "-d", det_path, "-c", cache, "--tiles", "64:2", "-o", out)
     assert r.exit_code == 0 and "no calibration for 64:2 tiles" in r.output
+    # eval measures what score does: the tiles, at the detector's image-level threshold
+    import json
+
+    r = run_cli("eval", labelled_tree, "-d", det_path, "-c", cache, "--json", "--allow-overlap")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["detector"]["view"] == "tiles 64:3" and res["detector"]["threshold"] == pytest.approx(cal.threshold)
+    assert any("scored on tiles 64:3" in n for n in res["notes"])
+    whole = json.loads(run_cli("eval", labelled_tree, "-d", det_path, "-c", cache, "--json", "--allow-overlap",
+                               "--tiles", "none").stdout)
+    assert whole["detector"]["threshold"] == pytest.approx(det.threshold) and whole["detector"]["view"] == "clean"
     r = run_cli("fit", labelled_tree, "-b", tiny_spec, "-c", cache, "--shots", "4", "--tiles", "64:3",
                 "--tile-rule", "median", "-o", str(tmp_path / "x.clipdet"))
     assert r.exit_code == 2 and "--tile-rule 'median'" in r.output and "Traceback" not in r.output
