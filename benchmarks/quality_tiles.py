@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--protocols", default="kshot", help="kshot and/or logo [default: %(default)s]")
     p.add_argument("--logo-k", type=int, default=10)
     p.add_argument("--out", required=True)
+    p.add_argument("--merge", nargs="*", default=None, help="Only summarise these result folders' rows.csv into "
+                   "--out (a later folder's rows replace an earlier one's for the same protocol, setting and K)")
     return p.parse_args(argv)
 
 
@@ -92,9 +94,70 @@ def image_oof(tiles, train, cfg, seed, n_splits: int = 5) -> np.ndarray:
     return out
 
 
+def write(args, rows: list[dict], what: str) -> None:
+    """rows.csv and summary.md into --out."""
+    from collections import Counter
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rows.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# quality_tiles: {args.backbone}, {what}\n",
+             f"Command: `{shlex.join(['python', *sys.argv])}`\n",
+             "kshot: mean ± 95% half-width over seeds. logo: AUC and TPR mean over held-out generators (of the "
+             "mean over seeds) ± over generators; FPR mean ± over seeds (the generators of one seed share its "
+             "reals).\n",
+             "| protocol | setting | K | mode | AUC | FPR@thr (target 0.05) | TPR@thr | rule chosen | tiles default |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def mci(v):
+        v = np.asarray(v, float)
+        return f"{v.mean():.3f} ± {1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan'):.3f}"
+
+    for proto in ("kshot", "logo"):
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["protocol"] == proto):
+            for k in sorted({r["k"] for r in rows if r["protocol"] == proto}):
+                for mode in ("clean", "tiles-mean", "tiles-max", "tiles-mean-imgcal", "tiles-max-imgcal",
+                             "detector-whole", "detector-tiles", "detector-view"):
+                    rr = [r for r in rows if r["protocol"] == proto and r["setting"] == setting and r["k"] == k
+                          and r["mode"] == mode]
+                    if not rr:
+                        continue
+                    if proto == "kshot":
+                        cells = [mci([r[m] for r in rr]) for m in ("auc", "fpr", "tpr")]
+                    else:
+                        gens, seeds = sorted({r["generator"] for r in rr}), sorted({r["seed"] for r in rr})
+                        per_g = {m: [np.mean([r[m] for r in rr if r["generator"] == g]) for g in gens]
+                                 for m in ("auc", "tpr")}
+                        cells = [mci(per_g["auc"]), mci([np.mean([r["fpr"] for r in rr if r["seed"] == s])
+                                                         for s in seeds]), mci(per_g["tpr"])]
+                    rules = Counter(r["rule"] for r in rr).most_common(3)
+                    dflt = np.mean([bool(r["tiles_default"]) for r in rr])
+                    lines.append(f"| {proto} | {setting} | {k} | {mode} | " + " | ".join(cells) + " | "
+                                 + ", ".join(f"{a} {b}" for a, b in rules) + f" | {dflt:.0%} |")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def main(argv=None) -> int:
     """Run and write rows.csv and summary.md."""
     args = parse_args(argv)
+    if args.merge is not None:
+        rows = {}
+        for d in args.merge:
+            with open(os.path.join(d, "rows.csv")) as f:
+                new = [{k: (int(v) if k in ("k", "seed") else float(v) if k in ("auc", "fpr", "tpr") else
+                            v == "True" if k == "tiles_default" else v) for k, v in r.items()}
+                       for r in csv.DictReader(f)]
+            for r in new:
+                rows.pop((r["protocol"], r["setting"], r["k"]), None)
+            for r in new:
+                rows.setdefault((r["protocol"], r["setting"], r["k"]), []).append(r)
+        write(args, [r for rr in rows.values() for r in rr], f"merged from {', '.join(args.merge)}")
+        return 0
     import clipdet
     from clipdet.cache import FeatureCache
     from clipdet.detectors.calibration import threshold_at_fpr
@@ -176,50 +239,7 @@ def main(argv=None) -> int:
                                  "generator": "", "auc": roc_auc(y, scores), "fpr": float(flagged[y == 0].mean()),
                                  "tpr": float(flagged[y == 1].mean()), **info})
             print(f"{setting} K={k} done", file=sys.stderr, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "rows.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = [f"# quality_tiles: {args.backbone}, {len(clean)} images, tiles {size} px x {count}\n",
-             f"Command: `{shlex.join(['python', *sys.argv])}`\n",
-             "kshot: mean ± 95% half-width over seeds. logo: AUC and TPR mean over held-out generators (of the "
-             "mean over seeds) ± over generators; FPR mean ± over seeds (the generators of one seed share its "
-             "reals).\n",
-             "| protocol | setting | K | mode | AUC | FPR@thr (target 0.05) | TPR@thr | rule chosen | tiles default |",
-             "|---|---|---|---|---|---|---|---|---|"]
-
-    def mci(v):
-        v = np.asarray(v, float)
-        return f"{v.mean():.3f} ± {1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan'):.3f}"
-
-    from collections import Counter
-
-    for proto in ("kshot", "logo"):
-        for setting in dict.fromkeys(r["setting"] for r in rows if r["protocol"] == proto):
-            for k in sorted({r["k"] for r in rows if r["protocol"] == proto}):
-                for mode in ("clean", "tiles-mean", "tiles-max", "tiles-mean-imgcal", "tiles-max-imgcal",
-                             "detector-whole", "detector-tiles", "detector-view"):
-                    rr = [r for r in rows if r["protocol"] == proto and r["setting"] == setting and r["k"] == k
-                          and r["mode"] == mode]
-                    if not rr:
-                        continue
-                    if proto == "kshot":
-                        cells = [mci([r[m] for r in rr]) for m in ("auc", "fpr", "tpr")]
-                    else:
-                        gens, seeds = sorted({r["generator"] for r in rr}), sorted({r["seed"] for r in rr})
-                        per_g = {m: [np.mean([r[m] for r in rr if r["generator"] == g]) for g in gens]
-                                 for m in ("auc", "tpr")}
-                        cells = [mci(per_g["auc"]), mci([np.mean([r["fpr"] for r in rr if r["seed"] == s])
-                                                         for s in seeds]), mci(per_g["tpr"])]
-                    rules = Counter(r["rule"] for r in rr).most_common(3)
-                    dflt = np.mean([bool(r["tiles_default"]) for r in rr])
-                    lines.append(f"| {proto} | {setting} | {k} | {mode} | " + " | ".join(cells) + " | "
-                                 + ", ".join(f"{a} {b}" for a, b in rules) + f" | {dflt:.0%} |")
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write(args, rows, f"{len(clean)} images, tiles {size} px x {count}")
     return 0
 
 
