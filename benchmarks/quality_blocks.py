@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logo-ks", default="5,10,20,50", help="Shots per class, logo [default: %(default)s]")
     p.add_argument("--logo-seeds", type=int, default=10, help="Seeds for logo [default: %(default)s]")
     p.add_argument("--merge", nargs="*", default=None, help="Only summarise the rows.csv of these result folders "
-                   "into --out (several runs of this script split by protocol)")
+                   "into --out (several runs of this script; a later folder's rows replace an earlier one's for "
+                   "the same protocol, setting and K)")
     p.add_argument("--block-seeds", type=int, default=3, help="Seeds for the per-block sweep [default: %(default)s]")
     p.add_argument("--settings", default=",".join(MAIN), help="HEAD|BLOCKS settings [default: %(default)s]")
     p.add_argument("--protocols", default="logo,blocks,kshot", help="Which protocols [default: %(default)s]")
@@ -224,14 +225,19 @@ def main(argv=None) -> int:
     """Run and write rows.csv, summary.md, run.json into --out."""
     args = parse_args(argv)
     t0 = time.time()
-    if args.merge is not None:
-        rows = []
+    if args.merge is not None:  # a later folder's rows replace an earlier one's for the same protocol, setting, K
+        merged: dict[tuple, list] = {}
         for d in args.merge:
             with open(os.path.join(d, "rows.csv")) as f:
-                for r in csv.DictReader(f):
-                    rows.append({k: (v if k in ("protocol", "setting", "generator", "chosen") else
-                                     int(float(v)) if k in ("k", "seed") else
-                                     float(v) if v not in ("", None) else math.nan) for k, v in r.items()})
+                new = [{k: (v if k in ("protocol", "setting", "generator", "chosen") else
+                            int(float(v)) if k in ("k", "seed") else
+                            float(v) if v not in ("", None) else math.nan) for k, v in r.items()}
+                       for r in csv.DictReader(f)]
+            for r in new:
+                merged.pop((r["protocol"], r["setting"], r["k"]), None)
+            for r in new:
+                merged.setdefault((r["protocol"], r["setting"], r["k"]), []).append(r)
+        rows = [r for rr in merged.values() for r in rr]
         pool = []
     else:
         pool = load(args)
