@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     if ext:
         lines += ["## Extraction (whole `clipdet extract` processes; per image = slope between the two N)\n",
                   "| features | " + " | ".join(f"{n} images" for n in ext[0]["times"]) + " | per image | cache bytes "
-                  "per image (small uncompacted cache) | at 10^6 images (same bytes) |", "|---|" + "---|" * (len(ext[0]["times"]) + 3)]
+                  "per image (small uncompacted cache) | at 10^6 images (same bytes) |",
+                  "|---|" + "---|" * (len(ext[0]["times"]) + 3)]
         for e in ext:
             lines.append(f"| {e['config']} | " + " | ".join(f"{t:.1f} s" for t in e["times"].values())
                          + f" | {e['per_image_s'] * 1000:.0f} ms | {e['bytes_per_image'] / 1024:.1f} KB | "
