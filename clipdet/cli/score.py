@@ -89,8 +89,8 @@ def score(
             err("note: " + det.describe_unsure() + "; only view flips make a verdict unsure")
         from ..score.tiles import TILE_COLUMNS, score_tiles, tile_setting
 
-        writer = RowWriter(dest, COLUMNS + (STABILITY_COLUMNS if stability else [])
-                           + (TILE_COLUMNS if tile_setting(det, tiles, tile_rule) else []))
+        tiled = tile_setting(det, tiles, tile_rule)
+        writer = RowWriter(dest, COLUMNS + (STABILITY_COLUMNS if stability else []) + (TILE_COLUMNS if tiled else []))
         counts: dict[str, int] = {}
         n = 0
         try:
@@ -98,7 +98,6 @@ def score(
             kw = dict(cache=fc, device=device, threshold=threshold, backbone=backbone, batch_size=batch_size,
                       workers=workers, quiet=quiet, precision=precision, captions=caps,
                       engine=engine_option(engine, ray_address), ray_address=ray_address)
-            tiled = tile_setting(det, tiles, tile_rule)
             if tiled:
                 size, count, weight, cal = tiled
                 if stab is not None:
@@ -110,8 +109,9 @@ def score(
                 elif tiles is None:
                     err(f"note: scoring on the detector's tiles {size}:{count} (rule {cal.rule}); --tiles none "
                         "scores whole images")
-                if cal is not None and threshold is None:
-                    t = cal.threshold
+                from ..detectors.tiles import tile_decision
+
+                t = tile_decision(det, cal, threshold)[0]
                 rows = score_tiles(refs, det, size, count, weight, calibration=cal, **kw)
             else:
                 rows = score_refs(refs, det, on_chunk=writer.flush, stability=stab, stability_cache=stability_cache,

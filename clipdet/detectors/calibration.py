@@ -19,6 +19,7 @@ __all__ = [
     "cross_val_decision",
     "fit_platt",
     "fit_temperature",
+    "proba_at_threshold",
     "sigmoid",
     "softmax",
     "reference_threshold",
@@ -199,6 +200,17 @@ def fit_temperature(scores, y, *, sample_weight=None, max_iter: int = 100) -> fl
         if done:
             break
     return float(max(a, 0.0))
+
+
+def proba_at_threshold(scores, slope: float, threshold: float) -> np.ndarray:
+    """P(fake) ``sigmoid(slope * (score - threshold))``, clamped so that ``p >= 0.5`` exactly when
+    ``score >= threshold`` (the verdict); a non-finite threshold gives 0 or 1."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = float(threshold)
+    if not np.isfinite(t):
+        return np.where(s >= t, 1.0, 0.0)
+    p = sigmoid(float(slope) * (s - t))
+    return np.where(s >= t, np.maximum(p, 0.5), np.minimum(p, np.nextafter(0.5, 0.0)))
 
 
 def apply_temperature(scores, a: float) -> np.ndarray:

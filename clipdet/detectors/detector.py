@@ -119,15 +119,10 @@ class Detector:
         `threshold`), so ``p_fake >= 0.5`` exactly when the verdict is fake. `a` is the calibrated
         slope (`platt[0]`); files whose calibration fell back to a constant get slope 1.
         """
-        from .calibration import sigmoid
+        from .calibration import proba_at_threshold
 
-        s = np.asarray(scores, dtype=np.float64)
         t = self.threshold if threshold is None else float(threshold)
-        a = float(self.platt[0]) if self.platt[0] > 0 else 1.0
-        if not np.isfinite(t):
-            return np.where(s >= t, 1.0, 0.0)
-        p = sigmoid(a * (s - t))
-        return np.where(s >= t, np.maximum(p, 0.5), np.minimum(p, np.nextafter(0.5, 0.0)))
+        return proba_at_threshold(scores, float(self.platt[0]) if self.platt[0] > 0 else 1.0, t)
 
     def predict_proba(self, X) -> np.ndarray:
         """Calibrated P(fake), shape (n,)."""

@@ -98,8 +98,16 @@ class TileCalibration:
 
     def proba(self, scores) -> np.ndarray:
         """P(fake) of image scores: sigmoid(slope (score - threshold)), 0.5 exactly at the threshold."""
-        from .calibration import sigmoid
+        from .calibration import proba_at_threshold
 
-        s = np.asarray(scores, dtype=np.float64)
-        p = sigmoid(max(self.slope, 1e-12) * (s - self.threshold))
-        return np.where(s >= self.threshold, np.maximum(p, 0.5), np.minimum(p, np.nextafter(0.5, 0.0)))
+        return proba_at_threshold(scores, max(self.slope, 1e-12), self.threshold)
+
+
+def tile_decision(detector, calibration: TileCalibration | None, threshold: float | None = None):
+    """(threshold, p_fake function) for tile-rule image scores: the tile calibration's own, unless a
+    `threshold` is given or there is no calibration; then the detector's mapping at that threshold (or
+    at its whole-image one)."""
+    if calibration is not None and threshold is None:
+        return calibration.threshold, calibration.proba
+    t = detector.threshold if threshold is None else float(threshold)
+    return t, lambda s: detector.proba_from_scores(s, t)

@@ -93,7 +93,7 @@ def evaluate(
     `tiles`, `tile_rule`: as `score --tiles` (`clipdet.score.tiles.tile_setting`): a detector fitted with
     `fit --tiles` is evaluated on its tiles, with its image-level threshold; "none" evaluates whole images.
     """
-    from ..detectors.tiles import rule_name
+    from ..detectors.tiles import rule_name, tile_decision
     from ..score.stream import score_refs
     from .metrics import binary_report, roc_auc
 
@@ -117,7 +117,7 @@ def evaluate(
         if stability is not None:
             raise UsageError("--tiles and --stability cannot be combined yet: evaluate tiles or stability")
         rows = list(score_tiles(labelled, detector, size, count, weight, calibration=cal, **kw))
-        threshold = cal.threshold if cal is not None else detector.threshold
+        threshold = tile_decision(detector, cal)[0]
         notes.append(f"scored on tiles {size}:{count}, rule {rule_name(weight)}, "
                      + ("the detector's image-level threshold" if cal is not None else
                         "the whole-image threshold (this detector has no calibration for these tiles: it flags "

@@ -18,8 +18,6 @@ import numpy as np
 
 from ..detectors.tiles import parse_tiles  # noqa: F401  (re-exported: the CLI and tests import it here)
 
-RULES = ("mean", "max", "mix:W", "auto")
-
 
 def aggregate(scores: np.ndarray, rule: str = "mean") -> np.ndarray:
     """Per-image scores from (n, T) tile scores (NaN for a missing tile) by `rule` (mean, max or mix:W)."""
@@ -59,15 +57,14 @@ def score_tiles(refs: Iterable, detector, size: int, count: int, rule: str | flo
     device, engine, ...). `calibration`: the detector's `TileCalibration` for these tiles, whose
     image-level threshold and p_fake apply (else the whole-image ones, which flag more reals, with max
     most). A row's "tiles" holds the tile scores, "tile_scores" the same as text."""
-    from ..detectors.tiles import mix, parse_rule, rule_name
+    from ..detectors.tiles import mix, parse_rule, rule_name, tile_decision
     from ..extract.views import tile_views
     from .stream import growing_chunks, score_refs
 
     weight = float(rule) if isinstance(rule, (int, float)) else parse_rule(rule)
     if weight is None:
         weight = calibration.weight if calibration else 0.0
-    t = threshold if threshold is not None else calibration.threshold if calibration else detector.threshold
-    proba = calibration.proba if calibration and threshold is None else (lambda s: detector.proba_from_scores(s, t))
+    t, proba = tile_decision(detector, calibration, threshold)
     for part in growing_chunks(refs):
         per_view = [list(score_refs(part, detector, view=v, threshold=t, **kwargs)) for v in tile_views(size, count)]
         S = np.array([[np.nan if r.get("error") else r["score"] for r in rows] for rows in per_view]).T

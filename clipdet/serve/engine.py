@@ -271,14 +271,13 @@ class Engine:
     def _tile_rows(self, items: list[Item], rows: list[dict]) -> None:
         """Score `items` on their tiles and put the tile rule's image score and verdict in their `rows`
         (the detector's tile threshold and p_fake, or the server's --threshold), as `clipdet score` does."""
-        from ..detectors.tiles import mix
+        from ..detectors.tiles import mix, tile_decision
 
         cal, n = self.tiles, self.tiles.count
         S = self._scores([t for it in items for t in it.tiles]).reshape(len(items), n)
         agg = mix(S, cal.weight)
-        own = self.own_threshold
-        t = cal.threshold if own else self.threshold
-        p = cal.proba(agg) if own else self.detector.proba_from_scores(agg, t)
+        t, proba = tile_decision(self.detector, cal, None if self.own_threshold else self.threshold)
+        p = proba(agg)
         for row, s, pf, tiles in zip(rows, agg, p, S):
             row.update(score=float(s), p_fake=float(pf), label="fake" if s >= t else "real",
                        tile_scores=";".join(f"{x:.6g}" for x in tiles), tile_rule=cal.rule)
